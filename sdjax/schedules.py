@@ -1,0 +1,134 @@
+"""Noise schedules as pytrees, and the pure maths of the forward (noising) process.
+
+Conventions follow diffusers' `DDPMScheduler`/`DDIMScheduler`: `alphas_cumprod[t]` is \\bar\\alpha_t for
+integer training timesteps t in [0, T); betas are built in float32 exactly as diffusers builds them.
+"""
+from __future__ import annotations
+
+import inspect
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+
+
+@struct.dataclass
+class Schedule:
+  """A discrete diffusion schedule. Arrays are float32 [T]; the rest is static (not traced)."""
+  betas: jax.Array
+  alphas_cumprod: jax.Array
+  prediction_type: str = struct.field(pytree_node=False, default="epsilon")
+  clip_sample: bool = struct.field(pytree_node=False, default=False)
+  clip_sample_range: float = struct.field(pytree_node=False, default=1.0)
+  set_alpha_to_one: bool = struct.field(pytree_node=False, default=True)
+  steps_offset: int = struct.field(pytree_node=False, default=0)
+
+  @property
+  def num_train_timesteps(self) -> int:
+    return self.betas.shape[0]
+
+
+def make_betas(beta_schedule: str, num_train_timesteps: int, beta_start: float, beta_end: float) -> np.ndarray:
+  """Betas as float32 numpy, computed as diffusers computes them."""
+  T = num_train_timesteps
+  if beta_schedule == "linear":
+    return np.linspace(beta_start, beta_end, T, dtype=np.float32)
+  if beta_schedule == "scaled_linear":
+    return (np.linspace(beta_start**0.5, beta_end**0.5, T, dtype=np.float32) ** 2).astype(np.float32)
+  if beta_schedule == "squaredcos_cap_v2":
+    # Nichol & Dhariwal (2021), eq. 17, with betas capped at 0.999.
+    f = lambda t: math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
+    return np.array([min(1 - f((i + 1) / T) / f(i / T), 0.999) for i in range(T)], dtype=np.float32)
+  raise ValueError(f"unknown beta_schedule {beta_schedule!r}; expected one of {BETA_SCHEDULES}")
+
+
+def make_schedule(beta_schedule: str = "linear", num_train_timesteps: int = 1000, beta_start: float = 1e-4,
+                  beta_end: float = 0.02, prediction_type: str = "epsilon", clip_sample: bool = False,
+                  clip_sample_range: float = 1.0, set_alpha_to_one: bool = True,
+                  steps_offset: int = 0) -> Schedule:
+  if prediction_type not in PREDICTION_TYPES:
+    raise ValueError(f"unknown prediction_type {prediction_type!r}; expected one of {PREDICTION_TYPES}")
+  if num_train_timesteps < 2:
+    raise ValueError(f"num_train_timesteps must be >= 2, got {num_train_timesteps}")
+  betas = make_betas(beta_schedule, num_train_timesteps, beta_start, beta_end)
+  alphas_cumprod = np.cumprod(1.0 - betas, dtype=np.float32)
+  return Schedule(betas=jnp.asarray(betas), alphas_cumprod=jnp.asarray(alphas_cumprod),
+                  prediction_type=prediction_type, clip_sample=clip_sample,
+                  clip_sample_range=clip_sample_range, set_alpha_to_one=set_alpha_to_one,
+                  steps_offset=steps_offset)
+
+
+def from_config(cfg: Any) -> Schedule:
+  """A schedule from a mapping (e.g. `config.diffusion`) with make_schedule's argument names."""
+  d = dict(cfg)
+  known = set(inspect.signature(make_schedule).parameters)
+  unknown = sorted(set(d) - known)
+  if unknown:
+    raise ValueError(f"unknown schedule field(s) {unknown}; known fields are {sorted(known)}")
+  return make_schedule(**d)
+
+
+def _at(a: jax.Array, t: jax.Array, ndim: int) -> jax.Array:
+  """a[t] for integer t of shape [B], broadcast against an [B, ...] array of rank `ndim`."""
+  return a[t].reshape(t.shape + (1,) * (ndim - t.ndim))
+
+
+def add_noise(schedule: Schedule, x0: jax.Array, noise: jax.Array, t: jax.Array) -> jax.Array:
+  """x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) noise (Ho et al. 2020, eq. 4); t: int [B]."""
+  abar = _at(schedule.alphas_cumprod, t, x0.ndim)
+  return jnp.sqrt(abar) * x0 + jnp.sqrt(1.0 - abar) * noise
+
+
+def velocity(schedule: Schedule, x0: jax.Array, noise: jax.Array, t: jax.Array) -> jax.Array:
+  """v = sqrt(abar_t) noise - sqrt(1 - abar_t) x0 (Salimans & Ho 2022)."""
+  abar = _at(schedule.alphas_cumprod, t, x0.ndim)
+  return jnp.sqrt(abar) * noise - jnp.sqrt(1.0 - abar) * x0
+
+
+def training_target(schedule: Schedule, x0: jax.Array, noise: jax.Array, t: jax.Array) -> jax.Array:
+  """What the model is trained to output for the schedule's prediction type."""
+  if schedule.prediction_type == "epsilon":
+    return noise
+  if schedule.prediction_type == "v_prediction":
+    return velocity(schedule, x0, noise, t)
+  return x0
+
+
+def snr(schedule: Schedule, t: jax.Array) -> jax.Array:
+  """Signal-to-noise ratio abar_t / (1 - abar_t) at integer timesteps t."""
+  abar = schedule.alphas_cumprod[t]
+  return abar / (1.0 - abar)
+
+
+def predict_x0_and_eps(prediction_type: str, model_output: jax.Array, x_t: jax.Array,
+                       abar: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Convert a model output to (x0, epsilon) given abar_t broadcastable against x_t."""
+  sa, sb = jnp.sqrt(abar), jnp.sqrt(1.0 - abar)
+  if prediction_type == "epsilon":
+    eps = model_output
+    x0 = (x_t - sb * eps) / sa
+  elif prediction_type == "v_prediction":
+    x0 = sa * x_t - sb * model_output
+    eps = sa * model_output + sb * x_t
+  elif prediction_type == "sample":
+    x0 = model_output
+    eps = (x_t - sa * x0) / sb
+  else:
+    raise ValueError(f"unknown prediction_type {prediction_type!r}; expected one of {PREDICTION_TYPES}")
+  return x0, eps
+
+
+def leading_timesteps(schedule: Schedule, num_steps: int) -> np.ndarray:
+  """diffusers' "leading" spacing: [(n-1)*r, ..., r, 0] + steps_offset with r = T // n (int64)."""
+  T = schedule.num_train_timesteps
+  if not 1 <= num_steps <= T:
+    raise ValueError(f"num_steps must be in [1, {T}], got {num_steps}")
+  ratio = T // num_steps
+  return (np.arange(num_steps) * ratio).round()[::-1].astype(np.int64) + schedule.steps_offset
+

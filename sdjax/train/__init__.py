@@ -1,0 +1,1 @@
+"""Training: state, optimizer, losses, the pure train step and the driver loop."""

@@ -1,0 +1,239 @@
+"""The training driver: config -> data, model, sharded state -> jitted steps, checkpoints, metrics, samples."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import threading
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import linen as nn
+from tqdm.auto import tqdm
+
+from sdjax import checkpoint, io, parallel, pipelines, samplers, schedules
+from sdjax.data import StepBatches, load_bundled
+from sdjax.models import UNet, UNetConfig
+from sdjax.train import optim, state as state_lib
+from sdjax.train.metrics import MetricsWriter
+from sdjax.train.step import StepConfig, make_train_step
+
+log = logging.getLogger("sdjax")
+DATASETS = ("mnist5k",)
+
+
+class Experiment:
+  """Everything derived from a config that both training and sampling need (no arrays materialised)."""
+
+  def __init__(self, config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | None = None):
+    self.config = config
+    if config.data.name not in DATASETS:
+      raise ValueError(f"config.data.name: unknown dataset {config.data.name!r}; expected one of {DATASETS}")
+    try:
+      self.model_config = UNetConfig.from_dict(config.model.to_dict())
+    except (ValueError, TypeError) as e:
+      raise ValueError(f"config.model: {e}") from e
+    self.model = UNet(self.model_config)
+    self.num_classes = int(config.data.num_classes)
+    if self.model_config.num_class_embeds not in (None, self.num_classes + 1):
+      raise ValueError(f"config.model.num_class_embeds must be config.data.num_classes + 1 "
+                       f"({self.num_classes + 1}: the classes and a null class), got "
+                       f"{self.model_config.num_class_embeds}")
+    try:
+      self.schedule = schedules.from_config(config.diffusion.to_dict())
+    except ValueError as e:
+      raise ValueError(f"config.diffusion: {e}") from e
+    samplers.get(config.sample.sampler)  # fail early on an unknown sampler name
+    self.optimizer, self.lr_schedule = optim.make_optimizer(config.optim, int(config.train.num_steps))
+    self.image_shape = (28, 28, self.model_config.in_channels)
+    self.mesh = mesh if mesh is not None else parallel.make_mesh(config.mesh.to_dict())
+
+    batch_devices = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+    if config.train.batch_size % batch_devices:
+      raise ValueError(f"config.train.batch_size={config.train.batch_size} is not divisible by the "
+                       f"{batch_devices} devices of the mesh's data x fsdp axes")
+
+    # Shapes first: the abstract state carries the logical axis names, from which shardings follow.
+    boxed = jax.eval_shape(self._init_boxed, jax.random.key(0))
+    self.state_shardings = parallel.logical_shardings(boxed, self.mesh, [])
+    self.abstract_state = checkpoint.abstract_with_shardings(nn.meta.unbox(boxed), self.state_shardings)
+    self.batch_sharding = parallel.batch_sharding(self.mesh)
+    self.replicated = parallel.replicated(self.mesh)
+
+  def _init_boxed(self, rng):
+    x = jnp.zeros((1,) + self.image_shape, jnp.float32)
+    labels = jnp.zeros((1,), jnp.int32) if self.model_config.num_class_embeds else None
+    params = self.model.init(rng, x, jnp.zeros((1,), jnp.float32), class_labels=labels)["params"]
+    return state_lib.create(params, self.optimizer, int(self.config.seed))
+
+  def init_state(self) -> state_lib.TrainState:
+    init = jax.jit(lambda rng: nn.meta.unbox(self._init_boxed(rng)), out_shardings=self.state_shardings)
+    return init(jax.random.key(int(self.config.seed)))
+
+  def sample_fn(self, sampler: str, num_steps: int, guidance_scale: float):
+    """jitted (params, labels, rng) -> images in [-1, 1]."""
+
+    def fn(params, labels, rng):
+      return pipelines.class_conditional(self.model, params, labels, rng, schedule=self.schedule, sampler=sampler,
+                                         num_steps=num_steps, guidance_scale=guidance_scale,
+                                         image_shape=self.image_shape)
+
+    return jax.jit(fn)
+
+  def labels_sharding(self, n: int):
+    batch_devices = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+    return self.batch_sharding if n % batch_devices == 0 else self.replicated
+
+
+def class_grid_labels(num_classes: int, per_class: int) -> np.ndarray:
+  """Labels for a grid with one row per class: [0]*per_class + [1]*per_class + ..."""
+  return np.repeat(np.arange(num_classes, dtype=np.int32), per_class)
+
+
+def _to_batch(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  return {"image": batch["image"].astype(np.float32) / 127.5 - 1.0, "label": batch["label"]}
+
+
+class _StopFlag:
+  """Set by SIGTERM (preemption notice) so the loop checkpoints and exits after the current step."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+    if threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+  def _handle(self, signum, frame):
+    self.requested = True
+
+  def restore(self):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Train (or resume) `config` in `workdir`; returns a summary dict (also written to summary.json)."""
+  exp = Experiment(config)
+  tc = config.train
+  lead = jax.process_index() == 0
+  os.makedirs(workdir, exist_ok=True)
+  if lead:
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+
+  images, labels = load_bundled(config.data.split, config.data.data_dir or None)
+  data = StepBatches({"image": images, "label": labels}, int(tc.batch_size), int(config.seed),
+                     jax.process_index(), jax.process_count())
+
+  num_steps = int(tc.num_steps)
+  ckpt = checkpoint.Checkpointer(workdir, keep=int(tc.keep_checkpoints))
+  start = ckpt.latest_step()
+  if start is not None and start >= num_steps:
+    ckpt.close()
+    log.warning("%s already holds a checkpoint at step %d >= train.num_steps=%d: nothing to do",
+                ckpt.directory, start, num_steps)
+    return {"start_step": start, "final_step": start, "steps_run": 0}
+  if start is None:
+    state = exp.init_state()
+    start = 0
+  else:
+    state = ckpt.restore(exp.abstract_state)
+    log.info("resumed from %s at step %d", ckpt.directory, start)
+  metrics = MetricsWriter(workdir, active=lead, resume_step=start if start else None)
+
+  step_cfg = StepConfig(ema_decay=float(tc.ema_decay), cond_drop_prob=float(tc.cond_drop_prob),
+                        null_class=exp.num_classes if exp.model_config.num_class_embeds else None)
+  train_step = jax.jit(make_train_step(
+      lambda p, x, t, y: exp.model.apply({"params": p}, x, t, class_labels=y, train=True),
+      exp.schedule, exp.optimizer, step_cfg, exp.lr_schedule),
+      in_shardings=(exp.state_shardings, exp.batch_sharding),
+      out_shardings=(exp.state_shardings, exp.replicated), donate_argnums=(0,))
+
+  summary: dict[str, Any] = {"start_step": start, "num_devices": jax.device_count(),
+                             "mesh": dict(exp.mesh.shape)}
+  t0 = time.perf_counter()
+  first = parallel.global_batch(_to_batch(data.batch(start)), exp.batch_sharding)
+  compiled_step = train_step.lower(state, first).compile()
+  summary["train_step_compile_s"] = time.perf_counter() - t0
+
+  grid_labels = class_grid_labels(exp.num_classes, int(config.sample.per_class))
+  sampler = exp.sample_fn(config.sample.sampler, int(config.sample.num_steps),
+                          float(config.sample.guidance_scale))
+  grid_labels = jax.device_put(grid_labels, exp.labels_sharding(len(grid_labels)))
+  grid_rng = jax.random.key(int(config.seed) + 1)
+  compiled_sampler = None
+
+  def write_samples(step: int) -> None:
+    nonlocal compiled_sampler
+    if compiled_sampler is None:
+      t = time.perf_counter()
+      compiled_sampler = sampler.lower(state.ema_params, grid_labels, grid_rng).compile()
+      summary["sampler_compile_s"] = time.perf_counter() - t
+    imgs = np.asarray(jax.device_get(compiled_sampler(state.ema_params, grid_labels, grid_rng)))
+    if lead:
+      grid = io.make_grid(io.to_uint8(imgs), nrow=int(config.sample.per_class))
+      os.makedirs(os.path.join(workdir, "samples"), exist_ok=True)
+      io.save_png(os.path.join(workdir, "samples", f"step_{step:07d}.png"), grid,
+                  {"step": step, "sampler": config.sample.sampler, "steps": config.sample.num_steps,
+                   "guidance_scale": config.sample.guidance_scale})
+      metrics.image("samples", step, grid)
+
+  stop = _StopFlag()
+  pbar = tqdm(total=num_steps, initial=start, disable=not lead, dynamic_ncols=True, desc="train")
+  pending: list[dict[str, jax.Array]] = []
+  window_start, window_steps = time.perf_counter(), 0
+  train_start, step = time.perf_counter(), start
+  last_saved = start if start else None
+  try:
+    batch = first
+    for step in range(start, num_steps):
+      if batch is None:
+        batch = parallel.global_batch(_to_batch(data.batch(step)), exp.batch_sharding)
+      state, m = compiled_step(state, batch)
+      batch = None
+      pending.append(m)
+      window_steps += 1
+      done = step + 1
+      if done % int(tc.log_every) == 0 or done == num_steps:
+        values = jax.device_get(pending)
+        elapsed = time.perf_counter() - window_start
+        record = {k: float(np.mean([v[k] for v in values])) for k in values[0]}
+        record["skipped"] = float(np.sum([v["skipped"] for v in values]))
+        record["steps_per_s"] = window_steps / elapsed
+        record["images_per_s"] = window_steps * int(tc.batch_size) / elapsed
+        if not np.isfinite(record["loss"]):
+          log.warning("non-finite loss at step %d (the update was skipped)", done)
+        metrics.write(done, record)
+        pbar.set_postfix(loss=f"{record['loss']:.4f}", steps_s=f"{record['steps_per_s']:.2f}")
+        pending, window_start, window_steps = [], time.perf_counter(), 0
+      pbar.update(1)
+      if done % int(tc.checkpoint_every) == 0 or done == num_steps:
+        ckpt.save(done, state)
+        last_saved = done
+      if (tc.sample_every and done % int(tc.sample_every) == 0) or done == num_steps:
+        write_samples(done)
+      if stop.requested:
+        log.warning("SIGTERM: saving a checkpoint at step %d and exiting", done)
+        if last_saved != done:
+          ckpt.save(done, state, force=True)
+        summary["preempted"] = True
+        break
+  finally:
+    pbar.close()
+    stop.restore()
+    ckpt.close()
+    metrics.close()
+
+  steps_run = step + 1 - start if num_steps > start else 0
+  wall = time.perf_counter() - train_start
+  summary.update({"final_step": int(jax.device_get(state.step)), "steps_run": steps_run,
+                  "train_wall_s": wall})
+  if lead:
+    with open(os.path.join(workdir, "summary.json"), "w") as f:
+      json.dump(summary, f, indent=2)
+  return summary

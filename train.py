@@ -1,0 +1,44 @@
+"""Train a diffusion model from a config.
+
+  python train.py                                   # configs/default.py into runs/default
+  python train.py --config configs/default.py:tiny --workdir runs/tiny
+  python train.py --config configs/default.py --config.optim.lr=3e-4 --workdir runs/x
+
+Re-running with the same --workdir resumes from its latest checkpoint.
+"""
+import logging
+import os
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+config_flags.DEFINE_config_file("config", os.path.join(HERE, "configs", "default.py"),
+                                "Config file (configs/NAME.py[:variant]).", lock_config=True)
+flags.DEFINE_string("workdir", None, "Output directory (default: runs/<config name>[_<variant>]).")
+FLAGS = flags.FLAGS
+
+
+def default_workdir(config_arg: str) -> str:
+  path, _, variant = config_arg.partition(":")
+  name = os.path.splitext(os.path.basename(path))[0]
+  return os.path.join("runs", f"{name}_{variant}" if variant else name)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  from sdjax.train.loop import train
+  config_arg = FLAGS["config"].serialize().partition("=")[2] or "configs/default.py"
+  workdir = FLAGS.workdir or default_workdir(config_arg)
+  try:
+    summary = train(FLAGS.config, workdir)
+  except (ValueError, FileNotFoundError) as e:
+    sys.exit(f"error: {e}")
+  print(f"done: step {summary['final_step']} in {workdir}")
+
+
+if __name__ == "__main__":
+  logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+  app.run(main)
