@@ -11,6 +11,9 @@ import os
 import sys
 
 from absl import app, flags
+from absl import logging as absl_logging
+
+from sdjax.cli import parse_flags
 from ml_collections import config_flags
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -27,6 +30,7 @@ def default_workdir(config_arg: str) -> str:
 
 
 def main(argv):
+  absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every save at INFO
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   from sdjax.train.loop import train
@@ -41,4 +45,4 @@ def main(argv):
 
 if __name__ == "__main__":
   logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

@@ -12,16 +12,17 @@ from sdjax.models import UNet
 from sdjax.schedules import Schedule
 
 
-def class_conditional(model: UNet, params: Any, labels: jax.Array, rng: jax.Array, *, schedule: Schedule,
-                      sampler: str, num_steps: int, guidance_scale: float, image_shape: tuple[int, int, int],
+def class_conditional(model: UNet, params: Any, labels: jax.Array, noise: jax.Array, rng: jax.Array, *,
+                      schedule: Schedule, sampler: str, num_steps: int, guidance_scale: float,
                       **options: Any) -> jax.Array:
-  """Images [B, H, W, C] in [-1, 1] for class `labels` [B], with classifier-free guidance.
+  """Images [B, H, W, C] in [-1, 1] for class `labels` [B] from standard-normal `noise` [B, H, W, C].
 
-  The null class (for the unconditional branch) is the model's last class embedding. A guidance scale
-  of 1 runs the conditional model alone (one model call per step).
+  Classifier-free guidance: the null class (for the unconditional branch) is the model's last class
+  embedding. A guidance scale of 1 runs the conditional model alone (one model call per step).
+  `rng` drives stochastic samplers only.
   """
-  noise_key, sample_key = jax.random.split(rng)
-  noise = jax.random.normal(noise_key, (labels.shape[0],) + tuple(image_shape), jnp.float32)
+  if labels.shape[0] != noise.shape[0]:
+    raise ValueError(f"labels {labels.shape} and noise {noise.shape} disagree on the batch size")
 
   def conditional(x, t, c):
     return model.apply({"params": params}, x, t, class_labels=c)
@@ -32,5 +33,5 @@ def class_conditional(model: UNet, params: Any, labels: jax.Array, rng: jax.Arra
     null = jnp.full_like(labels, model.config.num_class_embeds - 1)
     model_fn = classifier_free_guidance(conditional, labels, null, guidance_scale)
   x = samplers.sample(model_fn, noise, schedule=schedule, sampler=sampler, num_steps=num_steps,
-                      rng=sample_key, **options)
+                      rng=rng, **options)
   return jnp.clip(x, -1.0, 1.0)

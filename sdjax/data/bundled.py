@@ -6,6 +6,7 @@ Splits are fixed: of the 500 digits per class, the first 450 are `train` and the
 """
 from __future__ import annotations
 
+import functools
 import gzip
 import importlib.metadata
 import os
@@ -55,7 +56,9 @@ def split_indices(labels: np.ndarray, split: str) -> np.ndarray:
   raise ValueError(f"unknown split {split!r} for mnist5k; expected 'train' or 'test'")
 
 
+@functools.cache
 def _builder_class():
+  """The TFDS builder, defined on first use so that importing sdjax does not import TFDS."""
   import tensorflow_datasets as tfds
   from PIL import Image
 

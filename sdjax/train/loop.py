@@ -76,12 +76,18 @@ class Experiment:
     return init(jax.random.key(int(self.config.seed)))
 
   def sample_fn(self, sampler: str, num_steps: int, guidance_scale: float):
-    """jitted (params, labels, rng) -> images in [-1, 1]."""
+    """jitted (params, labels [B], seed, indices [B]) -> images [B, H, W, C] in [-1, 1].
 
-    def fn(params, labels, rng):
-      return pipelines.class_conditional(self.model, params, labels, rng, schedule=self.schedule, sampler=sampler,
-                                         num_steps=num_steps, guidance_scale=guidance_scale,
-                                         image_shape=self.image_shape)
+    Image i's starting noise is drawn from (seed, indices[i]) alone, so deterministic samplers give
+    the same image for the same (seed, index) whatever the batch it is rendered in.
+    """
+
+    def fn(params, labels, seed, indices):
+      base = jax.random.key(seed)
+      noise = jax.vmap(lambda i: jax.random.normal(jax.random.fold_in(base, i), self.image_shape))(indices)
+      rng = jax.random.fold_in(jax.random.split(base)[1], indices[0])  # stochastic samplers only
+      return pipelines.class_conditional(self.model, params, labels, noise, rng, schedule=self.schedule,
+                                         sampler=sampler, num_steps=num_steps, guidance_scale=guidance_scale)
 
     return jax.jit(fn)
 
@@ -164,17 +170,19 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   grid_labels = class_grid_labels(exp.num_classes, int(config.sample.per_class))
   sampler = exp.sample_fn(config.sample.sampler, int(config.sample.num_steps),
                           float(config.sample.guidance_scale))
-  grid_labels = jax.device_put(grid_labels, exp.labels_sharding(len(grid_labels)))
-  grid_rng = jax.random.key(int(config.seed) + 1)
+  grid_sharding = exp.labels_sharding(len(grid_labels))
+  grid_indices = jax.device_put(np.arange(len(grid_labels), dtype=np.int32), grid_sharding)
+  grid_labels = jax.device_put(grid_labels, grid_sharding)
+  grid_seed = np.int32(int(config.seed) + 1)
   compiled_sampler = None
 
   def write_samples(step: int) -> None:
     nonlocal compiled_sampler
     if compiled_sampler is None:
       t = time.perf_counter()
-      compiled_sampler = sampler.lower(state.ema_params, grid_labels, grid_rng).compile()
+      compiled_sampler = sampler.lower(state.ema_params, grid_labels, grid_seed, grid_indices).compile()
       summary["sampler_compile_s"] = time.perf_counter() - t
-    imgs = np.asarray(jax.device_get(compiled_sampler(state.ema_params, grid_labels, grid_rng)))
+    imgs = np.asarray(jax.device_get(compiled_sampler(state.ema_params, grid_labels, grid_seed, grid_indices)))
     if lead:
       grid = io.make_grid(io.to_uint8(imgs), nrow=int(config.sample.per_class))
       os.makedirs(os.path.join(workdir, "samples"), exist_ok=True)
@@ -209,9 +217,10 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         if not np.isfinite(record["loss"]):
           log.warning("non-finite loss at step %d (the update was skipped)", done)
         metrics.write(done, record)
+        # The bar moves when results arrive (at log steps), not when steps are dispatched.
         pbar.set_postfix(loss=f"{record['loss']:.4f}", steps_s=f"{record['steps_per_s']:.2f}")
+        pbar.update(window_steps)
         pending, window_start, window_steps = [], time.perf_counter(), 0
-      pbar.update(1)
       if done % int(tc.checkpoint_every) == 0 or done == num_steps:
         ckpt.save(done, state)
         last_saved = done

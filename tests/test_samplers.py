@@ -1,0 +1,117 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from sdjax import samplers, schedules
+from sdjax.guidance import classifier_free_guidance
+
+
+def gaussian_model(schedule, mu, s):
+  """Exact model output for data ~ N(mu, s^2): the posterior mean of epsilon (or v, or x0) given x_t."""
+
+  def model_fn(x, t):
+    abar = schedule.alphas_cumprod[t.astype(jnp.int32)].reshape((-1,) + (1,) * (x.ndim - 1))
+    a, b = jnp.sqrt(abar), jnp.sqrt(1 - abar)
+    var = abar * s**2 + (1 - abar)
+    x0 = mu + a * s**2 * (x - a * mu) / var          # E[x0 | x_t]
+    eps = b * (x - a * mu) / var                      # E[eps | x_t]
+    if schedule.prediction_type == "epsilon":
+      return eps
+    if schedule.prediction_type == "v_prediction":
+      return a * eps - b * x0
+    return x0
+
+  return model_fn
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_ddim_recovers_a_point_mass_exactly(prediction_type):
+  # Data is the single point c: the exact denoiser predicts x0 = c at every step, so DDIM (eta=0)
+  # lands on c up to float32 rounding.
+  s = schedules.make_schedule("linear", 1000, prediction_type=prediction_type)
+  model = gaussian_model(s, 0.3, 0.0)
+  noise = jax.random.normal(jax.random.key(0), (16, 3))
+  out = jax.jit(lambda n: samplers.sample(model, n, schedule=s, sampler="ddim", num_steps=10))(noise)
+  np.testing.assert_allclose(out, 0.3, atol=2e-4)
+
+
+@pytest.mark.parametrize("sampler,steps", [("ddim", 1000), ("ddpm", 250)])
+def test_samples_have_the_data_distribution(sampler, steps):
+  s = schedules.make_schedule("linear", 1000)
+  mu, sd = 0.5, 0.4
+  noise = jax.random.normal(jax.random.key(1), (20000, 1))
+  out = samplers.sample(gaussian_model(s, mu, sd), noise, schedule=s, sampler=sampler, num_steps=steps,
+                        rng=jax.random.key(2))
+  # Standard errors: mean 0.4/sqrt(2e4) = 0.003, std ~0.002; allow discretisation error on top.
+  assert abs(float(out.mean()) - mu) < 0.015
+  assert abs(float(out.std()) - sd) < 0.015
+
+
+def test_ddim_matches_a_float64_recursion_on_gaussian_data():
+  # With the exact Gaussian denoiser every DDIM step is affine in x; iterate eq. 12 in float64.
+  s = schedules.make_schedule("scaled_linear", 1000, 0.00085, 0.012, steps_offset=1)
+  mu, sd, n = -0.2, 0.7, 10
+  abar = np.cumprod(1 - np.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=np.float64) ** 2)
+  x = np.linspace(-2.0, 2.0, 9)
+  for t in schedules.leading_timesteps(s, n):
+    a_t, a_prev = abar[t], (abar[t - 100] if t >= 100 else 1.0)
+    eps = np.sqrt(1 - a_t) * (x - np.sqrt(a_t) * mu) / (a_t * sd**2 + 1 - a_t)
+    x0 = (x - np.sqrt(1 - a_t) * eps) / np.sqrt(a_t)
+    x = np.sqrt(a_prev) * x0 + np.sqrt(1 - a_prev) * eps
+  out = samplers.sample(gaussian_model(s, mu, sd), jnp.linspace(-2.0, 2.0, 9)[:, None], schedule=s,
+                        sampler="ddim", num_steps=n)
+  np.testing.assert_allclose(out[:, 0], x, rtol=1e-4, atol=1e-5)
+
+
+def test_model_is_traced_once_under_jit():
+  s = schedules.make_schedule("linear", 1000)
+  traces = []
+
+  def model_fn(x, t):
+    traces.append(t.shape)
+    assert t.dtype == jnp.float32 and t.shape == (x.shape[0],)
+    return jnp.zeros_like(x)
+
+  f = jax.jit(lambda n, r: samplers.sample(model_fn, n, schedule=s, sampler="ddpm", num_steps=25, rng=r))
+  f(jnp.ones((2, 3)), jax.random.key(0)).block_until_ready()
+  assert len(traces) == 1
+
+
+def test_timesteps_handed_to_the_model_are_diffusers_leading_spacing():
+  s = schedules.make_schedule("linear", 1000, steps_offset=1)
+  seen = []
+
+  def model_fn(x, t):
+    jax.debug.callback(lambda t: seen.append(float(t[0])), t)
+    return jnp.zeros_like(x)
+
+  samplers.sample(model_fn, jnp.ones((1, 1)), schedule=s, sampler="ddim", num_steps=10)
+  jax.effects_barrier()
+  assert seen == [901.0, 801.0, 701.0, 601.0, 501.0, 401.0, 301.0, 201.0, 101.0, 1.0]
+
+
+def test_unknown_sampler_and_option_are_errors():
+  s = schedules.make_schedule()
+  with pytest.raises(ValueError, match="unknown sampler 'eular'"):
+    samplers.sample(lambda x, t: x, jnp.ones((1, 1)), schedule=s, sampler="eular", num_steps=2)
+  with pytest.raises(ValueError, match="does not take option"):
+    samplers.sample(lambda x, t: x, jnp.ones((1, 1)), schedule=s, sampler="ddpm", num_steps=2, eta=1.0)
+
+
+def test_classifier_free_guidance_is_one_batched_call_with_the_cfg_formula():
+  calls = []
+
+  def model(x, t, c):
+    calls.append(x.shape)
+    return x * c[:, None]
+
+  x, t = jnp.ones((3, 2)), jnp.zeros((3,))
+  cond, uncond = jnp.array([2.0, 3.0, 4.0]), jnp.zeros(3)
+  out = classifier_free_guidance(model, cond, uncond, scale=5.0)(x, t)
+  assert calls == [(6, 2)]
+  np.testing.assert_allclose(out, 5.0 * x * cond[:, None])
+  # Rescale by 1 matches the guided output's std to the conditional's.
+  out = classifier_free_guidance(lambda x, t, c: x * c[:, None] + jnp.arange(2.0), cond, uncond, 5.0, 1.0)(x, t)
+  cond_out = x * cond[:, None] + jnp.arange(2.0)
+  np.testing.assert_allclose(out.std(axis=1), cond_out.std(axis=1), rtol=1e-5)
