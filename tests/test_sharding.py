@@ -25,7 +25,7 @@ def run(devices, steps=2):
   state = exp.init_state()
   images, labels = load_bundled("train")
   data = StepBatches({"image": images, "label": labels}, 16, seed=0)
-  fn = jax.jit(make_train_step(lambda p, x, t, y: exp.model.apply({"params": p}, x, t, class_labels=y),
+  fn = jax.jit(make_train_step(lambda p, x, t, y, rng: exp.model.apply({"params": p}, x, t, class_labels=y),
                                exp.schedule, exp.optimizer, StepConfig(null_class=10)),
                in_shardings=(exp.state_shardings, exp.batch_sharding),
                out_shardings=(exp.state_shardings, exp.replicated))

@@ -10,7 +10,7 @@ from sdjax.train.step import StepConfig, diffusion_loss, ema_decay, make_train_s
 SCHEDULE = schedules.make_schedule("linear", 1000)
 
 
-def toy_apply(params, x, t, labels):
+def toy_apply(params, x, t, labels, rng):
   return params["w"] * x + params["b"][labels][:, None, None, None]
 
 
@@ -69,9 +69,9 @@ def test_non_finite_loss_skips_the_update():
 def test_label_dropout_uses_the_null_class():
   seen = []
 
-  def spy(params, x, t, labels):
+  def spy(params, x, t, labels, rng):
     jax.debug.callback(lambda y: seen.append(np.asarray(y)), labels)
-    return toy_apply(params, x, t, labels)
+    return toy_apply(params, x, t, labels, rng)
 
   state, _ = toy_state()
   rng = jax.random.key(0)

@@ -155,7 +155,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   step_cfg = StepConfig(ema_decay=float(tc.ema_decay), cond_drop_prob=float(tc.cond_drop_prob),
                         null_class=exp.num_classes if exp.model_config.num_class_embeds else None)
   train_step = jax.jit(make_train_step(
-      lambda p, x, t, y: exp.model.apply({"params": p}, x, t, class_labels=y, train=True),
+      lambda p, x, t, y, rng: exp.model.apply({"params": p}, x, t, class_labels=y, train=True,
+                                              rngs={"dropout": rng}),
       exp.schedule, exp.optimizer, step_cfg, exp.lr_schedule),
       in_shardings=(exp.state_shardings, exp.batch_sharding),
       out_shardings=(exp.state_shardings, exp.replicated), donate_argnums=(0,))

@@ -30,8 +30,11 @@ def ema_decay(step: jax.Array, cfg: StepConfig) -> jax.Array:
 
 def diffusion_loss(apply_fn: Callable[..., jax.Array], params: Any, schedule: Schedule, x0: jax.Array,
                    labels: jax.Array | None, rng: jax.Array, cfg: StepConfig) -> jax.Array:
-  """Mean squared error to the schedule's training target at uniformly drawn timesteps (Ho et al. 2020)."""
-  k_t, k_noise, k_drop = jax.random.split(rng, 3)
+  """Mean squared error to the schedule's training target at uniformly drawn timesteps (Ho et al. 2020).
+
+  apply_fn(params, x_t, t, labels, rng) -> prediction; `rng` is for the model's own randomness (dropout).
+  """
+  k_t, k_noise, k_drop, k_model = jax.random.split(rng, 4)
   b = x0.shape[0]
   t = jax.random.randint(k_t, (b,), 0, schedule.num_train_timesteps)
   noise = jax.random.normal(k_noise, x0.shape, jnp.float32)
@@ -39,7 +42,7 @@ def diffusion_loss(apply_fn: Callable[..., jax.Array], params: Any, schedule: Sc
   if labels is not None and cfg.null_class is not None and cfg.cond_drop_prob > 0:
     drop = jax.random.bernoulli(k_drop, cfg.cond_drop_prob, (b,))
     labels = jnp.where(drop, cfg.null_class, labels)
-  pred = apply_fn(params, x_t, t.astype(jnp.float32), labels)
+  pred = apply_fn(params, x_t, t.astype(jnp.float32), labels, k_model)
   target = schedules.training_target(schedule, x0, noise, t)
   return jnp.mean(jnp.square(pred.astype(jnp.float32) - target))
 
