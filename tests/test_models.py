@@ -86,7 +86,9 @@ def test_remat_gives_identical_outputs_and_gradients():
   l0, g0 = jax.value_and_grad(loss)(params, False)
   l1, g1 = jax.value_and_grad(loss)(params, True)
   np.testing.assert_allclose(l0, l1, rtol=1e-6)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), g0, g1)
+  # Recomputation may fuse differently: equal to 1e-5 relative to each gradient's largest entry.
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=1e-5 * float(np.abs(a).max()) + 1e-8),
+               g0, g1)
 
 
 def test_bfloat16_compute_keeps_float32_params_and_output():
