@@ -16,6 +16,7 @@ from flax import struct
 
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
 
 
 @struct.dataclass
@@ -28,6 +29,8 @@ class Schedule:
   clip_sample_range: float = struct.field(pytree_node=False, default=1.0)
   set_alpha_to_one: bool = struct.field(pytree_node=False, default=True)
   steps_offset: int = struct.field(pytree_node=False, default=0)
+  timestep_spacing: str = struct.field(pytree_node=False, default="leading")
+  use_karras_sigmas: bool = struct.field(pytree_node=False, default=False)
 
   @property
   def num_train_timesteps(self) -> int:
@@ -51,9 +54,12 @@ def make_betas(beta_schedule: str, num_train_timesteps: int, beta_start: float, 
 def make_schedule(beta_schedule: str = "linear", num_train_timesteps: int = 1000, beta_start: float = 1e-4,
                   beta_end: float = 0.02, prediction_type: str = "epsilon", clip_sample: bool = False,
                   clip_sample_range: float = 1.0, set_alpha_to_one: bool = True,
-                  steps_offset: int = 0) -> Schedule:
+                  steps_offset: int = 0, timestep_spacing: str = "leading",
+                  use_karras_sigmas: bool = False) -> Schedule:
   if prediction_type not in PREDICTION_TYPES:
     raise ValueError(f"unknown prediction_type {prediction_type!r}; expected one of {PREDICTION_TYPES}")
+  if timestep_spacing not in TIMESTEP_SPACINGS:
+    raise ValueError(f"unknown timestep_spacing {timestep_spacing!r}; expected one of {TIMESTEP_SPACINGS}")
   if num_train_timesteps < 2:
     raise ValueError(f"num_train_timesteps must be >= 2, got {num_train_timesteps}")
   betas = make_betas(beta_schedule, num_train_timesteps, beta_start, beta_end)
@@ -61,7 +67,8 @@ def make_schedule(beta_schedule: str = "linear", num_train_timesteps: int = 1000
   return Schedule(betas=jnp.asarray(betas), alphas_cumprod=jnp.asarray(alphas_cumprod),
                   prediction_type=prediction_type, clip_sample=clip_sample,
                   clip_sample_range=clip_sample_range, set_alpha_to_one=set_alpha_to_one,
-                  steps_offset=steps_offset)
+                  steps_offset=steps_offset, timestep_spacing=timestep_spacing,
+                  use_karras_sigmas=bool(use_karras_sigmas))
 
 
 def from_config(cfg: Any) -> Schedule:
@@ -124,11 +131,90 @@ def predict_x0_and_eps(prediction_type: str, model_output: jax.Array, x_t: jax.A
   return x0, eps
 
 
-def leading_timesteps(schedule: Schedule, num_steps: int) -> np.ndarray:
-  """diffusers' "leading" spacing: [(n-1)*r, ..., r, 0] + steps_offset with r = T // n (int64)."""
+def discrete_timesteps(schedule: Schedule, num_steps: int) -> np.ndarray:
+  """Integer timesteps (descending) of `schedule.timestep_spacing`, as diffusers' DDIM/DDPM schedulers.
+
+  leading: [(n-1)r, ..., r, 0] + steps_offset with r = T // n; trailing: round(T, T - T/n, ...) - 1;
+  linspace: round(linspace(0, T - 1, n)) reversed.
+  """
   T = schedule.num_train_timesteps
   if not 1 <= num_steps <= T:
     raise ValueError(f"num_steps must be in [1, {T}], got {num_steps}")
-  ratio = T // num_steps
-  return (np.arange(num_steps) * ratio).round()[::-1].astype(np.int64) + schedule.steps_offset
+  if schedule.timestep_spacing == "leading":
+    ratio = T // num_steps
+    return (np.arange(num_steps) * ratio).round()[::-1].astype(np.int64) + schedule.steps_offset
+  if schedule.timestep_spacing == "trailing":
+    return np.round(np.arange(T, 0, -T / num_steps)).astype(np.int64) - 1
+  return np.linspace(0, T - 1, num_steps).round()[::-1].astype(np.int64)
 
+
+def sigma_timesteps(schedule: Schedule, num_steps: int) -> tuple[np.ndarray, np.ndarray]:
+  """(timesteps float32 [n], sigmas float32 [n + 1]) as diffusers' EulerDiscreteScheduler builds them.
+
+  sigma(t) = sqrt((1 - abar_t) / abar_t), linearly interpolated at the spacing's (float) timesteps; with
+  `use_karras_sigmas`, Karras et al. (2022) eq. 5 (rho = 7) between the end sigmas, mapped back to
+  fractional timesteps by interpolating log sigma. The last sigma is 0.
+  """
+  T = schedule.num_train_timesteps
+  if not 1 <= num_steps <= T:
+    raise ValueError(f"num_steps must be in [1, {T}], got {num_steps}")
+  if schedule.timestep_spacing == "linspace":
+    timesteps = np.linspace(0, T - 1, num_steps, dtype=np.float32)[::-1].copy()
+  elif schedule.timestep_spacing == "leading":
+    ratio = T // num_steps
+    timesteps = (np.arange(0, num_steps) * ratio).round()[::-1].astype(np.float32) + schedule.steps_offset
+  else:
+    timesteps = np.arange(T, 0, -T / num_steps).round().astype(np.float32) - 1
+  abar = np.asarray(schedule.alphas_cumprod, np.float32)
+  train_sigmas = ((1 - abar) / abar) ** np.float32(0.5)
+  log_sigmas = np.log(train_sigmas)
+  sigmas = np.interp(timesteps, np.arange(T), train_sigmas)
+  if schedule.use_karras_sigmas:
+    rho = 7.0
+    ramp = np.linspace(0, 1, num_steps)
+    lo, hi = float(sigmas[-1]) ** (1 / rho), float(sigmas[0]) ** (1 / rho)
+    sigmas = (hi + ramp * (lo - hi)) ** rho
+    timesteps = np.array([_sigma_to_t(s, log_sigmas) for s in sigmas])
+  sigmas = np.concatenate([sigmas, [0.0]]).astype(np.float32)
+  return timesteps.astype(np.float32), sigmas
+
+
+def _sigma_to_t(sigma: float, log_sigmas: np.ndarray) -> float:
+  """The fractional timestep whose log sigma interpolates to log(sigma) (k-diffusion / diffusers)."""
+  log_sigma = np.log(np.maximum(sigma, 1e-10))
+  dists = log_sigma - log_sigmas[:, None]
+  low = np.cumsum(dists >= 0, axis=0).argmax(axis=0).clip(max=log_sigmas.shape[0] - 2)
+  w = np.clip((log_sigmas[low] - log_sigma) / (log_sigmas[low] - log_sigmas[low + 1]), 0, 1)
+  return float(((1 - w) * low + w * (low + 1)).reshape(()))
+
+
+
+# diffusers scheduler-config fields sdjax reads into a Schedule.
+_DIFFUSERS_FIELDS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "prediction_type",
+                     "clip_sample", "clip_sample_range", "set_alpha_to_one", "steps_offset", "timestep_spacing",
+                     "use_karras_sigmas")
+# Fields accepted only at the value that means "feature off" (sdjax does not implement the feature).
+_DIFFUSERS_DEFAULT_ONLY = {"trained_betas": None, "thresholding": False, "rescale_betas_zero_snr": False,
+                           "interpolation_type": "linear", "timestep_type": "discrete", "final_sigmas_type": "zero",
+                           "use_exponential_sigmas": False, "use_beta_sigmas": False, "sigma_min": None,
+                           "sigma_max": None, "variance_type": "fixed_small"}
+# Fields with no effect on the samplers sdjax has (metadata, or parameters of disabled features).
+_DIFFUSERS_IGNORED = ("_class_name", "_diffusers_version", "dynamic_thresholding_ratio", "sample_max_value",
+                      "skip_prk_steps")
+
+
+def from_diffusers_config(config: dict[str, Any]) -> Schedule:
+  """A Schedule from a diffusers `scheduler_config.json` dict.
+
+  Unknown fields, and fields sdjax supports only at their "off" value, are errors naming the field:
+  a config that sdjax would silently sample differently from diffusers is refused.
+  """
+  unknown = sorted(set(config) - set(_DIFFUSERS_FIELDS) - set(_DIFFUSERS_DEFAULT_ONLY) - set(_DIFFUSERS_IGNORED))
+  if unknown:
+    raise ValueError(f"scheduler config: unsupported field(s) {unknown} (class "
+                     f"{config.get('_class_name', '?')}); sdjax reads {sorted(_DIFFUSERS_FIELDS)}")
+  for field, off in _DIFFUSERS_DEFAULT_ONLY.items():
+    if field in config and config[field] != off:
+      raise ValueError(f"scheduler config: {field}={config[field]!r} is not supported by sdjax "
+                       f"(only {off!r})")
+  return make_schedule(**{k: config[k] for k in _DIFFUSERS_FIELDS if k in config})

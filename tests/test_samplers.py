@@ -54,7 +54,7 @@ def test_ddim_matches_a_float64_recursion_on_gaussian_data():
   mu, sd, n = -0.2, 0.7, 10
   abar = np.cumprod(1 - np.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=np.float64) ** 2)
   x = np.linspace(-2.0, 2.0, 9)
-  for t in schedules.leading_timesteps(s, n):
+  for t in schedules.discrete_timesteps(s, n):
     a_t, a_prev = abar[t], (abar[t - 100] if t >= 100 else 1.0)
     eps = np.sqrt(1 - a_t) * (x - np.sqrt(a_t) * mu) / (a_t * sd**2 + 1 - a_t)
     x0 = (x - np.sqrt(1 - a_t) * eps) / np.sqrt(a_t)

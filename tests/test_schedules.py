@@ -55,10 +55,10 @@ def test_add_noise_and_snr_closed_form():
 
 def test_leading_timesteps_as_diffusers():
   s = schedules.make_schedule("scaled_linear", 1000, 0.00085, 0.012, steps_offset=1)
-  np.testing.assert_array_equal(schedules.leading_timesteps(s, 10), [901, 801, 701, 601, 501, 401, 301, 201, 101, 1])
-  assert schedules.leading_timesteps(s, 50)[0] == 981
+  np.testing.assert_array_equal(schedules.discrete_timesteps(s, 10), [901, 801, 701, 601, 501, 401, 301, 201, 101, 1])
+  assert schedules.discrete_timesteps(s, 50)[0] == 981
   with pytest.raises(ValueError, match="num_steps"):
-    schedules.leading_timesteps(s, 0)
+    schedules.discrete_timesteps(s, 0)
 
 
 def test_schedule_is_a_pytree_usable_under_jit():

@@ -1,10 +1,12 @@
 """Samplers: one registry, one `sample()` driver, each sampler a step function run by `lax.scan`.
 
-A sampler is a `Sampler(timesteps, init, step)`:
-  timesteps(schedule, num_steps) -> numpy [num_steps] of the timesteps handed to `model_fn`;
-  init(schedule, noise) -> initial x (the sampler's own scaling of standard-normal noise);
-  step(schedule, model_fn, x, i, rng, timesteps, options) -> next x, for step index i.
-`timesteps` is static (numpy); the loop over i is one `lax.scan`, so `model_fn` is traced once.
+A sampler is a `Sampler(tables, init, step)`:
+  tables(schedule, num_steps) -> dict of static numpy arrays, with "timesteps" [num_steps] being
+    exactly the timesteps handed to `model_fn` (others: sigmas, previous timesteps, ...);
+  init(schedule, noise, tables) -> carry, a dict with "x" (the sampler's own scaling of the
+    standard-normal noise) and whatever history a multistep method keeps;
+  step(schedule, model_fn, carry, i, rng, tables, options) -> carry, for step index i (traced).
+The loop over i is one `lax.scan`, so `model_fn` is traced once per compile.
 """
 from __future__ import annotations
 
@@ -22,9 +24,9 @@ ModelFn = Callable[[jax.Array, jax.Array], jax.Array]
 
 @dataclasses.dataclass(frozen=True)
 class Sampler:
-  timesteps: Callable[[Schedule, int], np.ndarray]
-  init: Callable[[Schedule, jax.Array], jax.Array]
-  step: Callable[..., jax.Array]
+  tables: Callable[[Schedule, int], dict[str, np.ndarray]]
+  init: Callable[[Schedule, jax.Array, dict[str, np.ndarray]], dict[str, jax.Array]]
+  step: Callable[..., dict[str, jax.Array]]
   options: tuple[str, ...] = ()
 
 
@@ -52,22 +54,28 @@ def sample(model_fn: ModelFn, noise: jax.Array, *, schedule: Schedule, sampler: 
   unknown = sorted(set(options) - set(s.options))
   if unknown:
     raise ValueError(f"sampler {sampler!r} does not take option(s) {unknown}; it takes {list(s.options)}")
-  timesteps = s.timesteps(schedule, num_steps)
+  tables = s.tables(schedule, num_steps)
   if rng is None:
     rng = jax.random.key(0)
-  x = s.init(schedule, noise)
+  carry = s.init(schedule, noise, tables)
   batch = noise.shape[0]
 
   def call_model(x, t):
     return model_fn(x, jnp.full((batch,), t, jnp.float32))
 
-  def body(x, inputs):
+  def body(carry, inputs):
     i, key = inputs
-    return s.step(schedule, call_model, x, i, key, timesteps, options), None
+    return s.step(schedule, call_model, carry, i, key, tables, options), None
 
   keys = jax.random.split(rng, num_steps)
-  x, _ = jax.lax.scan(body, x, (jnp.arange(num_steps), keys))
-  return x
+  carry, _ = jax.lax.scan(body, carry, (jnp.arange(num_steps), keys))
+  return carry["x"]
+
+
+def at(tables: dict[str, np.ndarray], name: str, i: jax.Array) -> jax.Array:
+  """tables[name][i] for a traced step index i."""
+  return jnp.asarray(tables[name])[i]
 
 
 from sdjax.samplers import ddim as _ddim  # noqa: E402,F401  (registers ddim, ddpm)
+from sdjax.samplers import euler as _euler  # noqa: E402,F401  (registers euler)

@@ -10,26 +10,30 @@ from sdjax import samplers, schedules
 from sdjax.schedules import Schedule
 
 
-def _alphas(schedule: Schedule, i, timesteps: np.ndarray):
+def _tables(schedule: Schedule, num_steps: int) -> dict[str, np.ndarray]:
+  timesteps = schedules.discrete_timesteps(schedule, num_steps)
+  return {"timesteps": timesteps, "prev": timesteps - schedule.num_train_timesteps // num_steps}
+
+
+def _alphas(schedule: Schedule, i, tables):
   """(t, abar_t, abar_prev) for step i; prev = t - T // n, and `final` abar past the start."""
-  n = len(timesteps)
-  ratio = schedule.num_train_timesteps // n
-  t = jnp.asarray(timesteps)[i]
-  prev = t - ratio
+  t = samplers.at(tables, "timesteps", i)
+  prev = samplers.at(tables, "prev", i)
   final = 1.0 if schedule.set_alpha_to_one else schedule.alphas_cumprod[0]
   abar = schedule.alphas_cumprod[t]
   abar_prev = jnp.where(prev >= 0, schedule.alphas_cumprod[jnp.maximum(prev, 0)], final)
   return t, abar, abar_prev
 
 
-def ddim_step(schedule, model_fn, x, i, rng, timesteps, options):
+def ddim_step(schedule, model_fn, carry, i, rng, tables, options):
   """Song et al. (2021), eq. 12, with sigma_t = eta * sqrt((1-a_prev)/(1-a_t) (1 - a_t/a_prev)).
 
   With `clip_sample`, x0 is clipped; as in diffusers, epsilon is re-derived from the clipped x0 only
   with the option `use_clipped_model_output=True`.
   """
   eta = options.get("eta", 0.0)
-  t, abar, abar_prev = _alphas(schedule, i, timesteps)
+  x = carry["x"]
+  t, abar, abar_prev = _alphas(schedule, i, tables)
   out = model_fn(x, t.astype(jnp.float32))
   x0, eps = schedules.predict_x0_and_eps(schedule.prediction_type, out, x, abar)
   if schedule.clip_sample:
@@ -42,12 +46,13 @@ def ddim_step(schedule, model_fn, x, i, rng, timesteps, options):
   x_prev = jnp.sqrt(abar_prev) * x0 + direction
   if eta:
     x_prev = x_prev + std * jax.random.normal(rng, x.shape, x.dtype)
-  return x_prev
+  return {"x": x_prev}
 
 
-def ddpm_step(schedule, model_fn, x, i, rng, timesteps, options):
+def ddpm_step(schedule, model_fn, carry, i, rng, tables, options):
   """Ho et al. (2020), eqs. 6-7: the posterior q(x_prev | x_t, x0) with x0 predicted."""
-  t, abar, abar_prev = _alphas(schedule, i, timesteps)
+  x = carry["x"]
+  t, abar, abar_prev = _alphas(schedule, i, tables)
   out = model_fn(x, t.astype(jnp.float32))
   x0, _ = schedules.predict_x0_and_eps(schedule.prediction_type, out, x, abar)
   if schedule.clip_sample:
@@ -57,12 +62,12 @@ def ddpm_step(schedule, model_fn, x, i, rng, timesteps, options):
   mean = (jnp.sqrt(abar_prev) * beta / (1.0 - abar)) * x0 + (jnp.sqrt(alpha) * (1.0 - abar_prev) / (1.0 - abar)) * x
   variance = jnp.maximum((1.0 - abar_prev) / (1.0 - abar) * beta, 1e-20)
   noise = jax.random.normal(rng, x.shape, x.dtype)
-  return mean + jnp.where(t > 0, jnp.sqrt(variance), 0.0) * noise
+  return {"x": mean + jnp.where(t > 0, jnp.sqrt(variance), 0.0) * noise}
 
 
-def _init(schedule, noise):
-  return noise
+def _init(schedule, noise, tables):
+  return {"x": noise}
 
 
-samplers.register("ddim", samplers.Sampler(schedules.leading_timesteps, _init, ddim_step, ("eta", "use_clipped_model_output")))
-samplers.register("ddpm", samplers.Sampler(schedules.leading_timesteps, _init, ddpm_step))
+samplers.register("ddim", samplers.Sampler(_tables, _init, ddim_step, ("eta", "use_clipped_model_output")))
+samplers.register("ddpm", samplers.Sampler(_tables, _init, ddpm_step))

@@ -1,0 +1,44 @@
+"""Euler (Karras et al. 2022, Algorithm 2 without churn) in sigma space, as diffusers'
+EulerDiscreteScheduler: the model sees x / sqrt(sigma^2 + 1) at (possibly fractional) timesteps."""
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+
+from sdjax import samplers, schedules
+from sdjax.schedules import Schedule
+
+
+def sigma_tables(schedule: Schedule, num_steps: int) -> dict[str, np.ndarray]:
+  timesteps, sigmas = schedules.sigma_timesteps(schedule, num_steps)
+  return {"timesteps": timesteps, "sigmas": sigmas}
+
+
+def init_sigma_scaled(schedule: Schedule, noise, tables):
+  """Initial x = noise * max sigma (linspace/trailing) or * sqrt(max sigma^2 + 1) (leading)."""
+  s = np.float32(tables["sigmas"].max())
+  if schedule.timestep_spacing == "leading":
+    s = np.float32((s**2 + 1) ** 0.5)
+  return {"x": noise * s}
+
+
+def denoised(schedule: Schedule, model_fn, x, sigma, t):
+  """x0 predicted from the sigma-space sample x; the model sees x / sqrt(sigma^2 + 1) (the VP x_t)."""
+  scale = jnp.sqrt(sigma**2 + 1)
+  out = model_fn(x / scale, t)
+  if schedule.prediction_type == "epsilon":
+    return x - sigma * out
+  if schedule.prediction_type == "v_prediction":
+    return out * (-sigma / scale) + x / (sigma**2 + 1)
+  return out
+
+
+def euler_step(schedule, model_fn, carry, i, rng, tables, options):
+  x = carry["x"]
+  sigma, sigma_next = samplers.at(tables, "sigmas", i), samplers.at(tables, "sigmas", i + 1)
+  x0 = denoised(schedule, model_fn, x, sigma, samplers.at(tables, "timesteps", i))
+  d = (x - x0) / sigma  # dx/dsigma of the probability-flow ODE (Karras et al. eq. 3)
+  return {"x": x + d * (sigma_next - sigma)}
+
+
+samplers.register("euler", samplers.Sampler(sigma_tables, init_sigma_scaled, euler_step))

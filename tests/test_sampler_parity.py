@@ -1,0 +1,76 @@
+"""sdjax samplers vs diffusers schedulers on an analytic Gaussian-mixture model.
+
+Fixtures: tools/make_sampler_fixtures.py (diffusers 0.42 / torch 2.13, CPU, float32).
+"""
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from sdjax import samplers, schedules
+
+FIXTURES = np.load(os.path.join(os.path.dirname(__file__), "fixtures", "samplers.npz"))
+INDEX = json.loads(str(FIXTURES["index"]))
+MIX = INDEX["mixture"]
+
+
+def mixture_model(schedule):
+  w, mu, sd = (jnp.asarray(MIX[k], jnp.float32) for k in ("weights", "means", "stds"))
+  ac = schedule.alphas_cumprod
+  T = ac.shape[0]
+
+  def model_fn(x, t):
+    t = t.reshape((-1,) + (1,) * (x.ndim - 1))
+    lo = jnp.clip(jnp.floor(t).astype(jnp.int32), 0, T - 1)
+    hi = jnp.clip(lo + 1, 0, T - 1)
+    abar = ac[lo] + (t - lo) * (ac[hi] - ac[lo])  # linear interpolation, as the fixture's model
+    a, b = jnp.sqrt(abar), jnp.sqrt(1 - abar)
+    xs = x[..., None]
+    var = abar[..., None] * sd**2 + (1 - abar[..., None])
+    logp = jnp.log(w) - 0.5 * jnp.log(var) - 0.5 * (xs - a[..., None] * mu) ** 2 / var
+    r = jax.nn.softmax(logp, axis=-1)
+    x0 = jnp.sum(r * (mu + a[..., None] * sd**2 * (xs - a[..., None] * mu) / var), axis=-1)
+    eps = (x - a * x0) / b
+    return {"epsilon": eps, "v_prediction": a * eps - b * x0, "sample": x0}[schedule.prediction_type]
+
+  return model_fn
+
+
+@pytest.mark.parametrize("case", INDEX["cases"], ids=lambda c: c["key"])
+def test_matches_diffusers(case):
+  schedule = schedules.from_diffusers_config(case["config"])
+  steps = int(case["key"].split("/")[-1])
+  seen = []
+  model = mixture_model(schedule)
+
+  def model_fn(x, t):
+    jax.debug.callback(lambda t: seen.append(float(t[0])), t)
+    return model(x, t)
+
+  noise = jnp.asarray(FIXTURES["noise"])
+  out = jax.jit(lambda n: samplers.sample(model_fn, n, schedule=schedule, sampler=case["sampler"],
+                                          num_steps=steps))(noise)
+  jax.effects_barrier()
+  # Integer timesteps are exact. Fractional (Karras) ones come from log-sigma interpolation of a float32
+  # schedule whose last ulps differ from torch's (torch.linspace / cumprod round differently): 2e-5.
+  np.testing.assert_allclose(seen, FIXTURES[case["key"] + "/timesteps"], rtol=2e-5)
+  ref = FIXTURES[case["key"] + "/final"]
+  err = float(np.max(np.abs(np.asarray(out) - ref)) / np.max(np.abs(ref)))
+  print(f"{case['key']}: max error {err:.2e} relative to the sample scale")
+  assert err < 1e-4, f"max error {err:.2e} relative to the sample scale"
+
+
+def test_from_diffusers_config_refuses_what_it_would_get_wrong():
+  with pytest.raises(ValueError, match="thresholding"):
+    schedules.from_diffusers_config({"thresholding": True})
+  with pytest.raises(ValueError, match="solver_order"):
+    schedules.from_diffusers_config({"_class_name": "DPMSolverMultistepScheduler", "solver_order": 2})
+  sd15 = {"_class_name": "PNDMScheduler", "_diffusers_version": "0.6.0", "beta_end": 0.012,
+          "beta_schedule": "scaled_linear", "beta_start": 0.00085, "num_train_timesteps": 1000,
+          "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1, "trained_betas": None,
+          "clip_sample": False}
+  s = schedules.from_diffusers_config(sd15)
+  assert s.steps_offset == 1 and not s.set_alpha_to_one and s.prediction_type == "epsilon"

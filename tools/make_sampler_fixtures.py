@@ -1,0 +1,78 @@
+"""Regenerate tests/fixtures/samplers.npz: diffusers schedulers run on an analytic model.
+
+  pip install torch==2.13.0 diffusers && python tools/make_sampler_fixtures.py
+
+The data distribution is a per-element two-component Gaussian mixture, whose exact denoiser
+E[x0 | x_t] is known in closed form, so the fixture isolates the sampler from any network. For every
+(sampler, prediction type, step count) the fixture holds the timesteps diffusers handed to the model
+and the final sample, from the same standard-normal noise. torch is needed only here.
+"""
+import json
+import os
+
+import numpy as np
+import torch
+import diffusers
+
+MIX = {"weights": [0.3, 0.7], "means": [-0.6, 0.5], "stds": [0.15, 0.3]}
+BASE = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
+        "steps_offset": 1, "clip_sample": False, "set_alpha_to_one": False, "timestep_spacing": "leading"}
+CASES = [  # (name, diffusers class, extra config)
+    ("ddim", "DDIMScheduler", {}),
+    ("euler", "EulerDiscreteScheduler", {}),
+    ("euler_karras", "EulerDiscreteScheduler", {"use_karras_sigmas": True}),
+    ("euler_trailing", "EulerDiscreteScheduler", {"timestep_spacing": "trailing"}),
+]
+OUT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests", "fixtures", "samplers.npz")
+
+
+def mixture_model(alphas_cumprod: np.ndarray, prediction_type: str):
+  """Exact model output at (possibly fractional) t; abar interpolated linearly between integer steps."""
+  ac = alphas_cumprod.astype(np.float64)
+  w, mu, sd = (np.array(MIX[k], np.float64) for k in ("weights", "means", "stds"))
+
+  def model(x: torch.Tensor, t: float) -> torch.Tensor:
+    abar = np.interp(float(t), np.arange(len(ac)), ac)
+    a, b = np.sqrt(abar), np.sqrt(1 - abar)
+    xs = x.double().numpy()[..., None]
+    var = abar * sd**2 + (1 - abar)
+    logp = np.log(w) - 0.5 * np.log(var) - 0.5 * (xs - a * mu) ** 2 / var
+    r = np.exp(logp - logp.max(-1, keepdims=True))
+    r /= r.sum(-1, keepdims=True)
+    x0 = (r * (mu + a * sd**2 * (xs - a * mu) / var)).sum(-1)
+    eps = (xs[..., 0] - a * x0) / b
+    out = {"epsilon": eps, "v_prediction": a * eps - b * x0, "sample": x0}[prediction_type]
+    return torch.from_numpy(out.astype(np.float32))
+
+  return model
+
+
+def main():
+  noise = torch.randn((16, 2, 2, 1), generator=torch.Generator().manual_seed(0))
+  arrays = {"noise": noise.numpy()}
+  index = []
+  for name, cls, extra in CASES:
+    for prediction_type in ("epsilon", "v_prediction"):
+      for steps in (10, 25):
+        config = {**BASE, **extra, "prediction_type": prediction_type}
+        sched = getattr(diffusers, cls).from_config(config)
+        sched.set_timesteps(steps)
+        model = mixture_model(sched.alphas_cumprod.numpy(), prediction_type)
+        x = noise * sched.init_noise_sigma
+        seen = []
+        for t in sched.timesteps:
+          seen.append(float(t))
+          out = model(sched.scale_model_input(x, t), float(t))
+          x = sched.step(out, t, x).prev_sample
+        key = f"{name}/{prediction_type}/{steps}"
+        arrays[key + "/timesteps"] = np.array(seen, np.float32)
+        arrays[key + "/final"] = x.numpy()
+        index.append({"key": key, "sampler": name.split("_")[0], "config": config})
+  arrays["index"] = np.array(json.dumps({"mixture": MIX, "cases": index,
+                                         "diffusers": diffusers.__version__, "torch": torch.__version__}))
+  np.savez_compressed(OUT, **arrays)
+  print(f"wrote {len(index)} cases to {OUT}")
+
+
+if __name__ == "__main__":
+  main()
