@@ -22,6 +22,11 @@ CASES = [  # (name, diffusers class, extra config)
     ("euler", "EulerDiscreteScheduler", {}),
     ("euler_karras", "EulerDiscreteScheduler", {"use_karras_sigmas": True}),
     ("euler_trailing", "EulerDiscreteScheduler", {"timestep_spacing": "trailing"}),
+    ("heun", "HeunDiscreteScheduler", {}),
+    ("heun_karras", "HeunDiscreteScheduler", {"use_karras_sigmas": True}),
+    ("dpmpp_2m", "DPMSolverMultistepScheduler", {}),
+    ("dpmpp_2m_karras", "DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
+    ("dpmpp_2m_trailing", "DPMSolverMultistepScheduler", {"timestep_spacing": "trailing"}),
 ]
 OUT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests", "fixtures", "samplers.npz")
 
@@ -67,7 +72,8 @@ def main():
         key = f"{name}/{prediction_type}/{steps}"
         arrays[key + "/timesteps"] = np.array(seen, np.float32)
         arrays[key + "/final"] = x.numpy()
-        index.append({"key": key, "sampler": name.split("_")[0], "config": config})
+        sampler = name.split("_karras")[0].split("_trailing")[0]
+        index.append({"key": key, "sampler": sampler, "config": config, "model_evals": len(seen)})
   arrays["index"] = np.array(json.dumps({"mixture": MIX, "cases": index,
                                          "diffusers": diffusers.__version__, "torch": torch.__version__}))
   np.savez_compressed(OUT, **arrays)

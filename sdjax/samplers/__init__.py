@@ -79,3 +79,5 @@ def at(tables: dict[str, np.ndarray], name: str, i: jax.Array) -> jax.Array:
 
 from sdjax.samplers import ddim as _ddim  # noqa: E402,F401  (registers ddim, ddpm)
 from sdjax.samplers import euler as _euler  # noqa: E402,F401  (registers euler)
+from sdjax.samplers import heun as _heun  # noqa: E402,F401  (registers heun)
+from sdjax.samplers import dpmpp as _dpmpp  # noqa: E402,F401  (registers dpmpp_2m)
