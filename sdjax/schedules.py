@@ -193,28 +193,49 @@ def _sigma_to_t(sigma: float, log_sigmas: np.ndarray) -> float:
 _DIFFUSERS_FIELDS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "prediction_type",
                      "clip_sample", "clip_sample_range", "set_alpha_to_one", "steps_offset", "timestep_spacing",
                      "use_karras_sigmas")
-# Fields accepted only at the value that means "feature off" (sdjax does not implement the feature).
-_DIFFUSERS_DEFAULT_ONLY = {"trained_betas": None, "thresholding": False, "rescale_betas_zero_snr": False,
-                           "interpolation_type": "linear", "timestep_type": "discrete", "final_sigmas_type": "zero",
-                           "use_exponential_sigmas": False, "use_beta_sigmas": False, "sigma_min": None,
-                           "sigma_max": None, "variance_type": "fixed_small"}
+# Fields accepted only at the values sdjax implements (anything else would silently diverge). Sampler
+# fields describe the algorithm: `sampler_from_diffusers_config` picks the matching sdjax sampler.
+_DIFFUSERS_RESTRICTED = {
+    "trained_betas": (None,), "thresholding": (False,), "rescale_betas_zero_snr": (False,),
+    "interpolation_type": ("linear",), "timestep_type": ("discrete",), "final_sigmas_type": ("zero",),
+    "use_exponential_sigmas": (False,), "use_beta_sigmas": (False,), "use_flow_sigmas": (False,),
+    "sigma_min": (None,), "sigma_max": (None,), "variance_type": (None, "fixed_small"),
+    "algorithm_type": ("dpmsolver++", "sde-dpmsolver++"), "solver_order": (2,), "solver_type": ("midpoint",),
+    "lower_order_final": (True,), "euler_at_final": (False,), "use_lu_lambdas": (False,),
+    "lambda_min_clipped": (-float("inf"),),
+}
 # Fields with no effect on the samplers sdjax has (metadata, or parameters of disabled features).
 _DIFFUSERS_IGNORED = ("_class_name", "_diffusers_version", "dynamic_thresholding_ratio", "sample_max_value",
-                      "skip_prk_steps")
+                      "skip_prk_steps", "flow_shift")
+_SAMPLER_OF_CLASS = {"DDIMScheduler": "ddim", "DDPMScheduler": "ddpm", "PNDMScheduler": "pndm",
+                     "LMSDiscreteScheduler": "lms", "EulerDiscreteScheduler": "euler",
+                     "EulerAncestralDiscreteScheduler": "euler_a", "HeunDiscreteScheduler": "heun",
+                     "UniPCMultistepScheduler": "unipc"}
+
+
+def sampler_from_diffusers_config(config: dict[str, Any]) -> str:
+  """The sdjax sampler name for a diffusers scheduler config's `_class_name` (and algorithm_type)."""
+  cls = config.get("_class_name")
+  if cls == "DPMSolverMultistepScheduler":
+    return "dpmpp_2m_sde" if config.get("algorithm_type") == "sde-dpmsolver++" else "dpmpp_2m"
+  if cls not in _SAMPLER_OF_CLASS:
+    raise ValueError(f"scheduler config: no sdjax sampler for _class_name={cls!r}; known: "
+                     f"{sorted(_SAMPLER_OF_CLASS) + ['DPMSolverMultistepScheduler']}")
+  return _SAMPLER_OF_CLASS[cls]
 
 
 def from_diffusers_config(config: dict[str, Any]) -> Schedule:
-  """A Schedule from a diffusers `scheduler_config.json` dict.
+  """A Schedule from a diffusers `scheduler_config.json` dict (see also `sampler_from_diffusers_config`).
 
-  Unknown fields, and fields sdjax supports only at their "off" value, are errors naming the field:
-  a config that sdjax would silently sample differently from diffusers is refused.
+  Unknown fields, and fields at values sdjax does not implement, are errors naming the field: a config
+  that sdjax would silently sample differently from diffusers is refused.
   """
-  unknown = sorted(set(config) - set(_DIFFUSERS_FIELDS) - set(_DIFFUSERS_DEFAULT_ONLY) - set(_DIFFUSERS_IGNORED))
+  unknown = sorted(set(config) - set(_DIFFUSERS_FIELDS) - set(_DIFFUSERS_RESTRICTED) - set(_DIFFUSERS_IGNORED))
   if unknown:
     raise ValueError(f"scheduler config: unsupported field(s) {unknown} (class "
                      f"{config.get('_class_name', '?')}); sdjax reads {sorted(_DIFFUSERS_FIELDS)}")
-  for field, off in _DIFFUSERS_DEFAULT_ONLY.items():
-    if field in config and config[field] != off:
+  for field, allowed in _DIFFUSERS_RESTRICTED.items():
+    if field in config and config[field] not in allowed:
       raise ValueError(f"scheduler config: {field}={config[field]!r} is not supported by sdjax "
-                       f"(only {off!r})")
+                       f"(supported: {', '.join(map(repr, allowed))})")
   return make_schedule(**{k: config[k] for k in _DIFFUSERS_FIELDS if k in config})

@@ -42,6 +42,7 @@ def mixture_model(schedule):
 @pytest.mark.parametrize("case", INDEX["cases"], ids=lambda c: c["key"])
 def test_matches_diffusers(case):
   schedule = schedules.from_diffusers_config(case["config"])
+  assert schedules.sampler_from_diffusers_config({**case["config"], "_class_name": case["class"]}) == case["sampler"]
   steps = int(case["key"].split("/")[-1])
   seen = []
   model = mixture_model(schedule)
@@ -51,8 +52,9 @@ def test_matches_diffusers(case):
     return model(x, t)
 
   noise = jnp.asarray(FIXTURES["noise"])
-  out = jax.jit(lambda n: samplers.sample(model_fn, n, schedule=schedule, sampler=case["sampler"],
-                                          num_steps=steps))(noise)
+  step_noise = FIXTURES.get(case["key"] + "/step_noise")  # the noise diffusers drew, for stochastic samplers
+  out = jax.jit(lambda n, z: samplers.sample(model_fn, n, schedule=schedule, sampler=case["sampler"],
+                                             num_steps=steps, step_noise=z, **case["options"]))(noise, step_noise)
   jax.effects_barrier()
   # Integer timesteps are exact. Fractional (Karras) ones come from log-sigma interpolation of a float32
   # schedule whose last ulps differ from torch's (torch.linspace / cumprod round differently): 2e-5.
@@ -66,8 +68,10 @@ def test_matches_diffusers(case):
 def test_from_diffusers_config_refuses_what_it_would_get_wrong():
   with pytest.raises(ValueError, match="thresholding"):
     schedules.from_diffusers_config({"thresholding": True})
-  with pytest.raises(ValueError, match="solver_order"):
-    schedules.from_diffusers_config({"_class_name": "DPMSolverMultistepScheduler", "solver_order": 2})
+  with pytest.raises(ValueError, match="solver_order=3"):
+    schedules.from_diffusers_config({"_class_name": "DPMSolverMultistepScheduler", "solver_order": 3})
+  with pytest.raises(ValueError, match="unsupported field"):
+    schedules.from_diffusers_config({"beta_shedule": "linear"})
   sd15 = {"_class_name": "PNDMScheduler", "_diffusers_version": "0.6.0", "beta_end": 0.012,
           "beta_schedule": "scaled_linear", "beta_start": 0.00085, "num_train_timesteps": 1000,
           "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1, "trained_betas": None,

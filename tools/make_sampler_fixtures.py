@@ -5,8 +5,11 @@
 The data distribution is a per-element two-component Gaussian mixture, whose exact denoiser
 E[x0 | x_t] is known in closed form, so the fixture isolates the sampler from any network. For every
 (sampler, prediction type, step count) the fixture holds the timesteps diffusers handed to the model
-and the final sample, from the same standard-normal noise. torch is needed only here.
+and the final sample, from the same standard-normal noise. For stochastic samplers the noise each
+step draws (diffusers' `randn_tensor`, patched here to record it) is stored too, so sdjax can be fed
+the same noise (`sample(..., step_noise=...)`) and compared exactly. torch is needed only here.
 """
+import importlib
 import json
 import os
 
@@ -17,8 +20,14 @@ import diffusers
 MIX = {"weights": [0.3, 0.7], "means": [-0.6, 0.5], "stds": [0.15, 0.3]}
 BASE = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
         "steps_offset": 1, "clip_sample": False, "set_alpha_to_one": False, "timestep_spacing": "leading"}
-CASES = [  # (name, diffusers class, extra config)
+CASES = [  # (name, diffusers class, extra config[, step kwargs = sdjax options])
     ("ddim", "DDIMScheduler", {}),
+    ("ddim_eta1", "DDIMScheduler", {}, {"eta": 1.0}),
+    ("ddpm", "DDPMScheduler", {}),
+    ("euler_a", "EulerAncestralDiscreteScheduler", {}),
+    ("lms", "LMSDiscreteScheduler", {}),
+    ("lms_karras", "LMSDiscreteScheduler", {"use_karras_sigmas": True}),
+    ("dpmpp_2m_sde", "DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}),
     ("euler", "EulerDiscreteScheduler", {}),
     ("euler_karras", "EulerDiscreteScheduler", {"use_karras_sigmas": True}),
     ("euler_trailing", "EulerDiscreteScheduler", {"timestep_spacing": "trailing"}),
@@ -52,11 +61,24 @@ def mixture_model(alphas_cumprod: np.ndarray, prediction_type: str):
   return model
 
 
+SAMPLER_OF = {"DDIMScheduler": "ddim", "DDPMScheduler": "ddpm", "EulerDiscreteScheduler": "euler",
+              "EulerAncestralDiscreteScheduler": "euler_a", "HeunDiscreteScheduler": "heun",
+              "LMSDiscreteScheduler": "lms"}
+
+
+def sampler_name(cls, config):
+  if cls == "DPMSolverMultistepScheduler":
+    return "dpmpp_2m_sde" if config.get("algorithm_type") == "sde-dpmsolver++" else "dpmpp_2m"
+  return SAMPLER_OF[cls]
+
+
 def main():
   noise = torch.randn((16, 2, 2, 1), generator=torch.Generator().manual_seed(0))
   arrays = {"noise": noise.numpy()}
   index = []
-  for name, cls, extra in CASES:
+  for name, cls, extra, *step_kwargs in CASES:
+    step_kwargs = step_kwargs[0] if step_kwargs else {}
+    module = importlib.import_module(getattr(diffusers, cls).__module__)
     for prediction_type in ("epsilon", "v_prediction"):
       for steps in (10, 25):
         config = {**BASE, **extra, "prediction_type": prediction_type}
@@ -64,16 +86,26 @@ def main():
         sched.set_timesteps(steps)
         model = mixture_model(sched.alphas_cumprod.numpy(), prediction_type)
         x = noise * sched.init_noise_sigma
-        seen = []
+        seen, drawn = [], {}
+        gen = torch.Generator().manual_seed(1)
+
+        def recording_randn(shape, *args, **kwargs):
+          z = torch.randn(shape, generator=gen)
+          drawn[len(seen) - 1] = z.numpy()
+          return z
+
+        module.randn_tensor = recording_randn
         for t in sched.timesteps:
           seen.append(float(t))
           out = model(sched.scale_model_input(x, t), float(t))
-          x = sched.step(out, t, x).prev_sample
+          x = sched.step(out, t, x, **step_kwargs).prev_sample
         key = f"{name}/{prediction_type}/{steps}"
         arrays[key + "/timesteps"] = np.array(seen, np.float32)
         arrays[key + "/final"] = x.numpy()
-        sampler = name.split("_karras")[0].split("_trailing")[0]
-        index.append({"key": key, "sampler": sampler, "config": config, "model_evals": len(seen)})
+        if drawn:
+          arrays[key + "/step_noise"] = np.stack([drawn.get(i, np.zeros_like(noise.numpy())) for i in range(steps)])
+        index.append({"key": key, "sampler": sampler_name(cls, config), "class": cls, "config": config,
+                      "options": step_kwargs, "model_evals": len(seen)})
   arrays["index"] = np.array(json.dumps({"mixture": MIX, "cases": index,
                                          "diffusers": diffusers.__version__, "torch": torch.__version__}))
   np.savez_compressed(OUT, **arrays)

@@ -5,7 +5,8 @@ A sampler is a `Sampler(tables, init, step)`:
     exactly the timesteps handed to `model_fn` (others: sigmas, previous timesteps, ...);
   init(schedule, noise, tables) -> carry, a dict with "x" (the sampler's own scaling of the
     standard-normal noise) and whatever history a multistep method keeps;
-  step(schedule, model_fn, carry, i, rng, tables, options) -> carry, for step index i (traced).
+  step(schedule, model_fn, carry, i, z, tables, options) -> carry, for step index i (traced); z is
+    this step's standard-normal noise (x's shape) for a `stochastic` sampler, else None.
 The loop over i is one `lax.scan`, so `model_fn` is traced once per compile.
 """
 from __future__ import annotations
@@ -28,6 +29,7 @@ class Sampler:
   init: Callable[[Schedule, jax.Array, dict[str, np.ndarray]], dict[str, jax.Array]]
   step: Callable[..., dict[str, jax.Array]]
   options: tuple[str, ...] = ()
+  stochastic: bool = False
 
 
 SAMPLERS: dict[str, Sampler] = {}
@@ -44,11 +46,12 @@ def get(name: str) -> Sampler:
 
 
 def sample(model_fn: ModelFn, noise: jax.Array, *, schedule: Schedule, sampler: str, num_steps: int,
-           rng: jax.Array | None = None, **options: Any) -> jax.Array:
-  """Run `sampler` for `num_steps` model evaluations from standard-normal `noise` [B, ...].
+           rng: jax.Array | None = None, step_noise: jax.Array | None = None, **options: Any) -> jax.Array:
+  """Run `sampler` for `num_steps` steps from standard-normal `noise` [B, ...].
 
   `model_fn(x, t)` gets t as float32 [B] in training-timestep units and returns the model output for
-  `schedule.prediction_type`. Stochastic samplers need `rng`. Works under `jax.jit`.
+  `schedule.prediction_type`. Stochastic samplers draw each step's noise from `rng`, or take it from
+  `step_noise` [num_steps, B, ...] when given. Works under `jax.jit`.
   """
   s = get(sampler)
   unknown = sorted(set(options) - set(s.options))
@@ -63,12 +66,17 @@ def sample(model_fn: ModelFn, noise: jax.Array, *, schedule: Schedule, sampler: 
   def call_model(x, t):
     return model_fn(x, jnp.full((batch,), t, jnp.float32))
 
+  if step_noise is not None and step_noise.shape != (num_steps,) + noise.shape:
+    raise ValueError(f"step_noise must have shape {(num_steps,) + noise.shape}, got {step_noise.shape}")
+
   def body(carry, inputs):
-    i, key = inputs
-    return s.step(schedule, call_model, carry, i, key, tables, options), None
+    i, key, z = inputs
+    if s.stochastic and z is None:
+      z = jax.random.normal(key, noise.shape, noise.dtype)
+    return s.step(schedule, call_model, carry, i, z if s.stochastic else None, tables, options), None
 
   keys = jax.random.split(rng, num_steps)
-  carry, _ = jax.lax.scan(body, carry, (jnp.arange(num_steps), keys))
+  carry, _ = jax.lax.scan(body, carry, (jnp.arange(num_steps), keys, step_noise))
   return carry["x"]
 
 
@@ -80,4 +88,5 @@ def at(tables: dict[str, np.ndarray], name: str, i: jax.Array) -> jax.Array:
 from sdjax.samplers import ddim as _ddim  # noqa: E402,F401  (registers ddim, ddpm)
 from sdjax.samplers import euler as _euler  # noqa: E402,F401  (registers euler)
 from sdjax.samplers import heun as _heun  # noqa: E402,F401  (registers heun)
-from sdjax.samplers import dpmpp as _dpmpp  # noqa: E402,F401  (registers dpmpp_2m)
+from sdjax.samplers import dpmpp as _dpmpp  # noqa: E402,F401  (registers dpmpp_2m, dpmpp_2m_sde)
+from sdjax.samplers import lms as _lms  # noqa: E402,F401  (registers lms)

@@ -15,17 +15,19 @@ def _tables(schedule: Schedule, num_steps: int) -> dict[str, np.ndarray]:
   return {"timesteps": timesteps, "prev": timesteps - schedule.num_train_timesteps // num_steps}
 
 
-def _alphas(schedule: Schedule, i, tables):
-  """(t, abar_t, abar_prev) for step i; prev = t - T // n, and `final` abar past the start."""
+def _alphas(schedule: Schedule, i, tables, final=None):
+  """(t, abar_t, abar_prev) for step i; prev = t - T // n, and `final` abar before t = 0
+  (DDIM: 1 if set_alpha_to_one else abar_0; DDPM: always 1)."""
   t = samplers.at(tables, "timesteps", i)
   prev = samplers.at(tables, "prev", i)
-  final = 1.0 if schedule.set_alpha_to_one else schedule.alphas_cumprod[0]
+  if final is None:
+    final = 1.0 if schedule.set_alpha_to_one else schedule.alphas_cumprod[0]
   abar = schedule.alphas_cumprod[t]
   abar_prev = jnp.where(prev >= 0, schedule.alphas_cumprod[jnp.maximum(prev, 0)], final)
   return t, abar, abar_prev
 
 
-def ddim_step(schedule, model_fn, carry, i, rng, tables, options):
+def ddim_step(schedule, model_fn, carry, i, z, tables, options):
   """Song et al. (2021), eq. 12, with sigma_t = eta * sqrt((1-a_prev)/(1-a_t) (1 - a_t/a_prev)).
 
   With `clip_sample`, x0 is clipped; as in diffusers, epsilon is re-derived from the clipped x0 only
@@ -45,14 +47,14 @@ def ddim_step(schedule, model_fn, carry, i, rng, tables, options):
   direction = jnp.sqrt(1.0 - abar_prev - std**2) * eps
   x_prev = jnp.sqrt(abar_prev) * x0 + direction
   if eta:
-    x_prev = x_prev + std * jax.random.normal(rng, x.shape, x.dtype)
+    x_prev = x_prev + std * z
   return {"x": x_prev}
 
 
-def ddpm_step(schedule, model_fn, carry, i, rng, tables, options):
+def ddpm_step(schedule, model_fn, carry, i, z, tables, options):
   """Ho et al. (2020), eqs. 6-7: the posterior q(x_prev | x_t, x0) with x0 predicted."""
   x = carry["x"]
-  t, abar, abar_prev = _alphas(schedule, i, tables)
+  t, abar, abar_prev = _alphas(schedule, i, tables, final=1.0)
   out = model_fn(x, t.astype(jnp.float32))
   x0, _ = schedules.predict_x0_and_eps(schedule.prediction_type, out, x, abar)
   if schedule.clip_sample:
@@ -61,13 +63,13 @@ def ddpm_step(schedule, model_fn, carry, i, rng, tables, options):
   beta = 1.0 - alpha
   mean = (jnp.sqrt(abar_prev) * beta / (1.0 - abar)) * x0 + (jnp.sqrt(alpha) * (1.0 - abar_prev) / (1.0 - abar)) * x
   variance = jnp.maximum((1.0 - abar_prev) / (1.0 - abar) * beta, 1e-20)
-  noise = jax.random.normal(rng, x.shape, x.dtype)
-  return {"x": mean + jnp.where(t > 0, jnp.sqrt(variance), 0.0) * noise}
+  return {"x": mean + jnp.where(t > 0, jnp.sqrt(variance), 0.0) * z}
 
 
 def _init(schedule, noise, tables):
   return {"x": noise}
 
 
-samplers.register("ddim", samplers.Sampler(_tables, _init, ddim_step, ("eta", "use_clipped_model_output")))
-samplers.register("ddpm", samplers.Sampler(_tables, _init, ddpm_step))
+samplers.register("ddim", samplers.Sampler(_tables, _init, ddim_step, ("eta", "use_clipped_model_output"),
+                                           stochastic=True))
+samplers.register("ddpm", samplers.Sampler(_tables, _init, ddpm_step, stochastic=True))

@@ -46,7 +46,7 @@ def _init(schedule, noise, tables):
   return {"x": noise, "prev_x0": jnp.zeros_like(noise)}
 
 
-def dpmpp_2m_step(schedule, model_fn, carry, i, rng, tables, options):
+def _step(schedule, model_fn, carry, i, z, tables, sde: bool):
   x, prev_x0 = carry["x"], carry["prev_x0"]
   n = tables["timesteps"].shape[0]
   sig_prev = samplers.at(tables, "sigmas", jnp.maximum(i - 1, 0))
@@ -65,9 +65,23 @@ def dpmpp_2m_step(schedule, model_fn, carry, i, rng, tables, options):
   h = lam_t - lam_s
   first_order = (i == 0) | (i == n - 1)
   r = (lam_s - lam_prev) / h
-  d = jnp.where(first_order, x0, x0 + 0.5 * (x0 - prev_x0) / r)  # D0 + D1 / 2, Lu et al. eq. (midpoint)
-  x_next = (sigma_t / sigma_s) * x - alpha_t * jnp.expm1(-h) * d
+  d = jnp.where(first_order, x0, x0 + 0.5 * (x0 - prev_x0) / r)  # D0 + D1 / 2 (midpoint)
+  if sde:
+    # SDE-DPM-Solver++(2M) (Lu et al. 2022, appendix; diffusers "sde-dpmsolver++", midpoint).
+    x_next = (sigma_t / sigma_s * jnp.exp(-h)) * x - alpha_t * jnp.expm1(-2.0 * h) * d \
+        + sigma_t * jnp.sqrt(-jnp.expm1(-2.0 * h)) * z
+  else:
+    x_next = (sigma_t / sigma_s) * x - alpha_t * jnp.expm1(-h) * d
   return {"x": x_next, "prev_x0": x0}
 
 
+def dpmpp_2m_step(schedule, model_fn, carry, i, z, tables, options):
+  return _step(schedule, model_fn, carry, i, z, tables, sde=False)
+
+
+def dpmpp_2m_sde_step(schedule, model_fn, carry, i, z, tables, options):
+  return _step(schedule, model_fn, carry, i, z, tables, sde=True)
+
+
 samplers.register("dpmpp_2m", samplers.Sampler(dpm_tables, _init, dpmpp_2m_step))
+samplers.register("dpmpp_2m_sde", samplers.Sampler(dpm_tables, _init, dpmpp_2m_sde_step, stochastic=True))

@@ -33,7 +33,7 @@ def denoised(schedule: Schedule, model_fn, x, sigma, t):
   return out
 
 
-def euler_step(schedule, model_fn, carry, i, rng, tables, options):
+def euler_step(schedule, model_fn, carry, i, z, tables, options):
   x = carry["x"]
   sigma, sigma_next = samplers.at(tables, "sigmas", i), samplers.at(tables, "sigmas", i + 1)
   x0 = denoised(schedule, model_fn, x, sigma, samplers.at(tables, "timesteps", i))
@@ -41,4 +41,17 @@ def euler_step(schedule, model_fn, carry, i, rng, tables, options):
   return {"x": x + d * (sigma_next - sigma)}
 
 
+def euler_ancestral_step(schedule, model_fn, carry, i, z, tables, options):
+  """Euler down to sigma_down, then fresh noise up to sigma_next (k-diffusion's `sample_euler_ancestral`)."""
+  x = carry["x"]
+  sigma, sigma_next = samplers.at(tables, "sigmas", i), samplers.at(tables, "sigmas", i + 1)
+  x0 = denoised(schedule, model_fn, x, sigma, samplers.at(tables, "timesteps", i))
+  sigma_up = jnp.sqrt(sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2)
+  sigma_down = jnp.sqrt(sigma_next**2 - sigma_up**2)
+  x = x + (x - x0) / sigma * (sigma_down - sigma)
+  return {"x": x + z * sigma_up}
+
+
 samplers.register("euler", samplers.Sampler(sigma_tables, init_sigma_scaled, euler_step))
+samplers.register("euler_a", samplers.Sampler(sigma_tables, init_sigma_scaled, euler_ancestral_step,
+                                              stochastic=True))

@@ -18,7 +18,7 @@ def _tables(schedule, num_steps):
   return t
 
 
-def heun_step(schedule, model_fn, carry, i, rng, tables, options):
+def heun_step(schedule, model_fn, carry, i, z, tables, options):
   x = carry["x"]
   sigma, sigma_next = samplers.at(tables, "sigmas", i), samplers.at(tables, "sigmas", i + 1)
   d = (x - denoised(schedule, model_fn, x, sigma, samplers.at(tables, "timesteps", i))) / sigma
