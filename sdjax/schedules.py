@@ -202,11 +202,11 @@ _DIFFUSERS_RESTRICTED = {
     "sigma_min": (None,), "sigma_max": (None,), "variance_type": (None, "fixed_small"),
     "algorithm_type": ("dpmsolver++", "sde-dpmsolver++"), "solver_order": (2,), "solver_type": ("midpoint",),
     "lower_order_final": (True,), "euler_at_final": (False,), "use_lu_lambdas": (False,),
-    "lambda_min_clipped": (-float("inf"),),
+    "lambda_min_clipped": (-float("inf"),), "skip_prk_steps": (True,),
 }
 # Fields with no effect on the samplers sdjax has (metadata, or parameters of disabled features).
 _DIFFUSERS_IGNORED = ("_class_name", "_diffusers_version", "dynamic_thresholding_ratio", "sample_max_value",
-                      "skip_prk_steps", "flow_shift")
+                      "flow_shift")
 _SAMPLER_OF_CLASS = {"DDIMScheduler": "ddim", "DDPMScheduler": "ddpm", "PNDMScheduler": "pndm",
                      "LMSDiscreteScheduler": "lms", "EulerDiscreteScheduler": "euler",
                      "EulerAncestralDiscreteScheduler": "euler_a", "HeunDiscreteScheduler": "heun",

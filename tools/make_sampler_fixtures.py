@@ -26,6 +26,8 @@ CASES = [  # (name, diffusers class, extra config[, step kwargs = sdjax options]
     ("ddpm", "DDPMScheduler", {}),
     ("euler_a", "EulerAncestralDiscreteScheduler", {}),
     ("lms", "LMSDiscreteScheduler", {}),
+    ("pndm", "PNDMScheduler", {"skip_prk_steps": True}),
+    ("pndm_trailing", "PNDMScheduler", {"skip_prk_steps": True, "timestep_spacing": "trailing"}),
     ("lms_karras", "LMSDiscreteScheduler", {"use_karras_sigmas": True}),
     ("dpmpp_2m_sde", "DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}),
     ("euler", "EulerDiscreteScheduler", {}),
@@ -63,7 +65,7 @@ def mixture_model(alphas_cumprod: np.ndarray, prediction_type: str):
 
 SAMPLER_OF = {"DDIMScheduler": "ddim", "DDPMScheduler": "ddpm", "EulerDiscreteScheduler": "euler",
               "EulerAncestralDiscreteScheduler": "euler_a", "HeunDiscreteScheduler": "heun",
-              "LMSDiscreteScheduler": "lms"}
+              "LMSDiscreteScheduler": "lms", "PNDMScheduler": "pndm"}
 
 
 def sampler_name(cls, config):

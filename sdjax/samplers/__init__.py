@@ -75,8 +75,9 @@ def sample(model_fn: ModelFn, noise: jax.Array, *, schedule: Schedule, sampler: 
       z = jax.random.normal(key, noise.shape, noise.dtype)
     return s.step(schedule, call_model, carry, i, z if s.stochastic else None, tables, options), None
 
-  keys = jax.random.split(rng, num_steps)
-  carry, _ = jax.lax.scan(body, carry, (jnp.arange(num_steps), keys, step_noise))
+  length = len(tables["timesteps"])  # scan steps; a sampler may evaluate the model more than once per step
+  keys = jax.random.split(rng, length)
+  carry, _ = jax.lax.scan(body, carry, (jnp.arange(length), keys, step_noise))
   return carry["x"]
 
 
@@ -90,3 +91,4 @@ from sdjax.samplers import euler as _euler  # noqa: E402,F401  (registers euler)
 from sdjax.samplers import heun as _heun  # noqa: E402,F401  (registers heun)
 from sdjax.samplers import dpmpp as _dpmpp  # noqa: E402,F401  (registers dpmpp_2m, dpmpp_2m_sde)
 from sdjax.samplers import lms as _lms  # noqa: E402,F401  (registers lms)
+from sdjax.samplers import pndm as _pndm  # noqa: E402,F401  (registers pndm)

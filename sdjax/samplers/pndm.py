@@ -1,0 +1,70 @@
+"""PLMS: pseudo linear multistep (Liu et al. 2022, "Pseudo Numerical Methods for Diffusion Models"), as
+diffusers' PNDMScheduler with `skip_prk_steps=True` (Stable Diffusion's default scheduler).
+
+`num_steps` steps take num_steps + 1 model evaluations: the first step is a pseudo-Heun step (two
+evaluations), then Adams-Bashforth combinations of order 2, 3 and 4 of the epsilon history, each
+applied with the pseudo-numerical DDIM transfer (eq. 11 of the paper).
+"""
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+
+from sdjax import samplers
+from sdjax.schedules import Schedule
+
+
+def _tables(schedule: Schedule, num_steps: int) -> dict[str, np.ndarray]:
+  T = schedule.num_train_timesteps
+  if not 2 <= num_steps <= T:
+    raise ValueError(f"pndm needs num_steps in [2, {T}], got {num_steps}")
+  r = T // num_steps
+  if schedule.timestep_spacing == "leading":
+    ts = (np.arange(0, num_steps) * r).round().astype(np.int64) + schedule.steps_offset
+  elif schedule.timestep_spacing == "trailing":
+    ts = np.round(np.arange(T, 0, -T / num_steps))[::-1].astype(np.int64) - 1
+  else:
+    ts = np.linspace(0, T - 1, num_steps).round().astype(np.int64)
+  model_t = np.concatenate([ts[:-1], ts[-2:-1], ts[-1:]])[::-1]  # [t_{n-1}, t_{n-2}, t_{n-2}, ..., t_0]
+  t_from, t_to = model_t.copy(), model_t - r
+  t_from[1], t_to[1] = model_t[0], model_t[1]  # the pseudo-Heun correction redoes step 0
+  # Weights of [eps_new, eps_{-1}, eps_{-2}, eps_{-3}] (history excludes the correction's eps).
+  w = np.zeros((len(model_t), 4), np.float32)
+  w[0] = [1, 0, 0, 0]
+  w[1] = [0.5, 0.5, 0, 0]
+  if len(model_t) > 2:
+    w[2] = [1.5, -0.5, 0, 0]
+  if len(model_t) > 3:
+    w[3] = [23 / 12, -16 / 12, 5 / 12, 0]
+  w[4:] = [55 / 24, -59 / 24, 37 / 24, -9 / 24]
+  return {"timesteps": model_t.astype(np.float32), "t_from": t_from, "t_to": t_to, "weights": w}
+
+
+def _init(schedule, noise, tables):
+  return {"x": noise, "x_start": noise, "history": jnp.zeros((3,) + noise.shape, noise.dtype)}
+
+
+def pndm_step(schedule, model_fn, carry, i, z, tables, options):
+  x, history = carry["x"], carry["history"]
+  eps = model_fn(x, samplers.at(tables, "timesteps", i))
+  w = samplers.at(tables, "weights", i)
+  combined = w[0] * eps + jnp.tensordot(w[1:], history, axes=1)
+  # The correction (i == 1) restarts from the sample of step 0 and does not enter the history.
+  sample = jnp.where(i == 1, carry["x_start"], x)
+  history = jnp.where(i == 1, history, jnp.concatenate([eps[None], history[:-1]], axis=0))
+  ac = schedule.alphas_cumprod
+  t_from, t_to = samplers.at(tables, "t_from", i), samplers.at(tables, "t_to", i)
+  a_t = ac[t_from]
+  final = 1.0 if schedule.set_alpha_to_one else ac[0]
+  a_prev = jnp.where(t_to >= 0, ac[jnp.maximum(t_to, 0)], final)
+  if schedule.prediction_type == "v_prediction":
+    combined = jnp.sqrt(a_t) * combined + jnp.sqrt(1 - a_t) * sample
+  elif schedule.prediction_type != "epsilon":
+    raise ValueError("pndm supports prediction_type epsilon or v_prediction")
+  # Liu et al. (2022) eq. 11: the transfer from t to t_prev along the predicted noise.
+  denom = a_t * jnp.sqrt(1 - a_prev) + jnp.sqrt(a_t * (1 - a_t) * a_prev)
+  x_next = jnp.sqrt(a_prev / a_t) * sample - (a_prev - a_t) * combined / denom
+  return {"x": x_next, "x_start": jnp.where(i == 0, x, carry["x_start"]), "history": history}
+
+
+samplers.register("pndm", samplers.Sampler(_tables, _init, pndm_step))
