@@ -200,9 +200,10 @@ _DIFFUSERS_RESTRICTED = {
     "interpolation_type": ("linear",), "timestep_type": ("discrete",), "final_sigmas_type": ("zero",),
     "use_exponential_sigmas": (False,), "use_beta_sigmas": (False,), "use_flow_sigmas": (False,),
     "sigma_min": (None,), "sigma_max": (None,), "variance_type": (None, "fixed_small"),
-    "algorithm_type": ("dpmsolver++", "sde-dpmsolver++"), "solver_order": (2,), "solver_type": ("midpoint",),
+    "algorithm_type": ("dpmsolver++", "sde-dpmsolver++"), "solver_order": (2,), "solver_type": ("midpoint", "bh2"),
     "lower_order_final": (True,), "euler_at_final": (False,), "use_lu_lambdas": (False,),
-    "lambda_min_clipped": (-float("inf"),), "skip_prk_steps": (True,),
+    "lambda_min_clipped": (-float("inf"),), "skip_prk_steps": (True,), "predict_x0": (True,),
+    "disable_corrector": ([],), "solver_p": (None,), "use_dynamic_shifting": (False,),
 }
 # Fields with no effect on the samplers sdjax has (metadata, or parameters of disabled features).
 _DIFFUSERS_IGNORED = ("_class_name", "_diffusers_version", "dynamic_thresholding_ratio", "sample_max_value",

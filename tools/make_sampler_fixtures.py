@@ -30,6 +30,9 @@ CASES = [  # (name, diffusers class, extra config[, step kwargs = sdjax options]
     ("pndm_trailing", "PNDMScheduler", {"skip_prk_steps": True, "timestep_spacing": "trailing"}),
     ("lms_karras", "LMSDiscreteScheduler", {"use_karras_sigmas": True}),
     ("dpmpp_2m_sde", "DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}),
+    ("unipc", "UniPCMultistepScheduler", {}),
+    ("unipc_karras", "UniPCMultistepScheduler", {"use_karras_sigmas": True}),
+    ("unipc_linspace", "UniPCMultistepScheduler", {"timestep_spacing": "linspace"}),
     ("euler", "EulerDiscreteScheduler", {}),
     ("euler_karras", "EulerDiscreteScheduler", {"use_karras_sigmas": True}),
     ("euler_trailing", "EulerDiscreteScheduler", {"timestep_spacing": "trailing"}),
@@ -65,7 +68,7 @@ def mixture_model(alphas_cumprod: np.ndarray, prediction_type: str):
 
 SAMPLER_OF = {"DDIMScheduler": "ddim", "DDPMScheduler": "ddpm", "EulerDiscreteScheduler": "euler",
               "EulerAncestralDiscreteScheduler": "euler_a", "HeunDiscreteScheduler": "heun",
-              "LMSDiscreteScheduler": "lms", "PNDMScheduler": "pndm"}
+              "LMSDiscreteScheduler": "lms", "PNDMScheduler": "pndm", "UniPCMultistepScheduler": "unipc"}
 
 
 def sampler_name(cls, config):
