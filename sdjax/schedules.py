@@ -31,6 +31,7 @@ class Schedule:
   steps_offset: int = struct.field(pytree_node=False, default=0)
   timestep_spacing: str = struct.field(pytree_node=False, default="leading")
   use_karras_sigmas: bool = struct.field(pytree_node=False, default=False)
+  rescale_betas_zero_snr: bool = struct.field(pytree_node=False, default=False)
 
   @property
   def num_train_timesteps(self) -> int:
@@ -55,7 +56,7 @@ def make_schedule(beta_schedule: str = "linear", num_train_timesteps: int = 1000
                   beta_end: float = 0.02, prediction_type: str = "epsilon", clip_sample: bool = False,
                   clip_sample_range: float = 1.0, set_alpha_to_one: bool = True,
                   steps_offset: int = 0, timestep_spacing: str = "leading",
-                  use_karras_sigmas: bool = False) -> Schedule:
+                  use_karras_sigmas: bool = False, rescale_betas_zero_snr: bool = False) -> Schedule:
   if prediction_type not in PREDICTION_TYPES:
     raise ValueError(f"unknown prediction_type {prediction_type!r}; expected one of {PREDICTION_TYPES}")
   if timestep_spacing not in TIMESTEP_SPACINGS:
@@ -63,12 +64,34 @@ def make_schedule(beta_schedule: str = "linear", num_train_timesteps: int = 1000
   if num_train_timesteps < 2:
     raise ValueError(f"num_train_timesteps must be >= 2, got {num_train_timesteps}")
   betas = make_betas(beta_schedule, num_train_timesteps, beta_start, beta_end)
+  if rescale_betas_zero_snr:
+    betas = rescale_zero_terminal_snr(betas)
   alphas_cumprod = np.cumprod(1.0 - betas, dtype=np.float32)
   return Schedule(betas=jnp.asarray(betas), alphas_cumprod=jnp.asarray(alphas_cumprod),
                   prediction_type=prediction_type, clip_sample=clip_sample,
                   clip_sample_range=clip_sample_range, set_alpha_to_one=set_alpha_to_one,
                   steps_offset=steps_offset, timestep_spacing=timestep_spacing,
-                  use_karras_sigmas=bool(use_karras_sigmas))
+                  use_karras_sigmas=bool(use_karras_sigmas),
+                  rescale_betas_zero_snr=bool(rescale_betas_zero_snr))
+
+
+def rescale_zero_terminal_snr(betas: np.ndarray) -> np.ndarray:
+  """Lin et al. (2023), Algorithm 1: shift and scale sqrt(abar) so that abar_T = 0 and abar_0 is kept."""
+  abar_sqrt = np.sqrt(np.cumprod(1.0 - betas.astype(np.float32), dtype=np.float32))
+  first, last = abar_sqrt[0].copy(), abar_sqrt[-1].copy()
+  abar_sqrt = (abar_sqrt - last) * (first / (first - last))
+  abar = abar_sqrt**2
+  alphas = np.concatenate([abar[:1], abar[1:] / abar[:-1]])
+  return (1.0 - alphas).astype(np.float32)
+
+
+def sigma_alphas_cumprod(schedule: Schedule) -> np.ndarray:
+  """abar as sigma-space samplers use it: a zero terminal abar (zero-SNR schedules) becomes 2**-24 so
+  that the first sigma is finite, as in diffusers' Euler, Euler-ancestral, DPM-Solver and UniPC."""
+  abar = np.asarray(schedule.alphas_cumprod, np.float32).copy()
+  if abar[-1] == 0:
+    abar[-1] = 2.0**-24
+  return abar
 
 
 def from_config(cfg: Any) -> Schedule:
@@ -165,7 +188,7 @@ def sigma_timesteps(schedule: Schedule, num_steps: int) -> tuple[np.ndarray, np.
     timesteps = (np.arange(0, num_steps) * ratio).round()[::-1].astype(np.float32) + schedule.steps_offset
   else:
     timesteps = np.arange(T, 0, -T / num_steps).round().astype(np.float32) - 1
-  abar = np.asarray(schedule.alphas_cumprod, np.float32)
+  abar = sigma_alphas_cumprod(schedule)
   train_sigmas = ((1 - abar) / abar) ** np.float32(0.5)
   log_sigmas = np.log(train_sigmas)
   sigmas = np.interp(timesteps, np.arange(T), train_sigmas)
@@ -192,11 +215,11 @@ def _sigma_to_t(sigma: float, log_sigmas: np.ndarray) -> float:
 # diffusers scheduler-config fields sdjax reads into a Schedule.
 _DIFFUSERS_FIELDS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "prediction_type",
                      "clip_sample", "clip_sample_range", "set_alpha_to_one", "steps_offset", "timestep_spacing",
-                     "use_karras_sigmas")
+                     "use_karras_sigmas", "rescale_betas_zero_snr")
 # Fields accepted only at the values sdjax implements (anything else would silently diverge). Sampler
 # fields describe the algorithm: `sampler_from_diffusers_config` picks the matching sdjax sampler.
 _DIFFUSERS_RESTRICTED = {
-    "trained_betas": (None,), "thresholding": (False,), "rescale_betas_zero_snr": (False,),
+    "trained_betas": (None,), "thresholding": (False,),
     "interpolation_type": ("linear",), "timestep_type": ("discrete",), "final_sigmas_type": ("zero",),
     "use_exponential_sigmas": (False,), "use_beta_sigmas": (False,), "use_flow_sigmas": (False,),
     "sigma_min": (None,), "sigma_max": (None,), "variance_type": (None, "fixed_small"),

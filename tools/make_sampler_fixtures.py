@@ -20,6 +20,7 @@ import diffusers
 MIX = {"weights": [0.3, 0.7], "means": [-0.6, 0.5], "stds": [0.15, 0.3]}
 BASE = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
         "steps_offset": 1, "clip_sample": False, "set_alpha_to_one": False, "timestep_spacing": "leading"}
+ZSNR = {"rescale_betas_zero_snr": True, "timestep_spacing": "trailing"}
 CASES = [  # (name, diffusers class, extra config[, step kwargs = sdjax options])
     ("ddim", "DDIMScheduler", {}),
     ("ddim_eta1", "DDIMScheduler", {}, {"eta": 1.0}),
@@ -41,6 +42,11 @@ CASES = [  # (name, diffusers class, extra config[, step kwargs = sdjax options]
     ("dpmpp_2m", "DPMSolverMultistepScheduler", {}),
     ("dpmpp_2m_karras", "DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
     ("dpmpp_2m_trailing", "DPMSolverMultistepScheduler", {"timestep_spacing": "trailing"}),
+    # Zero terminal SNR (Lin et al. 2023): trailing spacing and v-prediction, as that paper prescribes.
+    ("ddim_zsnr", "DDIMScheduler", ZSNR),
+    ("euler_zsnr", "EulerDiscreteScheduler", ZSNR),
+    ("dpmpp_2m_zsnr", "DPMSolverMultistepScheduler", ZSNR),
+    ("unipc_zsnr", "UniPCMultistepScheduler", ZSNR),
 ]
 OUT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests", "fixtures", "samplers.npz")
 
@@ -84,7 +90,8 @@ def main():
   for name, cls, extra, *step_kwargs in CASES:
     step_kwargs = step_kwargs[0] if step_kwargs else {}
     module = importlib.import_module(getattr(diffusers, cls).__module__)
-    for prediction_type in ("epsilon", "v_prediction"):
+    zero_snr = extra.get("rescale_betas_zero_snr", False)  # epsilon is undefined at abar_T = 0
+    for prediction_type in ("v_prediction",) if zero_snr else ("epsilon", "v_prediction"):
       for steps in (10, 25):
         config = {**BASE, **extra, "prediction_type": prediction_type}
         sched = getattr(diffusers, cls).from_config(config)

@@ -22,7 +22,7 @@ def dpm_tables(schedule: Schedule, num_steps: int) -> dict[str, np.ndarray]:
     timesteps = (np.arange(0, num_steps + 1) * ratio).round()[::-1][:-1].astype(np.int64) + schedule.steps_offset
   else:
     timesteps = np.arange(T, 0, -T / num_steps).round().astype(np.int64) - 1
-  abar = np.asarray(schedule.alphas_cumprod, np.float32)
+  abar = schedules.sigma_alphas_cumprod(schedule)
   train_sigmas = ((1 - abar) / abar) ** np.float32(0.5)
   if schedule.use_karras_sigmas:
     rho = 7.0
