@@ -43,7 +43,12 @@ def mixture_model(schedule):
 def test_matches_diffusers(case):
   schedule = schedules.from_diffusers_config(case["config"])
   assert schedules.sampler_from_diffusers_config({**case["config"], "_class_name": case["class"]}) == case["sampler"]
-  steps = int(case["key"].split("/")[-1])
+  steps = case["steps"]
+  extra = {}
+  if case["mode"] == "img2img":
+    extra = {"init_image": jnp.asarray(FIXTURES["init_image"]), "strength": case["strength"]}
+  elif case["mode"] == "inpaint":
+    extra = {"init_image": jnp.asarray(FIXTURES["init_image"]), "inpaint_mask": jnp.asarray(FIXTURES["inpaint_mask"])}
   seen = []
   model = mixture_model(schedule)
 
@@ -54,7 +59,8 @@ def test_matches_diffusers(case):
   noise = jnp.asarray(FIXTURES["noise"])
   step_noise = FIXTURES.get(case["key"] + "/step_noise")  # the noise diffusers drew, for stochastic samplers
   out = jax.jit(lambda n, z: samplers.sample(model_fn, n, schedule=schedule, sampler=case["sampler"],
-                                             num_steps=steps, step_noise=z, **case["options"]))(noise, step_noise)
+                                             num_steps=steps, step_noise=z, **case["options"], **extra))(
+                                                 noise, step_noise)
   jax.effects_barrier()
   # Integer timesteps are exact. Fractional (Karras) ones come from log-sigma interpolation of a float32
   # schedule whose last ulps differ from torch's (torch.linspace / cumprod round differently): 2e-5.

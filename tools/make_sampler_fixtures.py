@@ -116,8 +116,60 @@ def main():
         arrays[key + "/final"] = x.numpy()
         if drawn:
           arrays[key + "/step_noise"] = np.stack([drawn.get(i, np.zeros_like(noise.numpy())) for i in range(steps)])
-        index.append({"key": key, "sampler": sampler_name(cls, config), "class": cls, "config": config,
-                      "options": step_kwargs, "model_evals": len(seen)})
+        index.append({"key": key, "mode": "sample", "sampler": sampler_name(cls, config), "class": cls,
+                      "config": config, "options": step_kwargs, "steps": steps, "strength": 1.0})
+  # img2img (strength 0.6) and inpainting (mask blending), epsilon, 25 steps.
+  init = torch.from_numpy(np.random.default_rng(0).uniform(-1, 1, noise.shape).astype(np.float32))
+  mask = torch.zeros_like(noise)
+  mask[:, :, 1:] = 1.0  # generate the right half, keep the left half
+  arrays["init_image"], arrays["inpaint_mask"] = init.numpy(), mask.numpy()
+  for mode, names in (("img2img", ("ddim", "ddpm", "euler", "euler_a", "heun", "lms", "dpmpp_2m", "dpmpp_2m_sde",
+                                   "unipc")),
+                      ("inpaint", ("ddim", "ddpm", "euler", "euler_a", "lms", "pndm", "dpmpp_2m", "unipc"))):
+    for name, cls, extra, *step_kwargs in CASES:
+      if name not in names:
+        continue
+      step_kwargs = step_kwargs[0] if step_kwargs else {}
+      module = importlib.import_module(getattr(diffusers, cls).__module__)
+      config = {**BASE, **extra, "prediction_type": "epsilon"}
+      sched = getattr(diffusers, cls).from_config(config)
+      steps, strength = 25, (0.6 if mode == "img2img" else 1.0)
+      sched.set_timesteps(steps)
+      model = mixture_model(sched.alphas_cumprod.numpy(), "epsilon")
+      start = max(steps - min(int(steps * strength), steps), 0)
+      timesteps = sched.timesteps[start * sched.order:]
+      if hasattr(sched, "set_begin_index"):
+        sched.set_begin_index(start * sched.order)
+      if mode == "img2img":
+        x = sched.add_noise(init, noise, timesteps[:1].repeat(noise.shape[0]))
+      else:
+        x = noise * sched.init_noise_sigma
+      seen, drawn = [], {}
+      gen = torch.Generator().manual_seed(1)
+
+      def recording_randn(shape, *args, **kwargs):
+        z = torch.randn(shape, generator=gen)
+        drawn[len(seen) - 1] = z.numpy()
+        return z
+
+      module.randn_tensor = recording_randn
+      for i, t in enumerate(timesteps):
+        seen.append(float(t))
+        out = model(sched.scale_model_input(x, t), float(t))
+        x = sched.step(out, t, x, **step_kwargs).prev_sample
+        if mode == "inpaint":  # StableDiffusionInpaintPipeline, 4-channel U-Net branch
+          known = init
+          if i < len(timesteps) - 1:
+            known = sched.add_noise(init, noise, timesteps[i + 1:i + 2])
+          x = (1 - mask) * known + mask * x
+      key = f"{mode}/{name}"
+      arrays[key + "/timesteps"] = np.array(seen, np.float32)
+      arrays[key + "/final"] = x.numpy()
+      if drawn:
+        arrays[key + "/step_noise"] = np.stack([drawn.get(i, np.zeros_like(noise.numpy()))
+                                                for i in range(len(timesteps))])
+      index.append({"key": key, "mode": mode, "sampler": sampler_name(cls, config), "class": cls,
+                    "config": config, "options": step_kwargs, "steps": steps, "strength": strength})
   arrays["index"] = np.array(json.dumps({"mixture": MIX, "cases": index,
                                          "diffusers": diffusers.__version__, "torch": torch.__version__}))
   np.savez_compressed(OUT, **arrays)

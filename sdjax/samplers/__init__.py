@@ -28,8 +28,12 @@ class Sampler:
   tables: Callable[[Schedule, int], dict[str, np.ndarray]]
   init: Callable[[Schedule, jax.Array, dict[str, np.ndarray]], dict[str, jax.Array]]
   step: Callable[..., dict[str, jax.Array]]
+  # noised(schedule, x0, noise, tables, i): data x0 noised to the level the sampler's x has before step
+  # i, in the sampler's own parameterisation (img2img start; inpainting blends).
+  noised: Callable[..., jax.Array]
   options: tuple[str, ...] = ()
   stochastic: bool = False
+  img2img: bool = True
 
 
 SAMPLERS: dict[str, Sampler] = {}
@@ -46,12 +50,22 @@ def get(name: str) -> Sampler:
 
 
 def sample(model_fn: ModelFn, noise: jax.Array, *, schedule: Schedule, sampler: str, num_steps: int,
-           rng: jax.Array | None = None, step_noise: jax.Array | None = None, **options: Any) -> jax.Array:
+           rng: jax.Array | None = None, step_noise: jax.Array | None = None, init_image: jax.Array | None = None,
+           strength: float = 1.0, inpaint_mask: jax.Array | None = None,
+           step_hook: Callable[[jax.Array, jax.Array], jax.Array] | None = None, **options: Any) -> jax.Array:
   """Run `sampler` for `num_steps` steps from standard-normal `noise` [B, ...].
 
   `model_fn(x, t)` gets t as float32 [B] in training-timestep units and returns the model output for
   `schedule.prediction_type`. Stochastic samplers draw each step's noise from `rng`, or take it from
-  `step_noise` [num_steps, B, ...] when given. Works under `jax.jit`.
+  `step_noise` [steps run, B, ...] when given. Works under `jax.jit`.
+
+  img2img: with `init_image` (data space, same shape as noise) and `strength` < 1, the first
+  num_steps - int(num_steps * strength) steps are skipped and sampling starts from `init_image` noised
+  to the first remaining step, as diffusers' img2img pipelines do.
+  Inpainting: with `init_image` and `inpaint_mask` (1 = generate, 0 = keep; broadcastable to noise),
+  after every step the kept region is replaced by `init_image` noised (with `noise`) to the next
+  step's level, and by `init_image` itself after the last step (diffusers' inpaint pipeline for
+  ordinary U-Nets). `step_hook(x, i) -> x` runs after every step for anything else.
   """
   s = get(sampler)
   unknown = sorted(set(options) - set(s.options))
@@ -60,22 +74,48 @@ def sample(model_fn: ModelFn, noise: jax.Array, *, schedule: Schedule, sampler: 
   tables = s.tables(schedule, num_steps)
   if rng is None:
     rng = jax.random.key(0)
+  if (strength != 1.0 or inpaint_mask is not None) and init_image is None:
+    raise ValueError("strength < 1 and inpaint_mask need init_image")
+  if init_image is not None and init_image.shape != noise.shape:
+    raise ValueError(f"init_image {init_image.shape} and noise {noise.shape} must have the same shape")
+  if not 0.0 < strength <= 1.0:
+    raise ValueError(f"strength must be in (0, 1], got {strength}")
+  if strength < 1.0:
+    if not s.img2img:
+      raise ValueError(f"sampler {sampler!r} does not support strength < 1")
+    start = num_steps - min(int(num_steps * strength), num_steps)
+    if start >= num_steps:
+      raise ValueError(f"strength={strength} leaves no steps out of {num_steps}")
+    tables = {k: v[start:] for k, v in tables.items()}
   carry = s.init(schedule, noise, tables)
+  if strength < 1.0:
+    carry["x"] = s.noised(schedule, init_image, noise, tables, 0)
+  length = len(tables["timesteps"])  # scan steps; a sampler may evaluate the model more than once per step
   batch = noise.shape[0]
+  if inpaint_mask is not None:
+    user_hook = step_hook
+
+    def step_hook(x, i):
+      known = s.noised(schedule, init_image, noise, tables, jnp.minimum(i + 1, length - 1))
+      known = jnp.where(i < length - 1, known, init_image)
+      x = (1 - inpaint_mask) * known + inpaint_mask * x
+      return x if user_hook is None else user_hook(x, i)
 
   def call_model(x, t):
     return model_fn(x, jnp.full((batch,), t, jnp.float32))
 
-  if step_noise is not None and step_noise.shape != (num_steps,) + noise.shape:
-    raise ValueError(f"step_noise must have shape {(num_steps,) + noise.shape}, got {step_noise.shape}")
+  if step_noise is not None and step_noise.shape != (length,) + noise.shape:
+    raise ValueError(f"step_noise must have shape {(length,) + noise.shape}, got {step_noise.shape}")
 
   def body(carry, inputs):
     i, key, z = inputs
     if s.stochastic and z is None:
       z = jax.random.normal(key, noise.shape, noise.dtype)
-    return s.step(schedule, call_model, carry, i, z if s.stochastic else None, tables, options), None
+    carry = s.step(schedule, call_model, carry, i, z if s.stochastic else None, tables, options)
+    if step_hook is not None:
+      carry = {**carry, "x": step_hook(carry["x"], i)}
+    return carry, None
 
-  length = len(tables["timesteps"])  # scan steps; a sampler may evaluate the model more than once per step
   keys = jax.random.split(rng, length)
   carry, _ = jax.lax.scan(body, carry, (jnp.arange(length), keys, step_noise))
   return carry["x"]
@@ -84,6 +124,24 @@ def sample(model_fn: ModelFn, noise: jax.Array, *, schedule: Schedule, sampler: 
 def at(tables: dict[str, np.ndarray], name: str, i: jax.Array) -> jax.Array:
   """tables[name][i] for a traced step index i."""
   return jnp.asarray(tables[name])[i]
+
+
+def noised_vp(schedule: Schedule, x0, noise, tables, i):
+  """sqrt(abar_t) x0 + sqrt(1 - abar_t) noise at t = timesteps[i] (discrete VP samplers)."""
+  abar = schedule.alphas_cumprod[at(tables, "timesteps", i).astype(jnp.int32)]
+  return jnp.sqrt(abar) * x0 + jnp.sqrt(1 - abar) * noise
+
+
+def noised_sigma(schedule: Schedule, x0, noise, tables, i):
+  """x0 + sigma_i noise (samplers that integrate in sigma space: euler, euler_a, heun, lms)."""
+  return x0 + at(tables, "sigmas", i) * noise
+
+
+def noised_vp_sigma(schedule: Schedule, x0, noise, tables, i):
+  """alpha x0 + sigma alpha noise with alpha = 1 / sqrt(sigma_i^2 + 1) (dpmpp_2m, unipc)."""
+  sigma = at(tables, "sigmas", i)
+  alpha = 1.0 / jnp.sqrt(sigma**2 + 1)
+  return alpha * x0 + sigma * alpha * noise
 
 
 from sdjax.samplers import ddim as _ddim  # noqa: E402,F401  (registers ddim, ddpm)

@@ -70,6 +70,6 @@ def _init(schedule, noise, tables):
   return {"x": noise}
 
 
-samplers.register("ddim", samplers.Sampler(_tables, _init, ddim_step, ("eta", "use_clipped_model_output"),
+samplers.register("ddim", samplers.Sampler(_tables, _init, ddim_step, samplers.noised_vp, ("eta", "use_clipped_model_output"),
                                            stochastic=True))
-samplers.register("ddpm", samplers.Sampler(_tables, _init, ddpm_step, stochastic=True))
+samplers.register("ddpm", samplers.Sampler(_tables, _init, ddpm_step, samplers.noised_vp, stochastic=True))

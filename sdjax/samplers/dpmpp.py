@@ -83,5 +83,5 @@ def dpmpp_2m_sde_step(schedule, model_fn, carry, i, z, tables, options):
   return _step(schedule, model_fn, carry, i, z, tables, sde=True)
 
 
-samplers.register("dpmpp_2m", samplers.Sampler(dpm_tables, _init, dpmpp_2m_step))
-samplers.register("dpmpp_2m_sde", samplers.Sampler(dpm_tables, _init, dpmpp_2m_sde_step, stochastic=True))
+samplers.register("dpmpp_2m", samplers.Sampler(dpm_tables, _init, dpmpp_2m_step, samplers.noised_vp_sigma))
+samplers.register("dpmpp_2m_sde", samplers.Sampler(dpm_tables, _init, dpmpp_2m_sde_step, samplers.noised_vp_sigma, stochastic=True))

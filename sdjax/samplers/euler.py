@@ -52,6 +52,6 @@ def euler_ancestral_step(schedule, model_fn, carry, i, z, tables, options):
   return {"x": x + z * sigma_up}
 
 
-samplers.register("euler", samplers.Sampler(sigma_tables, init_sigma_scaled, euler_step))
-samplers.register("euler_a", samplers.Sampler(sigma_tables, init_sigma_scaled, euler_ancestral_step,
+samplers.register("euler", samplers.Sampler(sigma_tables, init_sigma_scaled, euler_step, samplers.noised_sigma))
+samplers.register("euler_a", samplers.Sampler(sigma_tables, init_sigma_scaled, euler_ancestral_step, samplers.noised_sigma,
                                               stochastic=True))

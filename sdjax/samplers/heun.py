@@ -33,4 +33,4 @@ def heun_step(schedule, model_fn, carry, i, z, tables, options):
   return {"x": jax.lax.cond(last, lambda x_euler: x_euler, correct, x_euler)}
 
 
-samplers.register("heun", samplers.Sampler(_tables, init_sigma_scaled, heun_step))
+samplers.register("heun", samplers.Sampler(_tables, init_sigma_scaled, heun_step, samplers.noised_sigma))

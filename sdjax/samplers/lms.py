@@ -50,4 +50,4 @@ def lms_step(schedule, model_fn, carry, i, z, tables, options):
   return {"x": x + jnp.sum(c * history, axis=0), "history": history}
 
 
-samplers.register("lms", samplers.Sampler(_tables, _init, lms_step))
+samplers.register("lms", samplers.Sampler(_tables, _init, lms_step, samplers.noised_sigma))

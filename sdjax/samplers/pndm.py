@@ -67,4 +67,6 @@ def pndm_step(schedule, model_fn, carry, i, z, tables, options):
   return {"x": x_next, "x_start": jnp.where(i == 0, x, carry["x_start"]), "history": history}
 
 
-samplers.register("pndm", samplers.Sampler(_tables, _init, pndm_step))
+# img2img is refused: diffusers' PNDM run from a sliced timestep list restarts its pseudo-Heun warm-up
+# on mismatched timesteps, a behaviour not worth reproducing.
+samplers.register("pndm", samplers.Sampler(_tables, _init, pndm_step, samplers.noised_vp, img2img=False))

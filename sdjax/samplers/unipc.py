@@ -8,19 +8,9 @@ and drop to 1 on the last step. One model evaluation per step.
 from __future__ import annotations
 
 import jax.numpy as jnp
-import numpy as np
 
 from sdjax import samplers
 from sdjax.samplers.dpmpp import dpm_tables
-
-
-def _tables(schedule, num_steps):
-  t = dpm_tables(schedule, num_steps)
-  n = len(t["timesteps"])
-  order_p = np.array([min(2, n - k, k + 1) for k in range(n)], np.int32)
-  t["order_p"] = order_p
-  t["order_c"] = np.concatenate([[0], order_p[:-1]]).astype(np.int32)  # the corrector reuses last step's order
-  return t
 
 
 def _init(schedule, noise, tables):
@@ -69,7 +59,9 @@ def unipc_step(schedule, model_fn, carry, i, z, tables, options):
   rho0 = (b1 - b2) / (1 - rk)
   rho1 = b1 - rho0
   x_c2 = base - alpha_k * b_h * (rho0 * (m2 - m1) / rk + rho1 * (m - m1))
-  order_c = samplers.at(tables, "order_c", i)
+  n = tables["timesteps"].shape[0]
+  order = lambda k: jnp.minimum(jnp.minimum(2, n - k), k + 1)  # warm-up, and lower order on the last step
+  order_c = jnp.where(i == 0, 0, order(i - 1))  # the corrector reuses the previous step's order
   x = jnp.where(order_c == 0, x, jnp.where(order_c == 1, x_c1, x_c2))
 
   # UniP: predict x_{k+1} from m (and m1), rhos_p = 0.5 for order 2.
@@ -79,8 +71,8 @@ def unipc_step(schedule, model_fn, carry, i, z, tables, options):
   x_p1 = sigma_n / sigma_k * x - alpha_n * h_phi_1 * m
   rk = (lam_p - lam_k) / h
   x_p2 = x_p1 - alpha_n * b_h * 0.5 * (m1 - m) / rk
-  x_next = jnp.where(samplers.at(tables, "order_p", i) == 1, x_p1, x_p2)
+  x_next = jnp.where(order(i) == 1, x_p1, x_p2)
   return {"x": x_next, "last_x": x, "m1": m, "m2": m1}
 
 
-samplers.register("unipc", samplers.Sampler(_tables, _init, unipc_step))
+samplers.register("unipc", samplers.Sampler(dpm_tables, _init, unipc_step, samplers.noised_vp_sigma))
