@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from sdjax import samplers, schedules
+from sdjax.samplers import analytic
 
 FIXTURES = np.load(os.path.join(os.path.dirname(__file__), "fixtures", "samplers.npz"))
 INDEX = json.loads(str(FIXTURES["index"]))
@@ -18,25 +19,8 @@ MIX = INDEX["mixture"]
 
 
 def mixture_model(schedule):
-  w, mu, sd = (jnp.asarray(MIX[k], jnp.float32) for k in ("weights", "means", "stds"))
-  ac = schedule.alphas_cumprod
-  T = ac.shape[0]
-
-  def model_fn(x, t):
-    t = t.reshape((-1,) + (1,) * (x.ndim - 1))
-    lo = jnp.clip(jnp.floor(t).astype(jnp.int32), 0, T - 1)
-    hi = jnp.clip(lo + 1, 0, T - 1)
-    abar = ac[lo] + (t - lo) * (ac[hi] - ac[lo])  # linear interpolation, as the fixture's model
-    a, b = jnp.sqrt(abar), jnp.sqrt(1 - abar)
-    xs = x[..., None]
-    var = abar[..., None] * sd**2 + (1 - abar[..., None])
-    logp = jnp.log(w) - 0.5 * jnp.log(var) - 0.5 * (xs - a[..., None] * mu) ** 2 / var
-    r = jax.nn.softmax(logp, axis=-1)
-    x0 = jnp.sum(r * (mu + a[..., None] * sd**2 * (xs - a[..., None] * mu) / var), axis=-1)
-    eps = (x - a * x0) / b
-    return {"epsilon": eps, "v_prediction": a * eps - b * x0, "sample": x0}[schedule.prediction_type]
-
-  return model_fn
+  assert tuple(MIX["weights"]) == analytic.MIXTURE["weights"] and tuple(MIX["means"]) == analytic.MIXTURE["means"]
+  return analytic.mixture_model(schedule, MIX["weights"], MIX["means"], MIX["stds"], interpolation="linear")
 
 
 @pytest.mark.parametrize("case", INDEX["cases"], ids=lambda c: c["key"])

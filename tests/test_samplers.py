@@ -115,3 +115,68 @@ def test_classifier_free_guidance_is_one_batched_call_with_the_cfg_formula():
   out = classifier_free_guidance(lambda x, t, c: x * c[:, None] + jnp.arange(2.0), cond, uncond, 5.0, 1.0)(x, t)
   cond_out = x * cond[:, None] + jnp.arange(2.0)
   np.testing.assert_allclose(out.std(axis=1), cond_out.std(axis=1), rtol=1e-5)
+
+
+# Deterministic samplers, each on a spacing where its step count does not move the start or end of the
+# trajectory (so the 500-step run is the limit the coarser runs converge to), and the observed order.
+CONVERGENCE = [
+    ("ddim", {"timestep_spacing": "trailing"}, 1.6),
+    ("pndm", {"timestep_spacing": "trailing"}, 1.5),
+    ("euler", {"timestep_spacing": "linspace", "use_karras_sigmas": True}, 1.6),
+    ("heun", {"timestep_spacing": "linspace", "use_karras_sigmas": True}, 3.5),
+    ("lms", {"timestep_spacing": "linspace", "use_karras_sigmas": True}, 3.0),
+    ("dpmpp_2m", {"use_karras_sigmas": True}, 3.5),
+    ("unipc", {"use_karras_sigmas": True}, 3.5),
+]
+
+
+@pytest.mark.parametrize("name,spacing,min_ratio", CONVERGENCE, ids=[c[0] for c in CONVERGENCE])
+def test_error_falls_with_the_samplers_order(name, spacing, min_ratio):
+  """First-order samplers' error about halves when steps double; second-order ones' about quarters."""
+  from sdjax.samplers.analytic import mixture_model
+  s = schedules.make_schedule("scaled_linear", 1000, 0.00085, 0.012, **spacing)
+  model = mixture_model(s)
+  noise = jax.random.normal(jax.random.key(0), (256,))
+  run = lambda n: np.asarray(samplers.sample(model, noise, schedule=s, sampler=name, num_steps=n), np.float64)
+  ref = run(500)
+  errors = [np.sqrt(np.mean((run(n) - ref) ** 2)) for n in (10, 20, 40)]
+  ratios = [errors[0] / errors[1], errors[1] / errors[2]]
+  assert min(ratios) >= min_ratio, f"errors {errors}, ratios {ratios}"
+  if min_ratio < 3:
+    assert max(ratios) < 3.0, f"a first-order sampler converging faster than expected: {ratios}"
+
+
+@pytest.mark.parametrize("name", sorted(samplers.SAMPLERS))
+def test_every_sampler_traces_the_model_a_fixed_number_of_times(name):
+  s = schedules.make_schedule("linear", 1000)
+  counts = []
+  for steps in (4, 12):
+    traces = []
+
+    def model_fn(x, t):
+      traces.append(1)
+      return jnp.zeros_like(x)
+
+    jax.jit(lambda n: samplers.sample(model_fn, n, schedule=s, sampler=name, num_steps=steps,
+                                      rng=jax.random.key(0))).lower(jnp.ones((2, 3)))
+    counts.append(len(traces))
+  assert counts[0] == counts[1] <= 2, counts  # heun traces two calls (predictor, corrector); others one
+
+
+def test_img2img_and_inpainting_arguments_are_checked():
+  s = schedules.make_schedule("linear", 1000)
+  x = jnp.ones((2, 3))
+  with pytest.raises(ValueError, match="need init_image"):
+    samplers.sample(lambda x, t: x, x, schedule=s, sampler="ddim", num_steps=4, strength=0.5)
+  with pytest.raises(ValueError, match="leaves no steps"):
+    samplers.sample(lambda x, t: x, x, schedule=s, sampler="ddim", num_steps=4, strength=0.1, init_image=x)
+  with pytest.raises(ValueError, match="does not support strength"):
+    samplers.sample(lambda x, t: x, x, schedule=s, sampler="pndm", num_steps=4, strength=0.5, init_image=x)
+  with pytest.raises(ValueError, match="same shape"):
+    samplers.sample(lambda x, t: x, x, schedule=s, sampler="ddim", num_steps=4, init_image=jnp.ones((1, 3)),
+                    inpaint_mask=x)
+
+
+def test_every_registered_sampler_is_one_of_the_contract_names():
+  assert set(samplers.SAMPLERS) == {"ddpm", "ddim", "pndm", "lms", "euler", "euler_a", "heun", "dpmpp_2m",
+                                    "dpmpp_2m_sde", "unipc"}

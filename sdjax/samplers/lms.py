@@ -16,6 +16,8 @@ def lms_coefficients(sigmas: np.ndarray, order: int = ORDER) -> np.ndarray:
   """[n, order] coefficients; column k multiplies the derivative from k steps back (0 = current)."""
   s = sigmas.astype(np.float64)
   n = len(sigmas) - 1
+  if np.any(np.diff(s[:-1]) == 0):
+    raise ValueError("lms: the schedule repeats a sigma (too many steps for this timestep spacing)")
   coeffs = np.zeros((n, order))
   for i in range(n):
     m = min(i + 1, order)
