@@ -21,7 +21,11 @@ TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
 
 @struct.dataclass
 class Schedule:
-  """A discrete diffusion schedule. Arrays are float32 [T]; the rest is static (not traced)."""
+  """A discrete diffusion schedule. Arrays are float32 [T]; the rest is static (not traced).
+
+  A schedule can be passed into `jax.jit` as an argument: samplers build their step tables from
+  `host_alphas_cumprod`, a static (hashable) copy, so they never need the traced arrays' values.
+  """
   betas: jax.Array
   alphas_cumprod: jax.Array
   prediction_type: str = struct.field(pytree_node=False, default="epsilon")
@@ -32,6 +36,11 @@ class Schedule:
   timestep_spacing: str = struct.field(pytree_node=False, default="leading")
   use_karras_sigmas: bool = struct.field(pytree_node=False, default=False)
   rescale_betas_zero_snr: bool = struct.field(pytree_node=False, default=False)
+  host_alphas_cumprod: tuple[float, ...] = struct.field(pytree_node=False, default=())
+
+  def host_abar(self) -> np.ndarray:
+    """alphas_cumprod as float32 numpy, available even when the schedule is traced."""
+    return np.asarray(self.host_alphas_cumprod, np.float32)
 
   @property
   def num_train_timesteps(self) -> int:
@@ -72,7 +81,8 @@ def make_schedule(beta_schedule: str = "linear", num_train_timesteps: int = 1000
                   clip_sample_range=clip_sample_range, set_alpha_to_one=set_alpha_to_one,
                   steps_offset=steps_offset, timestep_spacing=timestep_spacing,
                   use_karras_sigmas=bool(use_karras_sigmas),
-                  rescale_betas_zero_snr=bool(rescale_betas_zero_snr))
+                  rescale_betas_zero_snr=bool(rescale_betas_zero_snr),
+                  host_alphas_cumprod=tuple(alphas_cumprod.tolist()))
 
 
 def rescale_zero_terminal_snr(betas: np.ndarray) -> np.ndarray:
@@ -88,7 +98,7 @@ def rescale_zero_terminal_snr(betas: np.ndarray) -> np.ndarray:
 def sigma_alphas_cumprod(schedule: Schedule) -> np.ndarray:
   """abar as sigma-space samplers use it: a zero terminal abar (zero-SNR schedules) becomes 2**-24 so
   that the first sigma is finite, as in diffusers' Euler, Euler-ancestral, DPM-Solver and UniPC."""
-  abar = np.asarray(schedule.alphas_cumprod, np.float32).copy()
+  abar = schedule.host_abar().copy()
   if abar[-1] == 0:
     abar[-1] = 2.0**-24
   return abar

@@ -157,8 +157,9 @@ def test_every_sampler_traces_the_model_a_fixed_number_of_times(name):
       traces.append(1)
       return jnp.zeros_like(x)
 
-    jax.jit(lambda n: samplers.sample(model_fn, n, schedule=s, sampler=name, num_steps=steps,
-                                      rng=jax.random.key(0))).lower(jnp.ones((2, 3)))
+    # The schedule goes in as a traced argument: samplers must not need its values at trace time.
+    jax.jit(lambda n, sched: samplers.sample(model_fn, n, schedule=sched, sampler=name, num_steps=steps,
+                                             rng=jax.random.key(0))).lower(jnp.ones((2, 3)), s)
     counts.append(len(traces))
   assert counts[0] == counts[1] <= 2, counts  # heun traces two calls (predictor, corrector); others one
 
@@ -180,3 +181,17 @@ def test_img2img_and_inpainting_arguments_are_checked():
 def test_every_registered_sampler_is_one_of_the_contract_names():
   assert set(samplers.SAMPLERS) == {"ddpm", "ddim", "pndm", "lms", "euler", "euler_a", "heun", "dpmpp_2m",
                                     "dpmpp_2m_sde", "unipc"}
+
+
+def test_zero_terminal_snr_is_refused_where_it_divides_by_zero():
+  zsnr = dict(rescale_betas_zero_snr=True, timestep_spacing="trailing")
+  s = schedules.make_schedule("scaled_linear", 1000, 0.00085, 0.012, **zsnr)
+  assert float(s.alphas_cumprod[-1]) == 0.0
+  with pytest.raises(ValueError, match="zero terminal SNR"):
+    samplers.sample(lambda x, t: x, jnp.ones((1, 1)), schedule=s, sampler="ddim", num_steps=4)
+  with pytest.raises(ValueError, match="zero terminal SNR"):
+    samplers.sample(lambda x, t: x, jnp.ones((1, 1)), schedule=s.replace(prediction_type="v_prediction"),
+                    sampler="pndm", num_steps=4)
+  out = samplers.sample(lambda x, t: jnp.zeros_like(x), jnp.ones((1, 1)),
+                        schedule=s.replace(prediction_type="v_prediction"), sampler="ddim", num_steps=4)
+  assert np.isfinite(np.asarray(out)).all()

@@ -10,8 +10,18 @@ from sdjax import samplers, schedules
 from sdjax.schedules import Schedule
 
 
+def check_terminal_snr(schedule: Schedule, timesteps: np.ndarray, sampler: str,
+                       allowed: tuple[str, ...] = ("v_prediction", "sample")) -> None:
+  """abar = 0 at the first timestep (zero terminal SNR) makes epsilon -> x0 a division by zero."""
+  if float(schedule.host_abar()[int(timesteps[0])]) == 0.0 and schedule.prediction_type not in allowed:
+    raise ValueError(f"{sampler}: the schedule has zero terminal SNR (abar = 0 at t = {int(timesteps[0])}); "
+                     f"prediction_type {schedule.prediction_type!r} is undefined there; use "
+                     f"{' or '.join(allowed) if allowed else 'another sampler (euler, dpmpp_2m, unipc)'}")
+
+
 def _tables(schedule: Schedule, num_steps: int) -> dict[str, np.ndarray]:
   timesteps = schedules.discrete_timesteps(schedule, num_steps)
+  check_terminal_snr(schedule, timesteps, "ddim/ddpm")
   return {"timesteps": timesteps, "prev": timesteps - schedule.num_train_timesteps // num_steps}
 
 

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sdjax import samplers
+from sdjax.samplers.ddim import check_terminal_snr
 from sdjax.schedules import Schedule
 
 
@@ -26,6 +27,7 @@ def _tables(schedule: Schedule, num_steps: int) -> dict[str, np.ndarray]:
   else:
     ts = np.linspace(0, T - 1, num_steps).round().astype(np.int64)
   model_t = np.concatenate([ts[:-1], ts[-2:-1], ts[-1:]])[::-1]  # [t_{n-1}, t_{n-2}, t_{n-2}, ..., t_0]
+  check_terminal_snr(schedule, model_t, "pndm", allowed=())  # its transfer divides by abar_t
   t_from, t_to = model_t.copy(), model_t - r
   t_from[1], t_to[1] = model_t[0], model_t[1]  # the pseudo-Heun correction redoes step 0
   # Weights of [eps_new, eps_{-1}, eps_{-2}, eps_{-3}] (history excludes the correction's eps).
