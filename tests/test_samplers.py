@@ -195,3 +195,19 @@ def test_zero_terminal_snr_is_refused_where_it_divides_by_zero():
   out = samplers.sample(lambda x, t: jnp.zeros_like(x), jnp.ones((1, 1)),
                         schedule=s.replace(prediction_type="v_prediction"), sampler="ddim", num_steps=4)
   assert np.isfinite(np.asarray(out)).all()
+
+
+@pytest.mark.parametrize("name", ["dpmpp_2m", "euler_a", "heun"])
+def test_sampling_a_batch_sharded_over_eight_devices_equals_one_device(name):
+  from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+  from sdjax.samplers.analytic import mixture_model
+  s = schedules.make_schedule("scaled_linear", 1000, 0.00085, 0.012, steps_offset=1)
+  model = mixture_model(s)
+  noise = jax.random.normal(jax.random.key(3), (16, 4, 4, 1))
+  fn = jax.jit(lambda z, r: samplers.sample(model, z, schedule=s, sampler=name, num_steps=8, rng=r))
+  ref = fn(noise, jax.random.key(4))
+  mesh = Mesh(np.asarray(jax.devices()), ("data",))
+  sharded = jax.device_put(noise, NamedSharding(mesh, P("data")))
+  out = fn(sharded, jax.random.key(4))
+  assert len(out.sharding.device_set) == 8
+  np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=1e-5, atol=1e-6)
