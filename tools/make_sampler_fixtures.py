@@ -83,6 +83,26 @@ def sampler_name(cls, config):
   return SAMPLER_OF[cls]
 
 
+def run_loop(sched, module, model, x, timesteps, step_kwargs, after_step=None):
+  """diffusers' denoising loop; records the timesteps seen and the noise each step draws (by step index)."""
+  seen, drawn = [], {}
+  gen = torch.Generator().manual_seed(1)
+
+  def recording_randn(shape, *args, **kwargs):
+    z = torch.randn(shape, generator=gen)
+    drawn[len(seen) - 1] = z.numpy()
+    return z
+
+  module.randn_tensor = recording_randn
+  for i, t in enumerate(timesteps):
+    seen.append(float(t))
+    out = model(sched.scale_model_input(x, t), float(t))
+    x = sched.step(out, t, x, **step_kwargs).prev_sample
+    if after_step is not None:
+      x = after_step(i, x)
+  return seen, drawn, x
+
+
 def main():
   noise = torch.randn((16, 2, 2, 1), generator=torch.Generator().manual_seed(0))
   arrays = {"noise": noise.numpy()}
@@ -98,19 +118,7 @@ def main():
         sched.set_timesteps(steps)
         model = mixture_model(sched.alphas_cumprod.numpy(), prediction_type)
         x = noise * sched.init_noise_sigma
-        seen, drawn = [], {}
-        gen = torch.Generator().manual_seed(1)
-
-        def recording_randn(shape, *args, **kwargs):
-          z = torch.randn(shape, generator=gen)
-          drawn[len(seen) - 1] = z.numpy()
-          return z
-
-        module.randn_tensor = recording_randn
-        for t in sched.timesteps:
-          seen.append(float(t))
-          out = model(sched.scale_model_input(x, t), float(t))
-          x = sched.step(out, t, x, **step_kwargs).prev_sample
+        seen, drawn, x = run_loop(sched, module, model, x, sched.timesteps, step_kwargs)
         key = f"{name}/{prediction_type}/{steps}"
         arrays[key + "/timesteps"] = np.array(seen, np.float32)
         arrays[key + "/final"] = x.numpy()
@@ -144,24 +152,14 @@ def main():
         x = sched.add_noise(init, noise, timesteps[:1].repeat(noise.shape[0]))
       else:
         x = noise * sched.init_noise_sigma
-      seen, drawn = [], {}
-      gen = torch.Generator().manual_seed(1)
+      def blend(i, x):  # StableDiffusionInpaintPipeline, 4-channel U-Net branch
+        known = init
+        if i < len(timesteps) - 1:
+          known = sched.add_noise(init, noise, timesteps[i + 1:i + 2])
+        return (1 - mask) * known + mask * x
 
-      def recording_randn(shape, *args, **kwargs):
-        z = torch.randn(shape, generator=gen)
-        drawn[len(seen) - 1] = z.numpy()
-        return z
-
-      module.randn_tensor = recording_randn
-      for i, t in enumerate(timesteps):
-        seen.append(float(t))
-        out = model(sched.scale_model_input(x, t), float(t))
-        x = sched.step(out, t, x, **step_kwargs).prev_sample
-        if mode == "inpaint":  # StableDiffusionInpaintPipeline, 4-channel U-Net branch
-          known = init
-          if i < len(timesteps) - 1:
-            known = sched.add_noise(init, noise, timesteps[i + 1:i + 2])
-          x = (1 - mask) * known + mask * x
+      seen, drawn, x = run_loop(sched, module, model, x, timesteps, step_kwargs,
+                                after_step=blend if mode == "inpaint" else None)
       key = f"{mode}/{name}"
       arrays[key + "/timesteps"] = np.array(seen, np.float32)
       arrays[key + "/final"] = x.numpy()

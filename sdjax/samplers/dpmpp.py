@@ -36,10 +36,20 @@ def dpm_tables(schedule: Schedule, num_steps: int) -> dict[str, np.ndarray]:
   return {"timesteps": timesteps.astype(np.float32), "sigmas": sigmas}
 
 
-def _alpha_sigma_lambda(sigma):
+def alpha_sigma_lambda(sigma):
+  """VP (alpha_t, sigma_t, lambda_t = log(alpha_t / sigma_t)) of the VE noise level sigma."""
   alpha = 1.0 / jnp.sqrt(sigma**2 + 1)
   s = sigma * alpha
   return alpha, s, jnp.log(alpha) - jnp.log(s)
+
+
+def data_prediction(prediction_type: str, out, x, alpha, sigma):
+  """The model's x0 prediction at x = alpha x0 + sigma eps, from its output of `prediction_type`."""
+  if prediction_type == "epsilon":
+    return (x - sigma * out) / alpha
+  if prediction_type == "v_prediction":
+    return alpha * x - sigma * out
+  return out
 
 
 def _init(schedule, noise, tables):
@@ -51,17 +61,12 @@ def _step(schedule, model_fn, carry, i, z, tables, sde: bool):
   n = tables["timesteps"].shape[0]
   sig_prev = samplers.at(tables, "sigmas", jnp.maximum(i - 1, 0))
   sig, sig_next = samplers.at(tables, "sigmas", i), samplers.at(tables, "sigmas", i + 1)
-  alpha_s, sigma_s, lam_s = _alpha_sigma_lambda(sig)
-  alpha_t, sigma_t, lam_t = _alpha_sigma_lambda(sig_next)
-  _, _, lam_prev = _alpha_sigma_lambda(sig_prev)
+  alpha_s, sigma_s, lam_s = alpha_sigma_lambda(sig)
+  alpha_t, sigma_t, lam_t = alpha_sigma_lambda(sig_next)
+  _, _, lam_prev = alpha_sigma_lambda(sig_prev)
   out = model_fn(x, samplers.at(tables, "timesteps", i))
   # Data prediction x0 (the "++" variant works with x0 rather than epsilon).
-  if schedule.prediction_type == "epsilon":
-    x0 = (x - sigma_s * out) / alpha_s
-  elif schedule.prediction_type == "v_prediction":
-    x0 = alpha_s * x - sigma_s * out
-  else:
-    x0 = out
+  x0 = data_prediction(schedule.prediction_type, out, x, alpha_s, sigma_s)
   h = lam_t - lam_s
   first_order = (i == 0) | (i == n - 1)
   r = (lam_s - lam_prev) / h

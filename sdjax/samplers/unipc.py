@@ -10,17 +10,13 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from sdjax import samplers
-from sdjax.samplers.dpmpp import dpm_tables
+from sdjax.samplers.dpmpp import alpha_sigma_lambda as _lam
+from sdjax.samplers.dpmpp import data_prediction, dpm_tables
 
 
 def _init(schedule, noise, tables):
   zeros = jnp.zeros_like(noise)
   return {"x": noise, "last_x": zeros, "m1": zeros, "m2": zeros}
-
-
-def _lam(sigma):
-  alpha = 1.0 / jnp.sqrt(sigma**2 + 1)
-  return alpha, sigma * alpha, jnp.log(alpha) - jnp.log(sigma * alpha)
 
 
 def _b(h):
@@ -40,12 +36,7 @@ def unipc_step(schedule, model_fn, carry, i, z, tables, options):
   sig = lambda k: samplers.at(tables, "sigmas", jnp.maximum(k, 0))
   alpha_k, sigma_k, lam_k = _lam(sig(i))
   out = model_fn(x, samplers.at(tables, "timesteps", i))
-  if schedule.prediction_type == "epsilon":
-    m = (x - sigma_k * out) / alpha_k
-  elif schedule.prediction_type == "v_prediction":
-    m = alpha_k * x - sigma_k * out
-  else:
-    m = out
+  m = data_prediction(schedule.prediction_type, out, x, alpha_k, sigma_k)
 
   # UniC: correct x_k (the predictor's output) with the new model output m; base point k - 1.
   _, sigma_p, lam_p = _lam(sig(i - 1))
