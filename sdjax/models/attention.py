@@ -48,7 +48,7 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: jax
   if implementation == "chunked":
     return _chunked(q, k, v, mask, is_causal, query_chunk, key_chunk)
   return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal,
-                                      implementation=None if implementation == "cudnn" else "xla")
+                                      implementation=implementation)
 
 
 def _default_implementation(q, k, mask) -> str:

@@ -139,6 +139,7 @@ class Attention(nn.Module):
   head_dim: int
   out_features: int
   dtype: Dtype = jnp.float32
+  implementation: str | None = None  # sdjax.models.attention implementation; None = automatic
 
   @nn.compact
   def __call__(self, x, context=None):
@@ -148,22 +149,31 @@ class Attention(nn.Module):
     k = dense(inner, use_bias=False, dtype=self.dtype, name="to_k")(context)
     v = dense(inner, use_bias=False, dtype=self.dtype, name="to_v")(context)
     split = lambda a: a.reshape(a.shape[0], a.shape[1], self.heads, self.head_dim)
-    out = dot_product_attention(split(q), split(k), split(v))
+    out = dot_product_attention(split(q), split(k), split(v), implementation=self.implementation)
     out = out.reshape(out.shape[0], out.shape[1], inner)
     return dense(self.out_features, dtype=self.dtype, name="to_out_0")(out)
 
 
+class GEGLU(nn.Module):
+  """proj (dim -> 2 * inner), then value * gelu(gate) (Shazeer, 2020; diffusers `GEGLU`)."""
+  inner: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    h, gate = jnp.split(dense(2 * self.inner, dtype=self.dtype, name="proj")(x), 2, axis=-1)
+    return h * nn.gelu(gate, approximate=False)
+
+
 class FeedForward(nn.Module):
-  """GEGLU feed-forward: net_0/proj (dim -> 2*inner, gelu gate), net_2 (inner -> dim)."""
+  """GEGLU feed-forward: net_0 (GEGLU, dim -> inner), net_2 (inner -> dim)."""
   dim: int
   mult: int = 4
   dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x):
-    inner = self.dim * self.mult
-    h, gate = jnp.split(dense(2 * inner, dtype=self.dtype, name="net_0_proj")(x), 2, axis=-1)
-    h = h * nn.gelu(gate, approximate=False)
+    h = GEGLU(self.dim * self.mult, dtype=self.dtype, name="net_0")(x)
     return dense(self.dim, dtype=self.dtype, name="net_2")(h)
 
 
@@ -174,10 +184,12 @@ class BasicTransformerBlock(nn.Module):
   head_dim: int
   cross_attention: bool = False
   dtype: Dtype = jnp.float32
+  attention_implementation: str | None = None
 
   @nn.compact
   def __call__(self, x, context=None):
-    attn = lambda name: Attention(self.heads, self.head_dim, self.dim, dtype=self.dtype, name=name)
+    attn = lambda name: Attention(self.heads, self.head_dim, self.dim, dtype=self.dtype,
+                                  implementation=self.attention_implementation, name=name)
     x = x + attn("attn1")(layer_norm(dtype=self.dtype, name="norm1")(x))
     if self.cross_attention:
       if context is None:
@@ -199,6 +211,7 @@ class Transformer2D(nn.Module):
   cross_attention: bool = False
   use_linear_projection: bool = False
   dtype: Dtype = jnp.float32
+  attention_implementation: str | None = None
 
   @nn.compact
   def __call__(self, x, context=None):
@@ -211,6 +224,7 @@ class Transformer2D(nn.Module):
       y = conv(inner, 1, dtype=self.dtype, name="proj_in")(y).reshape(b, h * w, inner)
     for i in range(self.depth):
       y = BasicTransformerBlock(inner, self.heads, self.head_dim, self.cross_attention, dtype=self.dtype,
+                                attention_implementation=self.attention_implementation,
                                 name=f"transformer_blocks_{i}")(y, context)
     if self.use_linear_projection:
       y = dense(c, dtype=self.dtype, name="proj_out")(y).reshape(b, h, w, c)

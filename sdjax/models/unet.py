@@ -19,6 +19,19 @@ DOWN_BLOCKS = ("DownBlock2D", "CrossAttnDownBlock2D")
 UP_BLOCKS = ("UpBlock2D", "CrossAttnUpBlock2D")
 
 
+# diffusers `UNet2DConditionModel` config fields that sdjax accepts only at these values (anything else
+# would silently change the network), and fields that are pure metadata.
+_FIXED = {"act_fn": "silu", "center_input_sample": False, "class_embed_type": None,
+          "class_embeddings_concat": False, "conv_in_kernel": 3, "conv_out_kernel": 3,
+          "cross_attention_norm": None, "downsample_padding": 1, "dual_cross_attention": False,
+          "encoder_hid_dim": None, "encoder_hid_dim_type": None, "mid_block_only_cross_attention": None,
+          "mid_block_scale_factor": 1, "only_cross_attention": False, "resnet_out_scale_factor": 1.0,
+          "resnet_skip_time_act": False, "resnet_time_scale_shift": "default", "time_cond_proj_dim": None,
+          "time_embedding_act_fn": None, "time_embedding_dim": None, "time_embedding_type": "positional",
+          "timestep_post_act": None, "attention_type": "default"}
+_METADATA = ("sample_size", "addition_embed_type_num_heads")
+
+
 @dataclasses.dataclass(frozen=True)
 class UNetConfig:
   """U-Net hyper-parameters, named as in diffusers' `UNet2DConditionModel` config."""
@@ -36,14 +49,22 @@ class UNetConfig:
   transformer_layers_per_block: int | tuple[int, ...] = 1
   cross_attention_dim: int | None = 768
   use_linear_projection: bool = False
+  # Softmax in float32. Every sdjax attention path computes logits and softmax in float32 anyway; the
+  # field is kept so diffusers configs round-trip.
+  upcast_attention: bool = False
   norm_num_groups: int = 32
   norm_eps: float = 1e-5
   flip_sin_to_cos: bool = True
   freq_shift: float = 0.0
   num_class_embeds: int | None = None
+  # SDXL: "text_time" adds an embedding of [pooled text embeds, sinusoidal(time_ids)] to the time embedding.
+  addition_embed_type: str | None = None
+  addition_time_embed_dim: int | None = None
+  projection_class_embeddings_input_dim: int | None = None
   dropout: float = 0.0
   dtype: str = "float32"  # compute dtype; params are always float32
   remat: bool = False     # rematerialise each block in the backward pass
+  attention_implementation: str | None = None  # see sdjax.models.attention; None = automatic
 
   def __post_init__(self):
     n = len(self.block_out_channels)
@@ -61,6 +82,20 @@ class UNetConfig:
       if c % self.norm_num_groups:
         raise ValueError(f"UNetConfig.block_out_channels: {c} is not divisible by norm_num_groups="
                          f"{self.norm_num_groups}")
+    for field in ("attention_head_dim", "num_attention_heads", "transformer_layers_per_block"):
+      value = getattr(self, field)
+      if isinstance(value, tuple) and len(value) != n:
+        raise ValueError(f"UNetConfig.{field} has {len(value)} entries, block_out_channels has {n}")
+    for c, h in zip(self.block_out_channels, self.heads):
+      if c % h:
+        raise ValueError(f"UNetConfig: {c} channels do not split into {h} attention heads")
+    if self.addition_embed_type not in (None, "text_time"):
+      raise ValueError(f"UNetConfig.addition_embed_type: {self.addition_embed_type!r} is not supported "
+                       "(None or 'text_time')")
+    if self.addition_embed_type == "text_time" and (self.addition_time_embed_dim is None
+                                                    or self.projection_class_embeddings_input_dim is None):
+      raise ValueError("UNetConfig: addition_embed_type='text_time' needs addition_time_embed_dim and "
+                       "projection_class_embeddings_input_dim")
 
   @classmethod
   def from_dict(cls, d: dict[str, Any]) -> "UNetConfig":
@@ -70,6 +105,47 @@ class UNetConfig:
       raise ValueError(f"UNetConfig: unknown field(s) {unknown}; known fields are {sorted(known)}")
     d = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
     return cls(**d)
+
+  @classmethod
+  def from_diffusers_config(cls, d: dict[str, Any], **overrides) -> "UNetConfig":
+    """From a diffusers `UNet2DConditionModel` config.json dict; `overrides` set sdjax-only fields
+    (dtype, remat, attention_implementation). Unsupported fields or values raise, naming them."""
+    d = {k: v for k, v in d.items() if not k.startswith("_") and k not in _METADATA}
+    for key, default in _FIXED.items():
+      value = d.pop(key, default)
+      if value != default and not (key == "mid_block_scale_factor" and float(value) == 1.0):
+        raise ValueError(f"UNet config: {key}={value!r} is not supported by sdjax (only {default!r})")
+    mid = d.pop("mid_block_type", "UNetMidBlock2DCrossAttn")
+    if mid != "UNetMidBlock2DCrossAttn":
+      raise ValueError(f"UNet config: mid_block_type={mid!r} is not supported (only 'UNetMidBlock2DCrossAttn')")
+    d["mid_block_attention"] = True
+    lpb = d.get("layers_per_block", 2)
+    if isinstance(lpb, (list, tuple)):
+      if len(set(lpb)) != 1:
+        raise ValueError(f"UNet config: per-block layers_per_block={lpb} is not supported")
+      d["layers_per_block"] = lpb[0]
+    if isinstance(d.get("cross_attention_dim"), (list, tuple)):
+      raise ValueError(f"UNet config: per-block cross_attention_dim={d['cross_attention_dim']} is not supported")
+    tlpb = d.get("transformer_layers_per_block", 1)
+    if any(isinstance(x, (list, tuple)) for x in (tlpb if isinstance(tlpb, (list, tuple)) else [])):
+      raise ValueError("UNet config: nested transformer_layers_per_block is not supported")
+    reverse = d.pop("reverse_transformer_layers_per_block", None)
+    if reverse is not None:
+      raise ValueError("UNet config: reverse_transformer_layers_per_block is not supported")
+    if d.get("class_embed_type") is None and d.get("num_class_embeds") is not None:
+      pass  # nn.Embedding class embedding, as diffusers
+    d.update(overrides)
+    return cls.from_dict(d)
+
+  def to_diffusers_config(self) -> dict[str, Any]:
+    """The diffusers `UNet2DConditionModel` config.json dict of this U-Net."""
+    d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+    for key in ("dtype", "remat", "attention_implementation", "mid_block_attention"):
+      d.pop(key)
+    if not self.mid_block_attention:
+      raise ValueError("a U-Net without mid-block attention has no diffusers equivalent")
+    d = {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+    return {"_class_name": "UNet2DConditionModel", **_FIXED, "mid_block_type": "UNetMidBlock2DCrossAttn", **d}
 
   def per_block(self, value) -> tuple:
     n = len(self.block_out_channels)
@@ -84,6 +160,24 @@ class UNetConfig:
     return 4 * self.block_out_channels[0]
 
 
+def init_args(config: UNetConfig, batch: int = 1, size: int | None = None) -> tuple:
+  """Small example inputs (x, t, context, class_labels, added_cond) to initialise a U-Net of `config`."""
+  size = size or 2 ** (len(config.block_out_channels) - 1)
+  x = jnp.zeros((batch, size, size, config.in_channels), jnp.float32)
+  t = jnp.zeros((batch,), jnp.float32)
+  context = None if config.cross_attention_dim is None else jnp.zeros((batch, 1, config.cross_attention_dim))
+  labels = None if config.num_class_embeds is None else jnp.zeros((batch,), jnp.int32)
+  added = None
+  if config.addition_embed_type == "text_time":
+    n_ids = 6
+    text = config.projection_class_embeddings_input_dim - n_ids * config.addition_time_embed_dim
+    if text <= 0:
+      raise ValueError("UNetConfig.projection_class_embeddings_input_dim is too small for 6 time ids of "
+                       f"addition_time_embed_dim={config.addition_time_embed_dim}")
+    added = {"text_embeds": jnp.zeros((batch, text)), "time_ids": jnp.zeros((batch, n_ids))}
+  return x, t, context, labels, added
+
+
 class UNet(nn.Module):
   """`apply({"params": p}, x, t, context=None, class_labels=None)` -> prediction, both [B, H, W, C].
 
@@ -93,19 +187,22 @@ class UNet(nn.Module):
   config: UNetConfig
 
   @nn.compact
-  def __call__(self, x, t, context=None, class_labels=None, train: bool = False):
+  def __call__(self, x, t, context=None, class_labels=None, added_cond=None, train: bool = False):
     cfg = self.config
     dtype = jnp.dtype(cfg.dtype)
     chans = cfg.block_out_channels
     if x.ndim != 4 or x.shape[-1] != cfg.in_channels:
       raise ValueError(f"UNet expects x of shape [B, H, W, {cfg.in_channels}], got {x.shape}")
     t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), (x.shape[0],))
-    if cfg.cross_attention_dim is not None and context is None:
-      raise ValueError("this UNet has cross_attention_dim set and needs a context [B, L, D]")
+    if cfg.cross_attention_dim is not None:
+      if context is None:
+        raise ValueError("this UNet has cross_attention_dim set and needs a context [B, L, D]")
+      if context.ndim != 3 or context.shape[-1] != cfg.cross_attention_dim:
+        raise ValueError(f"UNet expects context of shape [B, L, {cfg.cross_attention_dim}], got {context.shape}")
     if cfg.num_class_embeds is not None and class_labels is None:
       raise ValueError("this UNet is class-conditional (num_class_embeds) and needs class_labels [B]")
 
-    # Time (and class) embedding, [B, 4*C0].
+    # Time (and class, and SDXL text/size) embedding, [B, 4*C0].
     temb = layers.timestep_embedding(t, chans[0], flip_sin_to_cos=cfg.flip_sin_to_cos,
                                      freq_shift=cfg.freq_shift)
     emb = layers.TimestepEmbedding(cfg.time_embed_dim, dtype=dtype, name="time_embedding")(temb.astype(dtype))
@@ -113,6 +210,8 @@ class UNet(nn.Module):
       emb = emb + nn.Embed(cfg.num_class_embeds, cfg.time_embed_dim, dtype=dtype, name="class_embedding",
                            embedding_init=nn.with_logical_partitioning(
                                nn.initializers.normal(1.0), layers.EMBED_AXES))(class_labels)
+    if cfg.addition_embed_type == "text_time":
+      emb = emb + self._text_time_embedding(added_cond, x.shape[0], dtype)
     if context is not None:
       context = context.astype(dtype)
     deterministic = not train
@@ -137,6 +236,25 @@ class UNet(nn.Module):
     h = nn.silu(layers.group_norm(cfg.norm_num_groups, cfg.norm_eps, dtype=dtype, name="conv_norm_out")(h))
     h = layers.conv(cfg.out_channels, dtype=dtype, name="conv_out")(h)
     return h.astype(jnp.float32)
+
+  def _text_time_embedding(self, added_cond, batch, dtype):
+    """SDXL: add_embedding([text_embeds, sinusoidal(time_ids) flattened])."""
+    cfg = self.config
+    if not isinstance(added_cond, dict) or not {"text_embeds", "time_ids"} <= set(added_cond):
+      raise ValueError("this UNet (addition_embed_type='text_time', SDXL) needs "
+                       "added_cond={'text_embeds': [B, D], 'time_ids': [B, 6]}")
+    text, ids = jnp.asarray(added_cond["text_embeds"]), jnp.asarray(added_cond["time_ids"], jnp.float32)
+    if text.ndim != 2 or ids.ndim != 2 or text.shape[0] != batch or ids.shape[0] != batch:
+      raise ValueError(f"added_cond: text_embeds must be [B, D] and time_ids [B, N] with B={batch}, got "
+                       f"{text.shape} and {ids.shape}")
+    width = text.shape[1] + ids.shape[1] * cfg.addition_time_embed_dim
+    if width != cfg.projection_class_embeddings_input_dim:
+      raise ValueError(f"added_cond: text_embeds {text.shape} and time_ids {ids.shape} give {width} features; "
+                       f"projection_class_embeddings_input_dim is {cfg.projection_class_embeddings_input_dim}")
+    time_embeds = layers.timestep_embedding(ids.reshape(-1), cfg.addition_time_embed_dim,
+                                            flip_sin_to_cos=cfg.flip_sin_to_cos, freq_shift=cfg.freq_shift)
+    add = jnp.concatenate([text.astype(jnp.float32), time_embeds.reshape(batch, -1)], axis=-1)
+    return layers.TimestepEmbedding(cfg.time_embed_dim, dtype=dtype, name="add_embedding")(add.astype(dtype))
 
 
 class UNetBlock(nn.Module):
@@ -170,7 +288,8 @@ class UNetBlock(nn.Module):
         return x
       return layers.Transformer2D(heads, c // heads, depth, cfg.norm_num_groups,
                                   cfg.cross_attention_dim is not None, cfg.use_linear_projection,
-                                  dtype=dtype, name=f"attentions_{j}")(x, context)
+                                  dtype=dtype, attention_implementation=cfg.attention_implementation,
+                                  name=f"attentions_{j}")(x, context)
 
     outs = []
     if self.kind == "down":
