@@ -75,7 +75,7 @@ class UnmappedKeysError(ValueError):
 # --- detection ---------------------------------------------------------------------------------------
 
 def detect_model_type(keys: Iterable[str]) -> str:
-  """"sd1", "sd2" or "sdxl" from an LDM/SGM state dict's keys (or the state dict itself).
+  """The key layout, "sd1", "sd2" or "sdxl", of an LDM/SGM state dict (its keys or the dict itself).
 
   The weights do not say whether an SD 2.x model predicts epsilon (2.x-base, 512 px) or v (768 px): both
   give "sd2"; pick `default_configs("sd2")` or `default_configs("sd2_v")` accordingly.
@@ -182,16 +182,14 @@ def _openclip_block(suffix, a):
   return _renamed(_OPENCLIP_BLOCK)(suffix, a)
 
 
-# --- rules: LDM key prefix (ending in ".") or full key -> (component, diffusers prefix or key, handler) ---
-
-# (component, diffusers key prefix (or full key for an exact-key rule), handler), or IGNORE.
+# --- rules -------------------------------------------------------------------------------------------
+# A rule set maps LDM key prefixes (ending in ".") or full keys to (component, diffusers key prefix (or
+# full key), handler), or to IGNORE. A key takes the rule of its longest prefix with one.
 Rule = Union[tuple[str, str, Handler], _Ignore]
 
 
 def _check(config: Mapping[str, Any], where: str, field: str, allowed: tuple, default: Any = None) -> Any:
   value = config.get(field, default)
-  if isinstance(value, list):
-    value = tuple(value)
   if value not in allowed:
     raise ValueError(f"{where}.{field}={value!r} is not supported for single-file conversion "
                      f"(supported: {', '.join(map(repr, allowed))})")
@@ -412,8 +410,8 @@ def ldm_to_diffusers(state_dict: Mapping[str, np.ndarray], model_type: str | Non
     if keep is None and text_encoder_config is not None:
       keep = text_encoder_config.get("num_hidden_layers")
     if keep is None:
-      keep = blocks - 1
-    if not isinstance(keep, int) or not 0 < keep <= blocks:
+      keep = max(blocks - 1, 0)
+    if blocks and (not isinstance(keep, int) or not 0 < keep <= blocks):
       raise ValueError(f"text_encoder_layers={keep!r}: the checkpoint's OpenCLIP text model has {blocks} "
                        f"blocks ({OPENCLIP_SD2}transformer.resblocks.*); expected 1..{blocks}")
     rules.update(openclip_rules(OPENCLIP_SD2, "text_encoder", blocks, keep, projection=False))
