@@ -113,6 +113,13 @@ class CLIPTextConfig:
       kwargs.pop("layer_norm_eps", None)
     return cls(**kwargs)
 
+  def to_diffusers_config(self) -> dict[str, Any]:
+    """The transformers text-encoder config.json dict of this encoder."""
+    d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ("dtype", "with_projection")}
+    arch = "CLIPTextModelWithProjection" if self.with_projection else "CLIPTextModel"
+    return {"architectures": [arch], "model_type": "clip_text_model", "attention_dropout": 0.0,
+            "torch_dtype": "float32", **d}
+
 
 def init_args(config: CLIPTextConfig) -> tuple[jax.Array]:
   """Example inputs for `init`/`eval_shape`: one sequence of max_position_embeddings token ids."""

@@ -11,6 +11,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import linen as nn
 
 from sdjax.models.attention import dot_product_attention
@@ -121,16 +122,26 @@ class Downsample2D(nn.Module):
     return conv(self.out_channels, stride=2, dtype=self.dtype, name="conv")(x)
 
 
+def upsample_nearest(x: jax.Array, size: tuple[int, int] | None = None) -> jax.Array:
+  """Nearest-neighbour resize of [B, H, W, C] to `size` (default 2x) with PyTorch's `mode="nearest"`
+  rule, source index floor(i * in / out); for sizes that are not multiples (e.g. 3 -> 5) it differs
+  from half-pixel-centred resizing."""
+  _, h, w, _ = x.shape
+  size = size or (2 * h, 2 * w)
+  rows = (np.arange(size[0]) * h) // size[0]
+  cols = (np.arange(size[1]) * w) // size[1]
+  if size == (2 * h, 2 * w):
+    return jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+  return x[:, rows][:, :, cols]
+
+
 class Upsample2D(nn.Module):
   out_channels: int
   dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x, size: tuple[int, int] | None = None):
-    b, h, w, c = x.shape
-    size = size or (2 * h, 2 * w)
-    x = jax.image.resize(x, (b, size[0], size[1], c), method="nearest")
-    return conv(self.out_channels, dtype=self.dtype, name="conv")(x)
+    return conv(self.out_channels, dtype=self.dtype, name="conv")(upsample_nearest(x, size))
 
 
 class Attention(nn.Module):

@@ -1,0 +1,310 @@
+"""Diffusers-format folders and single-file checkpoints -> sdjax (module, params), and back.
+
+No torch: weights are read with sdjax.convert.safetensors_io. Pickled weights (`.bin`, `.ckpt`, `.pt`) are
+refused unless `allow_pickle=True`, which then needs torch and uses its `weights_only` loader.
+"""
+from __future__ import annotations
+
+import dataclasses
+import glob
+import hashlib
+import json
+import os
+from typing import Any, Callable, Mapping, NamedTuple
+
+import jax
+import numpy as np
+from flax import linen as nn
+
+from sdjax import schedules
+from sdjax.convert import safetensors_io, single_file, tree
+from sdjax.models import clip, unet, vae
+
+PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth")
+
+
+class Kind(NamedTuple):
+  """How to build one kind of component: config class, module class, example init args, weights file name,
+  a state-dict normaliser, and the diffusers/transformers class names it serves."""
+  config_cls: Any
+  module_cls: Any
+  init_args: Callable
+  weights_name: str
+  normalize: Callable[[dict], dict]
+  class_names: tuple[str, ...]
+
+
+KINDS = {
+    "unet": Kind(unet.UNetConfig, unet.UNet, unet.init_args, "diffusion_pytorch_model", dict,
+                 ("UNet2DConditionModel",)),
+    "vae": Kind(vae.VAEConfig, vae.AutoencoderKL, vae.init_args, "diffusion_pytorch_model", dict,
+                ("AutoencoderKL",)),
+    "text_encoder": Kind(clip.CLIPTextConfig, clip.CLIPTextModel, clip.init_args, "model",
+                         clip.normalize_state_dict, ("CLIPTextModel", "CLIPTextModelWithProjection")),
+}
+KIND_OF_CLASS = {name: kind for kind, k in KINDS.items() for name in k.class_names}
+TOKENIZER_CLASSES = ("CLIPTokenizer", "CLIPTokenizerFast")
+
+
+# --- reading weights ---------------------------------------------------------------------------------
+
+def weight_files(folder: str, weights_name: str, variant: str | None = None) -> list[str]:
+  """The safetensors file(s) of a component folder (single or sharded, optionally a variant like fp16)."""
+  stem = f"{weights_name}.{variant}" if variant else weights_name
+  single = os.path.join(folder, f"{stem}.safetensors")
+  if os.path.isfile(single):
+    return [single]
+  index = os.path.join(folder, f"{stem}.safetensors.index.json")
+  if os.path.isfile(index):
+    with open(index) as f:
+      shards = sorted(set(json.load(f)["weight_map"].values()))
+    missing = [s for s in shards if not os.path.isfile(os.path.join(folder, s))]
+    if missing:
+      raise FileNotFoundError(f"{index} lists shard(s) that are not in the folder: {missing}")
+    return [os.path.join(folder, s) for s in shards]
+  found = sorted(os.path.basename(p) for p in glob.glob(os.path.join(folder, "*")))
+  pickled = [p for p in found if p.endswith(PICKLE_SUFFIXES)]
+  hint = (f"; it has pickled weights {pickled}: convert them to safetensors, or pass allow_pickle=True "
+          "(needs torch; loaded with torch.load(weights_only=True))" if pickled else "")
+  raise FileNotFoundError(f"{folder}: no {stem}.safetensors (or sharded index) found; files: {found}{hint}")
+
+
+def read_state_dict(path: str, *, allow_pickle: bool = False) -> dict[str, np.ndarray]:
+  """A weights file (safetensors; pickled only with allow_pickle) as {key: numpy array}."""
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"no weights file at {path}")
+  if path.endswith(PICKLE_SUFFIXES):
+    if not allow_pickle:
+      raise ValueError(f"{path} is a pickled checkpoint, which can run arbitrary code when loaded; sdjax "
+                       "reads safetensors only. Convert it to .safetensors, or pass allow_pickle=True "
+                       "(needs torch; uses torch.load(weights_only=True))")
+    try:
+      import torch  # noqa: PLC0415 - optional, only for explicitly allowed pickles
+    except ImportError:
+      raise ImportError(f"loading the pickled checkpoint {path} needs torch (pip install torch)") from None
+    obj = torch.load(path, map_location="cpu", weights_only=True)
+    obj = obj.get("state_dict", obj) if isinstance(obj, dict) else obj
+    return {k: v.float().numpy() if v.dtype == torch.bfloat16 else v.numpy()
+            for k, v in obj.items() if isinstance(v, torch.Tensor)}
+  return safetensors_io.load(path)
+
+
+def _read_config(folder: str) -> dict[str, Any]:
+  path = os.path.join(folder, "config.json")
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"{folder}: not a diffusers component folder (no config.json)")
+  with open(path) as f:
+    return json.load(f)
+
+
+# --- components --------------------------------------------------------------------------------------
+
+def param_shapes(kind: str, config) -> dict:
+  """Parameter shapes (ShapeDtypeStructs) of a component, without allocating weights."""
+  k = KINDS[kind]
+  module = k.module_cls(config)
+  boxed = jax.eval_shape(lambda: module.init(jax.random.key(0), *k.init_args(config)))
+  return nn.meta.unbox(boxed)["params"]
+
+
+def config_from_dict(kind: str, d: Mapping[str, Any], **overrides):
+  config = KINDS[kind].config_cls.from_diffusers_config(dict(d))
+  return dataclasses.replace(config, **overrides) if overrides else config
+
+
+def load_state_dict(kind: str, config, state_dict: Mapping[str, np.ndarray], *, what: str = "") -> tuple:
+  """(module, params) of `kind` from a diffusers/transformers-layout state dict."""
+  k = KINDS[kind]
+  params = tree.to_flax(k.normalize(dict(state_dict)), param_shapes(kind, config), what=what or kind)
+  return k.module_cls(config), params
+
+
+def load_component(folder: str, kind: str | None = None, *, variant: str | None = None,
+                   allow_pickle: bool = False, **overrides) -> tuple:
+  """(module, params) from a diffusers component folder (config.json + safetensors weights).
+
+  `kind` ("unet", "vae", "text_encoder") is read from the config's class name when None; `overrides`
+  set sdjax-only config fields such as dtype="bfloat16" or remat=True.
+  """
+  d = _read_config(folder)
+  if kind is None:
+    cls_name = d.get("_class_name") or (d.get("architectures") or [None])[0]
+    if cls_name not in KIND_OF_CLASS:
+      raise ValueError(f"{folder}: component class {cls_name!r} is not supported; sdjax loads "
+                       f"{sorted(KIND_OF_CLASS)}")
+    kind = KIND_OF_CLASS[cls_name]
+  config = config_from_dict(kind, d, **overrides)
+  k = KINDS[kind]
+  try:
+    files = weight_files(folder, k.weights_name, variant)
+  except FileNotFoundError:
+    pickled = [p for p in sorted(glob.glob(os.path.join(folder, "*"))) if p.endswith(PICKLE_SUFFIXES)]
+    if not (allow_pickle and pickled):
+      raise
+    files = pickled[:1]
+  state = {}
+  for path in files:
+    state.update(read_state_dict(path, allow_pickle=allow_pickle))
+  return load_state_dict(kind, config, state, what=folder)
+
+
+def load_unet(path: str, **kwargs) -> tuple:
+  """(UNet, params) from a diffusers `UNet2DConditionModel` folder. Call as
+  `unet.apply({"params": p}, x_nhwc, t, context)` (SDXL: `added_cond={"text_embeds", "time_ids"}`)."""
+  return load_component(path, "unet", **kwargs)
+
+
+def load_vae(path: str, **kwargs) -> tuple:
+  """(AutoencoderKL, params) from a diffusers `AutoencoderKL` folder."""
+  return load_component(path, "vae", **kwargs)
+
+
+def load_text_encoder(path: str, **kwargs) -> tuple:
+  """(CLIPTextModel, params) from a transformers `CLIPTextModel[WithProjection]` folder; apply returns
+  `(last_hidden_state, pooled_output)`."""
+  return load_component(path, "text_encoder", **kwargs)
+
+
+# --- whole pipelines ---------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Pipeline:
+  """Every component of a Stable Diffusion checkpoint. `models[name] = (module, params)` for unet, vae,
+  text_encoder[_2]; `tokenizers[name]` (None where the source has none, e.g. a single file);
+  `scheduler_config` is the diffusers scheduler dict (`schedules.from_diffusers_config` reads it)."""
+  models: dict[str, tuple]
+  tokenizers: dict[str, Any]
+  scheduler_config: dict[str, Any]
+  model_type: str
+  source: str
+  skipped: list[str] = dataclasses.field(default_factory=list)
+
+  @property
+  def schedule(self):
+    return schedules.from_diffusers_config(self.scheduler_config)
+
+  @property
+  def sampler(self) -> str:
+    return schedules.sampler_from_diffusers_config(self.scheduler_config)
+
+
+def _guess_model_type(unet_config) -> str:
+  if unet_config.addition_embed_type == "text_time":
+    return "sdxl"
+  return "sd2" if unet_config.cross_attention_dim == 1024 else "sd1"
+
+
+def load_pipeline(path: str, *, variant: str | None = None, allow_pickle: bool = False, **overrides) -> Pipeline:
+  """A whole diffusers pipeline folder (`model_index.json`), or a single-file LDM checkpoint.
+
+  Components sdjax does not use (safety_checker, feature_extractor, image_encoder) are listed in
+  `skipped`. `overrides` (dtype, remat, ...) apply to the U-Net.
+  """
+  if os.path.isfile(path):
+    return load_single_file(path, allow_pickle=allow_pickle, **overrides)
+  index_path = os.path.join(path, "model_index.json")
+  if not os.path.isfile(index_path):
+    raise FileNotFoundError(f"{path}: not a diffusers pipeline folder (no model_index.json) and not a file")
+  with open(index_path) as f:
+    index = json.load(f)
+  models, tokenizers, skipped, scheduler_config = {}, {}, [], None
+  for name, spec in index.items():
+    if name.startswith("_") or not isinstance(spec, (list, tuple)) or len(spec) != 2:
+      continue
+    _, cls_name = spec
+    folder = os.path.join(path, name)
+    if cls_name is None:
+      continue
+    if cls_name in KIND_OF_CLASS:
+      kind = KIND_OF_CLASS[cls_name]
+      extra = overrides if kind == "unet" else {}
+      models[name] = load_component(folder, kind, variant=variant, allow_pickle=allow_pickle, **extra)
+    elif cls_name in TOKENIZER_CLASSES:
+      tokenizers[name] = clip.load_tokenizer(folder)
+    elif cls_name.endswith("Scheduler"):
+      with open(os.path.join(folder, "scheduler_config.json")) as f:
+        scheduler_config = {"_class_name": cls_name, **json.load(f)}
+    else:
+      skipped.append(f"{name} ({cls_name})")
+  for required in ("unet", "vae", "text_encoder"):
+    if required not in models:
+      raise ValueError(f"{path}: model_index.json has no loadable {required!r} component")
+  if scheduler_config is None:
+    raise ValueError(f"{path}: model_index.json has no scheduler")
+  return Pipeline(models, tokenizers, scheduler_config, _guess_model_type(models["unet"][0].config), path,
+                  skipped)
+
+
+def load_single_file(path: str, model_type: str | None = None, *, configs: Mapping[str, dict] | None = None,
+                     allow_pickle: bool = False, **overrides) -> Pipeline:
+  """A single-file SD 1.x / 2.x / SDXL checkpoint with the original LDM key names.
+
+  model_type: "sd1", "sd2" (epsilon, 512 px), "sd2_v" (v-prediction, 768 px) or "sdxl"; detected from the
+  keys when None (SD 2.x then means "sd2": pass "sd2_v" for the 768 px v-prediction model, which the keys
+  cannot tell apart). configs: {"unet", "vae", "text_encoder"[, "text_encoder_2"], "scheduler"} diffusers
+  config dicts to use instead of the reference release's (`single_file.default_configs`). The file
+  carries no tokenizer: `tokenizers` is empty (load one with `sdjax.models.clip.load_tokenizer`).
+  """
+  state = read_state_dict(path, allow_pickle=allow_pickle)
+  detected = single_file.detect_model_type(state)
+  model_type = model_type or detected
+  if single_file._LAYOUT.get(model_type) != detected:
+    raise ValueError(f"{path}: the keys are those of a {detected} checkpoint, not {model_type}")
+  configs = {**single_file.default_configs(model_type), **(configs or {})}
+  converted = single_file.ldm_to_diffusers(state, model_type, unet_config=configs["unet"],
+                                           vae_config=configs["vae"], text_encoder_config=configs["text_encoder"])
+  models = {}
+  for name, sd in converted.components.items():
+    kind = "text_encoder" if name.startswith("text_encoder") else name
+    config = config_from_dict(kind, configs[name], **(overrides if kind == "unet" else {}))
+    models[name] = load_state_dict(kind, config, sd, what=f"{path} ({name})")
+  return Pipeline(models, {}, dict(configs["scheduler"]), model_type, path, converted.ignored)
+
+
+# --- export ------------------------------------------------------------------------------------------
+
+def save_component(folder: str, kind: str, config, params, *, dtype: Any = None) -> None:
+  """Write a diffusers/transformers component folder (config.json + safetensors) that diffusers'
+  `from_pretrained` loads. `dtype` (e.g. np.float16) casts the weights; default: as they are (float32)."""
+  os.makedirs(folder, exist_ok=True)
+  state = tree.from_flax(params, dtype)
+  with open(os.path.join(folder, "config.json"), "w") as f:
+    json.dump(config.to_diffusers_config(), f, indent=2, sort_keys=True)
+  safetensors_io.save(os.path.join(folder, KINDS[kind].weights_name + ".safetensors"), state,
+                      {"format": "pt"})
+
+
+def save_pipeline(folder: str, pipeline: Pipeline, *, dtype: Any = None) -> None:
+  """Write `pipeline` as a diffusers folder: model_index.json, each model, tokenizers, scheduler."""
+  os.makedirs(folder, exist_ok=True)
+  sdxl = "text_encoder_2" in pipeline.models
+  index = {"_class_name": "StableDiffusionXLPipeline" if sdxl else "StableDiffusionPipeline"}
+  for name, (module, params) in pipeline.models.items():
+    kind = "text_encoder" if name.startswith("text_encoder") else name
+    save_component(os.path.join(folder, name), kind, module.config, params, dtype=dtype)
+    cls_name = module.config.to_diffusers_config().get("_class_name") or \
+        module.config.to_diffusers_config()["architectures"][0]
+    index[name] = ["transformers" if kind == "text_encoder" else "diffusers", cls_name]
+  for name, tok in pipeline.tokenizers.items():
+    if tok is not None:
+      tok.save_pretrained(os.path.join(folder, name))
+      index[name] = ["transformers", type(tok).__name__]
+  sched = dict(pipeline.scheduler_config)
+  cls_name = sched.pop("_class_name", "DDIMScheduler")
+  os.makedirs(os.path.join(folder, "scheduler"), exist_ok=True)
+  with open(os.path.join(folder, "scheduler", "scheduler_config.json"), "w") as f:
+    json.dump({"_class_name": cls_name, **sched}, f, indent=2, sort_keys=True)
+  index["scheduler"] = ["diffusers", cls_name]
+  if not sdxl:
+    index.update(safety_checker=[None, None], feature_extractor=[None, None])
+  with open(os.path.join(folder, "model_index.json"), "w") as f:
+    json.dump(index, f, indent=2)
+
+
+def params_hash(params) -> str:
+  """A short content hash of a parameter tree (model id in generation metadata)."""
+  h = hashlib.sha256()
+  for key, a in sorted(tree.from_flax(params).items()):
+    h.update(key.encode())
+    h.update(np.ascontiguousarray(a).tobytes())
+  return h.hexdigest()[:16]
