@@ -152,3 +152,85 @@ def test_tree_key_mapping():
   assert tree.torch_key(("time_embedding", "linear_1", "bias")) == "time_embedding.linear_1.bias"
   assert tree.torch_key(("text_model", "encoder", "layers_3", "layer_norm1", "scale")) == \
       "text_model.encoder.layers.3.layer_norm1.weight"
+
+
+SINGLE = os.path.join(FIXTURES, "single_file")
+COMPONENTS = {"sd1": ("unet", "vae", "text_encoder"), "sd2": ("unet", "vae", "text_encoder"),
+              "sdxl": ("unet", "vae", "text_encoder", "text_encoder_2")}
+
+
+def tiny_configs(model_type):
+  configs = {}
+  for c in COMPONENTS[model_type]:
+    with open(os.path.join(SINGLE, f"{model_type}.{c}.json")) as f:
+      configs[c] = json.load(f)
+  configs["scheduler"] = single_file.default_configs(model_type)["scheduler"]
+  return configs
+
+
+def make_pipeline_folder(root, model_type):
+  """A diffusers pipeline folder assembled from the (diffusers-verified) single-file fixture components."""
+  configs = tiny_configs(model_type)
+  index = {"_class_name": "StableDiffusionXLPipeline" if model_type == "sdxl" else "StableDiffusionPipeline",
+           "safety_checker": [None, None]}
+  for c in COMPONENTS[model_type]:
+    os.makedirs(os.path.join(root, c))
+    with open(os.path.join(root, c, "config.json"), "w") as f:
+      json.dump(configs[c], f)
+    name = "model" if c.startswith("text") else "diffusion_pytorch_model"
+    shutil.copy(os.path.join(SINGLE, f"{model_type}.{c}.safetensors"), os.path.join(root, c, f"{name}.safetensors"))
+    cls = configs[c].get("_class_name") or ("CLIPTextModelWithProjection" if c == "text_encoder_2" else "CLIPTextModel")
+    index[c] = ["transformers" if c.startswith("text") else "diffusers", cls]
+  for tok in ("tokenizer", "tokenizer_2") if model_type == "sdxl" else ("tokenizer",):
+    shutil.copytree(os.path.join(MODELS, "tokenizer"), os.path.join(root, tok))
+    index[tok] = ["transformers", "CLIPTokenizer"]
+  os.makedirs(os.path.join(root, "scheduler"))
+  sched = dict(configs["scheduler"])
+  with open(os.path.join(root, "scheduler", "scheduler_config.json"), "w") as f:
+    json.dump(sched, f)
+  index["scheduler"] = ["diffusers", sched["_class_name"]]
+  with open(os.path.join(root, "model_index.json"), "w") as f:
+    json.dump(index, f)
+  return configs
+
+
+@pytest.mark.parametrize("model_type", ["sd1", "sd2", "sdxl"])
+def test_single_file_and_pipeline_folder_load_the_same_weights(tmp_path, model_type):
+  folder = str(tmp_path / "pipe")
+  configs = make_pipeline_folder(folder, model_type)
+  from_folder = convert.load_pipeline(folder)
+  from_file = convert.load_single_file(os.path.join(SINGLE, f"{model_type}.safetensors"), configs=configs)
+  assert from_folder.model_type == from_file.model_type == model_type
+  assert from_folder.skipped == ["safety_checker (None)"] or from_folder.skipped == []
+  assert set(from_folder.models) == set(from_file.models) == set(COMPONENTS[model_type])
+  for name in COMPONENTS[model_type]:
+    assert from_folder.models[name][0].config == from_file.models[name][0].config
+    jax.tree.map(np.testing.assert_array_equal, from_folder.models[name][1], from_file.models[name][1])
+  assert set(from_folder.tokenizers) == ({"tokenizer", "tokenizer_2"} if model_type == "sdxl" else {"tokenizer"})
+  assert from_folder.sampler in ("ddim", "pndm", "euler", "ddpm")
+  from_folder.schedule  # the scheduler config parses
+
+  # Exported and re-imported: the same configs and weights.
+  out = str(tmp_path / "exported")
+  convert.save_pipeline(out, from_folder)
+  again = convert.load_pipeline(out)
+  for name in COMPONENTS[model_type]:
+    jax.tree.map(np.testing.assert_array_equal, from_folder.models[name][1], again.models[name][1])
+  assert again.scheduler_config == from_folder.scheduler_config
+
+
+def test_single_file_errors(tmp_path):
+  path = os.path.join(SINGLE, "sd1.safetensors")
+  with pytest.raises(ValueError, match="keys are those of a sd1 checkpoint, not sdxl"):
+    convert.load_single_file(path, "sdxl")
+  # The full-size default config does not fit the tiny weights: every mismatch is named.
+  with pytest.raises(convert.WeightMismatchError, match="wrong shape"):
+    convert.load_single_file(path)
+  configs = tiny_configs("sd1")
+  configs["unet"] = {**configs["unet"], "cross_attention_dim": 16}
+  with pytest.raises(convert.WeightMismatchError, match="attn2.to_k.weight: checkpoint"):
+    convert.load_single_file(path, configs=configs)
+  ckpt = str(tmp_path / "model.ckpt")
+  shutil.copy(path, ckpt)
+  with pytest.raises(ValueError, match="pickled checkpoint"):
+    convert.load_single_file(ckpt)

@@ -37,8 +37,8 @@ class Kind(NamedTuple):
 KINDS = {
     "unet": Kind(unet.UNetConfig, unet.UNet, unet.init_args, "diffusion_pytorch_model", dict,
                  ("UNet2DConditionModel",)),
-    "vae": Kind(vae.VAEConfig, vae.AutoencoderKL, vae.init_args, "diffusion_pytorch_model", dict,
-                ("AutoencoderKL",)),
+    "vae": Kind(vae.VAEConfig, vae.AutoencoderKL, vae.init_args, "diffusion_pytorch_model",
+                vae.normalize_state_dict, ("AutoencoderKL",)),
     "text_encoder": Kind(clip.CLIPTextConfig, clip.CLIPTextModel, clip.init_args, "model",
                          clip.normalize_state_dict, ("CLIPTextModel", "CLIPTextModelWithProjection")),
 }
@@ -188,10 +188,31 @@ class Pipeline:
     return schedules.sampler_from_diffusers_config(self.scheduler_config)
 
 
-def _guess_model_type(unet_config) -> str:
-  if unet_config.addition_embed_type == "text_time":
+def _guess_model_type(models) -> str:
+  if models["unet"][0].config.addition_embed_type == "text_time":
     return "sdxl"
-  return "sd2" if unet_config.cross_attention_dim == 1024 else "sd1"
+  # SD 2.x uses OpenCLIP ViT-H (gelu); SD 1.x OpenAI CLIP ViT-L (quick_gelu).
+  return "sd2" if models["text_encoder"][0].config.hidden_act == "gelu" else "sd1"
+
+
+def check_compatible(models: Mapping[str, tuple], where: str) -> None:
+  """The components of one pipeline fit together (text width, latent channels, SDXL pooled width)."""
+  ucfg = models["unet"][0].config
+  encoders = [models[n][0].config for n in ("text_encoder", "text_encoder_2") if n in models]
+  width = sum(c.hidden_size for c in encoders)
+  if ucfg.cross_attention_dim != width:
+    raise ValueError(f"{where}: the U-Net's cross_attention_dim is {ucfg.cross_attention_dim} but the text "
+                     f"encoder(s) give {width} features ({' + '.join(str(c.hidden_size) for c in encoders)})")
+  latent = models["vae"][0].config.latent_channels
+  if ucfg.in_channels not in (latent, 2 * latent + 1):  # 2 * latent + 1: the inpainting U-Net
+    raise ValueError(f"{where}: the U-Net takes {ucfg.in_channels} channels, the VAE has {latent} latent "
+                     f"channels (expected {latent}, or {2 * latent + 1} for inpainting)")
+  if ucfg.addition_embed_type == "text_time":
+    pooled = encoders[-1].projection_dim if encoders[-1].with_projection else encoders[-1].hidden_size
+    if pooled + 6 * ucfg.addition_time_embed_dim != ucfg.projection_class_embeddings_input_dim:
+      raise ValueError(f"{where}: the U-Net's projection_class_embeddings_input_dim "
+                       f"{ucfg.projection_class_embeddings_input_dim} != pooled text width {pooled} + "
+                       f"6 * addition_time_embed_dim {ucfg.addition_time_embed_dim}")
 
 
 def load_pipeline(path: str, *, variant: str | None = None, allow_pickle: bool = False, **overrides) -> Pipeline:
@@ -218,6 +239,8 @@ def load_pipeline(path: str, *, variant: str | None = None, allow_pickle: bool =
     if cls_name in KIND_OF_CLASS:
       kind = KIND_OF_CLASS[cls_name]
       extra = overrides if kind == "unet" else {}
+      if kind == "text_encoder":  # the class named in model_index.json decides the projection head
+        extra = {"with_projection": cls_name == "CLIPTextModelWithProjection"}
       models[name] = load_component(folder, kind, variant=variant, allow_pickle=allow_pickle, **extra)
     elif cls_name in TOKENIZER_CLASSES:
       tokenizers[name] = clip.load_tokenizer(folder)
@@ -231,7 +254,8 @@ def load_pipeline(path: str, *, variant: str | None = None, allow_pickle: bool =
       raise ValueError(f"{path}: model_index.json has no loadable {required!r} component")
   if scheduler_config is None:
     raise ValueError(f"{path}: model_index.json has no scheduler")
-  return Pipeline(models, tokenizers, scheduler_config, _guess_model_type(models["unet"][0].config), path,
+  check_compatible(models, path)
+  return Pipeline(models, tokenizers, scheduler_config, _guess_model_type(models), path,
                   skipped)
 
 
@@ -256,8 +280,12 @@ def load_single_file(path: str, model_type: str | None = None, *, configs: Mappi
   models = {}
   for name, sd in converted.components.items():
     kind = "text_encoder" if name.startswith("text_encoder") else name
-    config = config_from_dict(kind, configs[name], **(overrides if kind == "unet" else {}))
+    extra = overrides if kind == "unet" else {}
+    if kind == "text_encoder":  # SDXL's second encoder is CLIPTextModelWithProjection
+      extra = {"with_projection": name == "text_encoder_2"}
+    config = config_from_dict(kind, configs[name], **extra)
     models[name] = load_state_dict(kind, config, sd, what=f"{path} ({name})")
+  check_compatible(models, path)
   return Pipeline(models, {}, dict(configs["scheduler"]), model_type, path, converted.ignored)
 
 
