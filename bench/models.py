@@ -8,16 +8,17 @@ Cases: forward, and forward+backward (gradient of mean(output ** 2) w.r.t. all p
 
 - sdjax: `jax.jit(f).lower(...).compile()` is timed as the compile time; then one warm-up call and the
   median of `--runs` calls (`block_until_ready`). FLOPs per call come from XLA's `compiled.cost_analysis()`
-  (which counts a while/scan body once, so with --attention chunked the attention FLOPs are undercounted).
-  A case whose XLA temp + output buffers (`compiled.memory_analysis()`) exceed 90% of MemAvailable is
+  (it counts a while-loop body once, so where the compiled call has loops, i.e. chunked attention, the FLOPs
+  are those of the same call compiled with --attention xla, which does the same arithmetic without loops).
+  A case whose XLA temp + output buffers (`compiled.memory_analysis()`) plus 1 GiB exceed 90% of MemAvailable is
   reported as not fitting instead of being run.
 - torch: diffusers' `UNet2DConditionModel.from_config(same dict)` in float32, `torch.set_num_threads(cores)`,
   `torch.no_grad()` for the forward, `loss.backward()` for fwd+bwd (gradients set to None before each
   call); one warm-up call, then the median of `--runs` calls.
 - Both run the same random weights (torch's initialisation, converted with
   `sdjax.convert.diffusers.load_state_dict`) on the same inputs; the forward outputs and the losses are
-  compared (max |sdjax - torch| / max |torch|). Torch runs first and is freed before sdjax runs, so the
-  two never hold their weights, gradients and activations at the same time.
+  compared (max |sdjax - torch| / max |torch|). sdjax runs first and is freed before torch builds the
+  same seed-0 model again, so the two never hold their weights, gradients and activations at once.
 
 torch and diffusers are optional: without them (or with --no-torch) only sdjax is measured, on weights
 from `jax.jit(UNet(cfg).init)`. --quick swaps in a tiny U-Net (16x16 latents, 32-wide context) as a
@@ -25,6 +26,7 @@ smoke test that runs in seconds.
 """
 import argparse
 import ctypes
+import dataclasses
 import gc
 import os
 import platform
@@ -57,9 +59,10 @@ QUICK = {  # a tiny SD-1.x-shaped U-Net for the smoke test
 
 def median_time(fn, runs: int) -> tuple:
   """(median wall time of `runs` calls of fn() after one warm-up call, the last result); fn blocks."""
-  fn()
+  result = fn()
   times = []
   for _ in range(runs):
+    result = None  # drop the previous outputs (a full gradient tree for fwd+bwd) before the next call
     t0 = time.perf_counter()
     result = fn()
     times.append(time.perf_counter() - t0)
@@ -133,12 +136,23 @@ def import_torch():
   return torch, diffusers
 
 
-def run_torch(config: dict, cases, inputs, runs: int):
-  """Times every case in diffusers; returns ({case: s/call}, {case: output or loss}, numpy state dict)."""
+def torch_model(config: dict):
+  """diffusers' U-Net of `config` with the random weights of seed 0 (the same on every call)."""
   torch, diffusers = import_torch()
-  torch.set_num_threads(os.cpu_count())
   torch.manual_seed(0)
-  model = diffusers.UNet2DConditionModel.from_config(config).eval()
+  return diffusers.UNet2DConditionModel.from_config(config).eval()
+
+
+def torch_weights(config: dict) -> dict:
+  """The state dict of `torch_model(config)` as numpy arrays (views of the torch tensors)."""
+  return {k: v.detach().numpy() for k, v in torch_model(config).state_dict().items()}
+
+
+def run_torch(config: dict, cases, inputs, runs: int):
+  """Times every case in diffusers; returns ({case: s/call}, {case: output or loss})."""
+  torch, _ = import_torch()
+  torch.set_num_threads(os.cpu_count())
+  model = torch_model(config)
   n_params = sum(p.numel() for p in model.parameters())
   print(f"torch: {n_params / 1e6:.1f}M parameters, {torch.get_num_threads()} threads", flush=True)
   times, results = {}, {}
@@ -162,40 +176,46 @@ def run_torch(config: dict, cases, inputs, runs: int):
     release_memory()
     print(f"torch {mode} batch {batch}: {times[mode, batch]:.3f} s/call (peak RSS so far "
           f"{peak_rss_gib():.1f} GiB)", flush=True)
-  state_dict = {k: v.detach().numpy() for k, v in model.state_dict().items()}  # views of torch's tensors
-  return times, results, state_dict
+  return times, results
 
 
 # --- sdjax ---------------------------------------------------------------------------------------------
 
 def run_sdjax(cfg: unet_lib.UNetConfig, params, cases, inputs, runs: int):
   """Compiles and times every case; returns {case: (compile s, s/call or None, flops, output or loss, note)}."""
-  module = unet_lib.UNet(cfg)
+  def functions(cfg):
+    module = unet_lib.UNet(cfg)
 
-  def forward(p, x, t, context):
-    return module.apply({"params": p}, x, t, context)
+    def forward(p, x, t, context):
+      return module.apply({"params": p}, x, t, context)
 
-  def loss_and_grad(p, x, t, context):
-    return jax.value_and_grad(lambda q: jnp.mean(jnp.square(forward(q, x, t, context))))(p)
+    def loss_and_grad(p, x, t, context):
+      return jax.value_and_grad(lambda q: jnp.mean(jnp.square(forward(q, x, t, context))))(p)
+    return {"forward": forward, "fwd+bwd": loss_and_grad}
 
   out = {}
   for mode, batch in cases:
     x_nchw, context = inputs[batch]
     args = (params, jnp.asarray(x_nchw.transpose(0, 2, 3, 1)), jnp.full((batch,), float(TIMESTEP), jnp.float32),
             jnp.asarray(context))
-    fn = forward if mode == "forward" else loss_and_grad
     t0 = time.perf_counter()
-    compiled = jax.jit(fn).lower(*args).compile()
+    compiled = jax.jit(functions(cfg)[mode]).lower(*args).compile()
     compile_s = time.perf_counter() - t0
     flops = flops_of(compiled)
     note = ""
+    if " while(" in compiled.as_text():  # chunked attention: XLA counts loop bodies once; count the xla graph
+      xla_cfg = dataclasses.replace(cfg, attention_implementation="xla")
+      flops = flops_of(jax.jit(functions(xla_cfg)[mode]).lower(*args).compile())
+      note = "FLOPs counted with xla attention; "
     mem = compiled.memory_analysis()
     need = None if mem is None else mem.temp_size_in_bytes + mem.output_size_in_bytes
     avail = mem_available()
     if need is not None:
-      note = f"XLA temp+output {need / 2 ** 30:.1f} GiB"
-    if need is not None and avail is not None and need > 0.9 * avail:
-      out[mode, batch] = (compile_s, None, flops, None, f"does not fit: {note}, {avail / 2 ** 30:.1f} GiB available")
+      note += f"XLA temp+output {need / 2 ** 30:.1f} GiB"
+    # The parameters are resident already; leave a margin for the inputs, the runtime and other processes.
+    if need is not None and avail is not None and need + 2 ** 30 > 0.9 * avail:
+      why = f"does not fit: XLA temp+output {need / 2 ** 30:.1f} GiB, {avail / 2 ** 30:.1f} GiB available"
+      out[mode, batch] = (compile_s, None, flops, None, why)
       print(f"sdjax {mode} batch {batch}: skipped, {out[mode, batch][-1]}", flush=True)
       continue
     call = lambda: jax.block_until_ready(compiled(*args))
@@ -248,16 +268,20 @@ def main():
     init_args = unet_lib.init_args(cfg)
     params = nn.meta.unbox(jax.jit(unet_lib.UNet(cfg).init)(jax.random.key(0), *init_args))["params"]
   else:
-    torch_times, torch_results, state_dict = run_torch(config, cases, inputs, args.runs)
-    _, params = convert.load_state_dict("unet", cfg, state_dict)  # copies into sdjax's layout
-    del state_dict
-    release_memory()  # the torch model is gone now: its last references were the state-dict views
-    params = jax.device_put(params)
+    # torch's seed-0 weights in sdjax's layout (a copy); the torch model goes with the state-dict views
+    _, params = convert.load_state_dict("unet", cfg, torch_weights(config))
     release_memory()
+  params = jax.device_put(params)
+  release_memory()
   n_params = sum(a.size for a in jax.tree.leaves(params))
   print(f"sdjax: {n_params / 1e6:.1f}M parameters, attention implementation "
         f"{cfg.attention_implementation or 'automatic'}", flush=True)
+  # sdjax first, then torch, each with the process to itself: sdjax's fwd+bwd is the larger footprint.
   jax_out = run_sdjax(cfg, params, cases, inputs, args.runs)
+  del params
+  release_memory()
+  if not args.no_torch:
+    torch_times, torch_results = run_torch(config, cases, inputs, args.runs)
 
   print()
   if torch_results:
