@@ -3,20 +3,19 @@
 Fixtures: tools/make_unet_fixtures.py (diffusers 0.42 / torch 2.13, float32), tools/make_clip_fixtures.py,
 tools/make_vae_fixtures.py, tools/make_single_file_fixtures.py.
 """
+import dataclasses
 import json
 import os
 import shutil
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import linen as nn
 
 from sdjax import convert
 from sdjax.convert import safetensors_io, single_file, tree
 from sdjax.convert import diffusers as dconv
-from sdjax.models.unet import UNet, UNetConfig, init_args
+from sdjax.models.unet import UNet, UNetConfig
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
 MODELS = os.path.join(FIXTURES, "models")
@@ -47,7 +46,6 @@ def test_unet_matches_diffusers(name):
 def test_unet_chunked_attention_and_bf16_match():
   unet, params = convert.load_unet(os.path.join(MODELS, "unet_sd2"))
   ref = dict(np.load(os.path.join(MODELS, "unet_sd2", "reference.npz")))
-  import dataclasses
   chunked = UNet(dataclasses.replace(unet.config, attention_implementation="chunked"))
   assert rel_err(unet_outputs(chunked, params, ref), ref["out"]) < 1e-4
   bf16 = UNet(dataclasses.replace(unet.config, dtype="bfloat16"))

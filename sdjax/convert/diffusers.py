@@ -310,8 +310,8 @@ def save_pipeline(folder: str, pipeline: Pipeline, *, dtype: Any = None) -> None
   for name, (module, params) in pipeline.models.items():
     kind = "text_encoder" if name.startswith("text_encoder") else name
     save_component(os.path.join(folder, name), kind, module.config, params, dtype=dtype)
-    cls_name = module.config.to_diffusers_config().get("_class_name") or \
-        module.config.to_diffusers_config()["architectures"][0]
+    config = module.config.to_diffusers_config()
+    cls_name = config.get("_class_name") or config["architectures"][0]
     index[name] = ["transformers" if kind == "text_encoder" else "diffusers", cls_name]
   for name, tok in pipeline.tokenizers.items():
     if tok is not None:

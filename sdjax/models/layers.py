@@ -43,10 +43,13 @@ def dense(features: int, *, use_bias: bool = True, dtype: Dtype = jnp.float32, n
                   bias_init=_zeros(BIAS_AXES), name=name)
 
 
-def conv(features: int, kernel: int = 3, *, stride: int = 1, dtype: Dtype = jnp.float32,
+def conv(features: int, kernel: int = 3, *, stride: int = 1, padding: Any = None, dtype: Dtype = jnp.float32,
          name: str | None = None):
-  pad = kernel // 2
-  return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding=((pad, pad), (pad, pad)),
+  """Conv2d; `padding` defaults to kernel // 2 on every side (PyTorch's `padding=k // 2`)."""
+  if padding is None:
+    pad = kernel // 2
+    padding = ((pad, pad), (pad, pad))
+  return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding=padding,
                  dtype=dtype, kernel_init=_kernel(CONV_AXES), bias_init=_zeros(BIAS_AXES), name=name)
 
 
@@ -128,10 +131,10 @@ def upsample_nearest(x: jax.Array, size: tuple[int, int] | None = None) -> jax.A
   from half-pixel-centred resizing."""
   _, h, w, _ = x.shape
   size = size or (2 * h, 2 * w)
-  rows = (np.arange(size[0]) * h) // size[0]
-  cols = (np.arange(size[1]) * w) // size[1]
   if size == (2 * h, 2 * w):
     return jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+  rows = (np.arange(size[0]) * h) // size[0]
+  cols = (np.arange(size[1]) * w) // size[1]
   return x[:, rows][:, :, cols]
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
@@ -113,7 +112,7 @@ class UNetConfig:
     d = {k: v for k, v in d.items() if not k.startswith("_") and k not in _METADATA}
     for key, default in _FIXED.items():
       value = d.pop(key, default)
-      if value != default and not (key == "mid_block_scale_factor" and float(value) == 1.0):
+      if value != default:
         raise ValueError(f"UNet config: {key}={value!r} is not supported by sdjax (only {default!r})")
     mid = d.pop("mid_block_type", "UNetMidBlock2DCrossAttn")
     if mid != "UNetMidBlock2DCrossAttn":
@@ -127,13 +126,11 @@ class UNetConfig:
     if isinstance(d.get("cross_attention_dim"), (list, tuple)):
       raise ValueError(f"UNet config: per-block cross_attention_dim={d['cross_attention_dim']} is not supported")
     tlpb = d.get("transformer_layers_per_block", 1)
-    if any(isinstance(x, (list, tuple)) for x in (tlpb if isinstance(tlpb, (list, tuple)) else [])):
+    if isinstance(tlpb, (list, tuple)) and any(isinstance(x, (list, tuple)) for x in tlpb):
       raise ValueError("UNet config: nested transformer_layers_per_block is not supported")
     reverse = d.pop("reverse_transformer_layers_per_block", None)
     if reverse is not None:
       raise ValueError("UNet config: reverse_transformer_layers_per_block is not supported")
-    if d.get("class_embed_type") is None and d.get("num_class_embeds") is not None:
-      pass  # nn.Embedding class embedding, as diffusers
     d.update(overrides)
     return cls.from_dict(d)
 

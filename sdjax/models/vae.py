@@ -164,11 +164,7 @@ class Downsample(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    x = jnp.pad(x, ((0, 0), (0, 1), (0, 1), (0, 0)))
-    return nn.Conv(self.out_channels, (3, 3), strides=(2, 2), padding="VALID", dtype=self.dtype,
-                   kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), layers.CONV_AXES),
-                   bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), layers.BIAS_AXES),
-                   name="conv")(x)
+    return layers.conv(self.out_channels, stride=2, padding=((0, 1), (0, 1)), dtype=self.dtype, name="conv")(x)
 
 
 class SpatialAttention(nn.Module):
