@@ -9,23 +9,13 @@ first U-Net level at 512 px, 16384 at 1024 px). Error is max |out - xla_float32|
 from __future__ import annotations
 
 import argparse
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from models import median_time  # bench/models.py: median of timed calls after a warm-up
 
 from sdjax.models import attention
-
-
-def timed(fn, *args, runs=5):
-  jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(runs):
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - start)
-  return float(np.median(times))
 
 
 def main():
@@ -52,7 +42,8 @@ def main():
       args_ = tuple(a.astype(dtype) for a in (q, k, v))
       out = np.asarray(fn(*args_), np.float32)
       err = float(np.abs(out - ref).max() / np.abs(ref).max())
-      print(f"| {n} | {impl} | {1e3 * timed(fn, *args_, runs=args.runs):.2f} | {err:.1e} |")
+      seconds, _ = median_time(lambda: jax.block_until_ready(fn(*args_)), args.runs)
+      print(f"| {n} | {impl} | {1e3 * seconds:.2f} | {err:.1e} |")
 
 
 if __name__ == "__main__":
