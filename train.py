@@ -5,6 +5,10 @@
   python train.py --config configs/default.py --config.optim.lr=3e-4 --workdir runs/x
 
 Re-running with the same --workdir resumes from its latest checkpoint.
+
+Multi-host: on a Cloud TPU pod, SLURM or Open MPI job run the same command on every host. Elsewhere give
+each process --coordinator_address=HOST:PORT --num_processes=N --process_id=I (or $SDJAX_COORDINATOR_ADDRESS,
+$SDJAX_NUM_PROCESSES, $SDJAX_PROCESS_ID) and a --workdir that all hosts share.
 """
 import logging
 import os
@@ -20,6 +24,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 config_flags.DEFINE_config_file("config", os.path.join(HERE, "configs", "default.py"),
                                 "Config file (configs/NAME.py[:variant]).", lock_config=True)
 flags.DEFINE_string("workdir", None, "Output directory (default: runs/<config name>[_<variant>]).")
+flags.DEFINE_string("coordinator_address", None, "Multi-host: HOST:PORT of process 0's coordinator.")
+flags.DEFINE_integer("num_processes", None, "Multi-host: number of processes.")
+flags.DEFINE_integer("process_id", None, "Multi-host: this process's index in [0, num_processes).")
 FLAGS = flags.FLAGS
 
 
@@ -33,7 +40,12 @@ def main(argv):
   absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every save at INFO
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  from sdjax import parallel
   from sdjax.train.loop import train
+  try:
+    parallel.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+  except ValueError as e:
+    sys.exit(f"error: {e}")
   config_arg = FLAGS["config"].serialize().partition("=")[2] or "configs/default.py"
   workdir = FLAGS.workdir or default_workdir(config_arg)
   try:

@@ -42,9 +42,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.diffusion.beta_end = 0.02
   c.diffusion.prediction_type = "epsilon"
   c.diffusion.clip_sample = True
+  c.diffusion.rescale_betas_zero_snr = False  # zero terminal SNR (Lin et al. 2023)
+
+  # sdjax.train.losses.LossConfig: the target is the schedule's prediction_type (epsilon | v_prediction | sample).
+  c.loss = ml_collections.ConfigDict()
+  c.loss.weighting = "none"        # none | min_snr (Hang et al. 2023)
+  c.loss.snr_gamma = 5.0
+  c.loss.offset_noise = 0.0        # e.g. 0.1: learn global brightness shifts
 
   c.optim = ml_collections.ConfigDict()
-  c.optim.name = "adamw"
+  c.optim.name = "adamw"          # adamw | adafactor | lion
   c.optim.lr = 2e-3
   c.optim.schedule = "cosine"      # constant | cosine (after linear warmup)
   c.optim.warmup_steps = 100
@@ -53,12 +60,17 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.optim.b2 = 0.99
   c.optim.eps = 1e-8
   c.optim.weight_decay = 0.0
-  c.optim.grad_clip = 1.0
+  c.optim.grad_clip = 1.0          # global-norm clipping; 0: off
+  c.optim.adafactor_decay_rate = 0.8
+  c.optim.adafactor_factored = True
+  c.optim.adafactor_scale_by_param = False
 
   c.train = ml_collections.ConfigDict()
   c.train.batch_size = 64          # global batch, split over the mesh's data x fsdp axes
   c.train.num_steps = 1800          # ~13.5 minutes on a 2-core CPU
+  c.train.grad_accum_steps = 1     # micro-batches per step (same update, 1/k of the activation memory)
   c.train.ema_decay = 0.995
+  c.train.ema_warmup = True        # decay min(ema_decay, (1 + step) / (10 + step))
   c.train.cond_drop_prob = 0.1
   c.train.log_every = 50
   c.train.checkpoint_every = 600
@@ -75,6 +87,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.mesh.data = -1                 # -1: all remaining devices
   c.mesh.fsdp = 1
   c.mesh.tensor = 1
+  c.mesh.rules = ()                # (logical axis name, mesh axis) pairs, e.g. (("channels_out", "tensor"),)
+  c.mesh.fsdp_min_size = 1024      # with fsdp > 1, arrays with fewer elements stay replicated
 
   if arg == "tiny":
     c.model.block_out_channels = (8, 16)

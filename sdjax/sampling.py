@@ -12,7 +12,7 @@ import ml_collections
 import numpy as np
 from tqdm.auto import tqdm
 
-from sdjax import checkpoint, io
+from sdjax import checkpoint, io, parallel
 from sdjax.train.loop import Experiment, class_grid_labels
 
 
@@ -26,7 +26,11 @@ def load_run(workdir: str) -> tuple[Experiment, Any, int]:
                             f"train first: python train.py --workdir {workdir}")
   with open(config_path) as f:
     config = ml_collections.ConfigDict(json.load(f))
-  exp = Experiment(config)
+  try:
+    mesh = parallel.mesh_from_config(config.mesh)
+  except ValueError:  # trained on another device count: sample data-parallel on the devices here
+    mesh = parallel.make_mesh({"data": -1})
+  exp = Experiment(config, mesh)
   ckpt = checkpoint.Checkpointer(workdir, read_only=True)
   try:
     step = ckpt.latest_step()

@@ -2,12 +2,18 @@
 
 The global batch at step s is a pure function of (seed, s): epoch e = s // steps_per_epoch is a fresh
 permutation drawn from (seed, e), and the batch is its s-th slice (the remainder of each epoch is
-dropped). A resumed run therefore sees exactly the batches an uninterrupted run would, with nothing to
-checkpoint but the step. Each process takes its own contiguous slice of the global batch.
+dropped). A resumed run therefore sees exactly the batches an uninterrupted run would: its checkpointed
+state is the next step plus the parameters that fix the order, checked on restore. Each process takes its
+own contiguous slice of the global batch.
 """
 from __future__ import annotations
 
+import logging
+from typing import Any
+
 import numpy as np
+
+log = logging.getLogger("sdjax")
 
 
 class StepBatches:
@@ -39,3 +45,16 @@ class StepBatches:
   def batch(self, step: int) -> dict[str, np.ndarray]:
     idx = self.indices(step)
     return {k: v[idx] for k, v in self.arrays.items()}
+
+  def state(self, next_step: int) -> dict[str, Any]:
+    """The iterator's position for the checkpoint: everything that decides the batches from `next_step` on."""
+    return {"kind": "step_batches", "next_step": int(next_step), "seed": int(self.seed),
+            "global_batch_size": int(self.global_batch_size), "num_examples": int(self.num_examples)}
+
+  def check_state(self, saved: dict[str, Any] | None, next_step: int) -> None:
+    """Warn when a resumed run will not see the batches the saved run would have seen."""
+    if saved is None:
+      return
+    differs = {k: (saved.get(k), v) for k, v in self.state(next_step).items() if saved.get(k) != v}
+    if differs:
+      log.warning("resuming with a different data order than the checkpoint's (saved, now): %s", differs)

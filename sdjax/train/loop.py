@@ -21,6 +21,7 @@ from sdjax.data import StepBatches, load_bundled
 from sdjax.models import UNet, UNetConfig
 from sdjax.train import optim, state as state_lib
 from sdjax.train.metrics import MetricsWriter
+from sdjax.train.losses import LossConfig
 from sdjax.train.step import StepConfig, make_train_step
 
 log = logging.getLogger("sdjax")
@@ -50,30 +51,44 @@ class Experiment:
       raise ValueError(f"config.diffusion: {e}") from e
     samplers.get(config.sample.sampler)  # fail early on an unknown sampler name
     self.optimizer, self.lr_schedule = optim.make_optimizer(config.optim, int(config.train.num_steps))
+    self.step_config = step_config(config, self.num_classes if self.model_config.num_class_embeds else None)
     self.image_shape = (28, 28, self.model_config.in_channels)
-    self.mesh = mesh if mesh is not None else parallel.make_mesh(config.mesh.to_dict())
+    self.mesh = mesh if mesh is not None else parallel.mesh_from_config(config.mesh)
+    self.rules = parallel.rules_from_config(config.mesh)
 
-    batch_devices = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
-    if config.train.batch_size % batch_devices:
-      raise ValueError(f"config.train.batch_size={config.train.batch_size} is not divisible by the "
-                       f"{batch_devices} devices of the mesh's data x fsdp axes")
-
-    # Shapes first: the abstract state carries the logical axis names, from which shardings follow.
-    boxed = jax.eval_shape(self._init_boxed, jax.random.key(0))
-    self.state_shardings = parallel.logical_shardings(boxed, self.mesh, [])
-    self.abstract_state = checkpoint.abstract_with_shardings(nn.meta.unbox(boxed), self.state_shardings)
+    # Shapes first: shardings follow from the abstract params' logical axis names and shapes.
+    boxed_params = jax.eval_shape(self._init_params, jax.random.key(0))
+    abstract = jax.eval_shape(lambda p: state_lib.create(p, self.optimizer, 0), nn.meta.unbox(boxed_params))
+    self.state_shardings = parallel.state_shardings(abstract, boxed_params, self.mesh, self.rules,
+                                                    int(config.mesh.get("fsdp_min_size", parallel.FSDP_MIN_SIZE)))
+    self.abstract_state = checkpoint.abstract_with_shardings(abstract, self.state_shardings)
     self.batch_sharding = parallel.batch_sharding(self.mesh)
     self.replicated = parallel.replicated(self.mesh)
 
-  def _init_boxed(self, rng):
+  def _init_params(self, rng):
     x = jnp.zeros((1,) + self.image_shape, jnp.float32)
     labels = jnp.zeros((1,), jnp.int32) if self.model_config.num_class_embeds else None
-    params = self.model.init(rng, x, jnp.zeros((1,), jnp.float32), class_labels=labels)["params"]
-    return state_lib.create(params, self.optimizer, int(self.config.seed))
+    return self.model.init(rng, x, jnp.zeros((1,), jnp.float32), class_labels=labels)["params"]
 
   def init_state(self) -> state_lib.TrainState:
-    init = jax.jit(lambda rng: nn.meta.unbox(self._init_boxed(rng)), out_shardings=self.state_shardings)
+    init = jax.jit(lambda rng: state_lib.create(nn.meta.unbox(self._init_params(rng)), self.optimizer,
+                                                int(self.config.seed)),
+                   out_shardings=self.state_shardings)
     return init(jax.random.key(int(self.config.seed)))
+
+  def train_step(self, *, donate: bool = True):
+    """The jitted train step with explicit in/out shardings (state donated unless `donate=False`)."""
+    per_step = parallel.batch_devices(self.mesh) * self.step_config.grad_accum_steps
+    if self.config.train.batch_size % per_step:
+      raise ValueError(f"config.train.batch_size={self.config.train.batch_size} is not divisible by the "
+                       f"{parallel.batch_devices(self.mesh)} devices of the mesh's data x fsdp axes times "
+                       f"train.grad_accum_steps={self.step_config.grad_accum_steps}")
+    fn = make_train_step(
+        lambda p, x, t, y, rng: self.model.apply({"params": p}, x, t, class_labels=y, train=True,
+                                                 rngs={"dropout": rng}),
+        self.schedule, self.optimizer, self.step_config, self.lr_schedule)
+    return jax.jit(fn, in_shardings=(self.state_shardings, self.batch_sharding),
+                   out_shardings=(self.state_shardings, self.replicated), donate_argnums=(0,) if donate else ())
 
   def sample_fn(self, sampler: str, num_steps: int, guidance_scale: float):
     """jitted (params, labels [B], seed, indices [B]) -> images [B, H, W, C] in [-1, 1].
@@ -92,8 +107,22 @@ class Experiment:
     return jax.jit(fn)
 
   def labels_sharding(self, n: int):
-    batch_devices = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
-    return self.batch_sharding if n % batch_devices == 0 else self.replicated
+    return self.batch_sharding if n % parallel.batch_devices(self.mesh) == 0 else self.replicated
+
+
+def step_config(config: ml_collections.ConfigDict, null_class: int | None) -> StepConfig:
+  """The train step's options from config.train and config.loss (a missing loss section: defaults)."""
+  tc = config.train
+  loss = config.get("loss") or {}
+  try:
+    return StepConfig(
+        ema_decay=float(tc.ema_decay), ema_warmup=bool(tc.get("ema_warmup", True)),
+        grad_accum_steps=int(tc.get("grad_accum_steps", 1)),
+        loss=LossConfig(weighting=loss.get("weighting", "none"), snr_gamma=float(loss.get("snr_gamma", 5.0)),
+                        offset_noise=float(loss.get("offset_noise", 0.0)),
+                        cond_drop_prob=float(tc.cond_drop_prob), null_class=null_class))
+  except ValueError as e:
+    raise ValueError(f"config.train / config.loss: {e}") from e
 
 
 def class_grid_labels(num_classes: int, per_class: int) -> np.ndarray:
@@ -106,16 +135,26 @@ def _to_batch(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 
 class _StopFlag:
-  """Set by SIGTERM (preemption notice) so the loop checkpoints and exits after the current step."""
+  """Whether to checkpoint and exit after the current step because of a preemption notice (SIGTERM).
 
-  def __init__(self):
-    self.requested = False
+  One process: our own SIGTERM handler. Several: jax's preemption sync point (the coordination service
+  catches SIGTERM and all processes agree on the step), so every process saves the same step.
+  """
+
+  def __init__(self, ckpt: checkpoint.Checkpointer):
+    self._ckpt = ckpt
+    self._signalled = False
     self._previous = None
-    if threading.current_thread() is threading.main_thread():
+    if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
       self._previous = signal.signal(signal.SIGTERM, self._handle)
 
   def _handle(self, signum, frame):
-    self.requested = True
+    self._signalled = True
+
+  def requested(self, step: int) -> bool:
+    if jax.process_count() > 1:
+      return self._ckpt.reached_preemption(step)
+    return self._signalled
 
   def restore(self):
     if self._previous is not None:
@@ -149,17 +188,11 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     start = 0
   else:
     state = ckpt.restore(exp.abstract_state)
+    data.check_state(ckpt.restore_data_state(start), start)
     log.info("resumed from %s at step %d", ckpt.directory, start)
   metrics = MetricsWriter(workdir, active=lead, resume_step=start if start else None)
 
-  step_cfg = StepConfig(ema_decay=float(tc.ema_decay), cond_drop_prob=float(tc.cond_drop_prob),
-                        null_class=exp.num_classes if exp.model_config.num_class_embeds else None)
-  train_step = jax.jit(make_train_step(
-      lambda p, x, t, y, rng: exp.model.apply({"params": p}, x, t, class_labels=y, train=True,
-                                              rngs={"dropout": rng}),
-      exp.schedule, exp.optimizer, step_cfg, exp.lr_schedule),
-      in_shardings=(exp.state_shardings, exp.batch_sharding),
-      out_shardings=(exp.state_shardings, exp.replicated), donate_argnums=(0,))
+  train_step = exp.train_step()
 
   summary: dict[str, Any] = {"start_step": start, "num_devices": jax.device_count(),
                              "mesh": dict(exp.mesh.shape)}
@@ -192,7 +225,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                    "guidance_scale": config.sample.guidance_scale})
       metrics.image("samples", step, grid)
 
-  stop = _StopFlag()
+  stop = _StopFlag(ckpt)
   pbar = tqdm(total=num_steps, initial=start, disable=not lead, dynamic_ncols=True, desc="train")
   pending: list[dict[str, jax.Array]] = []
   window_start, window_steps = time.perf_counter(), 0
@@ -223,14 +256,14 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         pbar.update(window_steps)
         pending, window_start, window_steps = [], time.perf_counter(), 0
       if done % int(tc.checkpoint_every) == 0 or done == num_steps:
-        ckpt.save(done, state)
+        ckpt.save(done, state, data.state(done))
         last_saved = done
       if (tc.sample_every and done % int(tc.sample_every) == 0) or done == num_steps:
         write_samples(done)
-      if stop.requested:
-        log.warning("SIGTERM: saving a checkpoint at step %d and exiting", done)
+      if stop.requested(done):
+        log.warning("preemption notice: saving a checkpoint at step %d and exiting", done)
         if last_saved != done:
-          ckpt.save(done, state, force=True)
+          ckpt.save(done, state, data.state(done), force=True)
         summary["preempted"] = True
         break
   finally:

@@ -1,4 +1,4 @@
-"""The pure training step of a (class-conditional) diffusion model."""
+"""The pure training step: loss, gradients (optionally accumulated over micro-batches), update, EMA."""
 from __future__ import annotations
 
 import dataclasses
@@ -8,8 +8,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from sdjax import schedules
 from sdjax.schedules import Schedule
+from sdjax.train import losses
+from sdjax.train.losses import LossConfig
 from sdjax.train.state import TrainState
 
 
@@ -17,8 +18,14 @@ from sdjax.train.state import TrainState
 class StepConfig:
   ema_decay: float = 0.999
   ema_warmup: bool = True         # decay = min(ema_decay, (1 + step) / (10 + step))
-  cond_drop_prob: float = 0.1     # labels replaced by the null class (for classifier-free guidance)
-  null_class: int | None = None   # index of the "no class" embedding; None: unconditional model
+  grad_accum_steps: int = 1       # micro-batches per step; the batch must split evenly
+  loss: LossConfig = LossConfig()
+
+  def __post_init__(self):
+    if self.grad_accum_steps < 1:
+      raise ValueError(f"grad_accum_steps must be >= 1, got {self.grad_accum_steps}")
+    if not 0.0 <= self.ema_decay < 1.0:
+      raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
 
 
 def ema_decay(step: jax.Array, cfg: StepConfig) -> jax.Array:
@@ -28,23 +35,19 @@ def ema_decay(step: jax.Array, cfg: StepConfig) -> jax.Array:
   return jnp.minimum(jnp.float32(cfg.ema_decay), (1.0 + step) / (10.0 + step))
 
 
-def diffusion_loss(apply_fn: Callable[..., jax.Array], params: Any, schedule: Schedule, x0: jax.Array,
-                   labels: jax.Array | None, rng: jax.Array, cfg: StepConfig) -> jax.Array:
-  """Mean squared error to the schedule's training target at uniformly drawn timesteps (Ho et al. 2020).
+def split_micro_batches(tree: Any, k: int) -> Any:
+  """[B, ...] -> [k, B / k, ...] with micro-batch j = rows j, j + k, j + 2k, ...
 
-  apply_fn(params, x_t, t, labels, rng) -> prediction; `rng` is for the model's own randomness (dropout).
+  Interleaving (rather than contiguous blocks) keeps every micro-batch spread over all the devices that
+  hold the batch, so the split moves no data.
   """
-  k_t, k_noise, k_drop, k_model = jax.random.split(rng, 4)
-  b = x0.shape[0]
-  t = jax.random.randint(k_t, (b,), 0, schedule.num_train_timesteps)
-  noise = jax.random.normal(k_noise, x0.shape, jnp.float32)
-  x_t = schedules.add_noise(schedule, x0, noise, t)
-  if labels is not None and cfg.null_class is not None and cfg.cond_drop_prob > 0:
-    drop = jax.random.bernoulli(k_drop, cfg.cond_drop_prob, (b,))
-    labels = jnp.where(drop, cfg.null_class, labels)
-  pred = apply_fn(params, x_t, t.astype(jnp.float32), labels, k_model)
-  target = schedules.training_target(schedule, x0, noise, t)
-  return jnp.mean(jnp.square(pred.astype(jnp.float32) - target))
+
+  def one(x):
+    if x.shape[0] % k:
+      raise ValueError(f"batch of {x.shape[0]} does not split into {k} micro-batches")
+    return jnp.swapaxes(x.reshape((x.shape[0] // k, k) + x.shape[1:]), 0, 1)
+
+  return jax.tree.map(one, tree)
 
 
 def make_train_step(apply_fn: Callable[..., jax.Array], schedule: Schedule,
@@ -52,23 +55,46 @@ def make_train_step(apply_fn: Callable[..., jax.Array], schedule: Schedule,
                     lr_schedule: optax.Schedule | None = None):
   """train_step(state, batch) -> (state, metrics); batch = {"image": float [B,H,W,C] in [-1,1], "label"}.
 
-  A step whose loss or gradients are not finite leaves params, optimizer state and EMA unchanged
-  (the step counter still advances) and reports `skipped = 1`.
+  apply_fn(params, x_t, t, labels, rng) -> prediction. The step's randomness (timesteps, noise, label
+  dropout) is drawn for the whole batch and then split, so k accumulated micro-batches give the same
+  update as one batch k times larger (up to float rounding; model dropout differs). A step whose loss or
+  gradients are not finite leaves params, optimizer state and EMA unchanged (the step counter still
+  advances) and reports `skipped = 1`.
   """
+  k = cfg.grad_accum_steps
+
+  def loss_and_grads(params, x0, labels, draws, rng):
+    return jax.value_and_grad(
+        lambda p: losses.diffusion_loss(apply_fn, p, schedule, x0, labels, draws, rng, cfg.loss))(params)
 
   def train_step(state: TrainState, batch: dict[str, jax.Array]):
     rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+    k_draw, k_model = jax.random.split(rng)
     x0 = batch["image"].astype(jnp.float32)
     labels = batch.get("label")
+    draws = losses.draw(k_draw, x0.shape, schedule, cfg.loss)
 
-    loss, grads = jax.value_and_grad(
-        lambda p: diffusion_loss(apply_fn, p, schedule, x0, labels, rng, cfg))(state.params)
+    if k == 1:
+      loss, grads = loss_and_grads(state.params, x0, labels, draws, k_model)
+    else:
+      micro = split_micro_batches((x0, labels, draws), k)
+
+      def accumulate(carry, xs):
+        loss_sum, grad_sum = carry
+        j, (mx, my, md) = xs
+        loss, grads = loss_and_grads(state.params, mx, my, md, jax.random.fold_in(k_model, j))
+        return (loss_sum + loss, jax.tree.map(jnp.add, grad_sum, grads)), None
+
+      zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
+      (loss, grads), _ = jax.lax.scan(accumulate, (jnp.float32(0), zeros), (jnp.arange(k), micro))
+      loss, grads = loss / k, jax.tree.map(lambda g: g / k, grads)
+
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     decay = ema_decay(state.step, cfg)
     ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema_params, params)
 
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
     new_state = state.replace(step=state.step + 1, params=keep(params, state.params),
