@@ -53,7 +53,7 @@ def test_bad_values_are_named(field, value, message):
   with c.unlocked():
     c[field].update(value)
   with pytest.raises(ValueError, match=message):
-    Experiment(c)
+    Experiment(c).train_step()
 
 
 def _train_cli(*args):

@@ -39,6 +39,12 @@ def test_train_kill_resume_sample(tmp_path):
   ref = losses(ref_dir)
   assert sorted(ref) == list(range(1, steps + 1))
   assert finished_checkpoints(ref_dir)[-1] == steps
+  from sdjax.checkpoint import Checkpointer
+  ckpt = Checkpointer(ref_dir, read_only=True)
+  data_state = ckpt.restore_data_state()  # the input pipeline's position is saved with the state
+  ckpt.close()
+  assert data_state["kind"] == "step_batches" and data_state["next_step"] == steps
+  assert data_state["global_batch_size"] == 16 and data_state["seed"] == 0
   assert os.path.exists(os.path.join(ref_dir, "samples", f"step_{steps:07d}.png"))
   assert any(n.startswith("events.out.tfevents") for n in os.listdir(os.path.join(ref_dir, "tensorboard")))
 

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import linen as nn
+from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
 from sdjax import checkpoint, io, parallel, pipelines, samplers, schedules
@@ -164,6 +165,7 @@ class _StopFlag:
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Train (or resume) `config` in `workdir`; returns a summary dict (also written to summary.json)."""
   exp = Experiment(config)
+  train_step = exp.train_step()
   tc = config.train
   lead = jax.process_index() == 0
   os.makedirs(workdir, exist_ok=True)
@@ -192,8 +194,6 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     log.info("resumed from %s at step %d", ckpt.directory, start)
   metrics = MetricsWriter(workdir, active=lead, resume_step=start if start else None)
 
-  train_step = exp.train_step()
-
   summary: dict[str, Any] = {"start_step": start, "num_devices": jax.device_count(),
                              "mesh": dict(exp.mesh.shape)}
   t0 = time.perf_counter()
@@ -216,7 +216,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       t = time.perf_counter()
       compiled_sampler = sampler.lower(state.ema_params, grid_labels, grid_seed, grid_indices).compile()
       summary["sampler_compile_s"] = time.perf_counter() - t
-    imgs = np.asarray(jax.device_get(compiled_sampler(state.ema_params, grid_labels, grid_seed, grid_indices)))
+    # Every process joins the gather (the grid is split over the mesh, which spans all processes).
+    imgs = multihost_utils.process_allgather(
+        compiled_sampler(state.ema_params, grid_labels, grid_seed, grid_indices), tiled=True)
     if lead:
       grid = io.make_grid(io.to_uint8(imgs), nrow=int(config.sample.per_class))
       os.makedirs(os.path.join(workdir, "samples"), exist_ok=True)
