@@ -148,14 +148,6 @@ def state_shardings(abstract_state: Any, abstract_boxed_params: Any, mesh: Mesh,
   return jax.tree_util.tree_map_with_path(one, abstract_state)
 
 
-def logical_shardings(abstract_boxed: Any, mesh: Mesh, rules: Sequence[tuple[str, Any]]) -> Any:
-  """NamedShardings for a tree of (possibly `nn.LogicallyPartitioned`) leaves, from logical rules only."""
-  specs = nn.get_partition_spec(abstract_boxed)
-  with nn.logical_axis_rules(list(rules)):
-    mesh_specs = nn.logical_to_mesh(specs)
-  return jax.tree.map(lambda s: NamedSharding(mesh, s), mesh_specs, is_leaf=lambda x: isinstance(x, P))
-
-
 def global_batch(local: Mapping[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:
   """Assemble each process's share of the batch into global arrays sharded by `sharding`."""
   return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in local.items()}
