@@ -86,7 +86,10 @@ def make_train_step(apply_fn: Callable[..., jax.Array], schedule: Schedule,
         return (loss_sum + loss, jax.tree.map(jnp.add, grad_sum, grads)), None
 
       zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
-      (loss, grads), _ = jax.lax.scan(accumulate, (jnp.float32(0), zeros), (jnp.arange(k), micro))
+      # XLA:CPU runs the model ~10x slower inside a while loop than unrolled (default config, k=4: 4.0 s vs
+      # 0.30 s per step), so the loop is unrolled there; accelerators keep the loop (compile time ~1/k).
+      unroll = k if jax.default_backend() == "cpu" else 1
+      (loss, grads), _ = jax.lax.scan(accumulate, (jnp.float32(0), zeros), (jnp.arange(k), micro), unroll=unroll)
       loss, grads = loss / k, jax.tree.map(lambda g: g / k, grads)
 
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
