@@ -134,6 +134,8 @@ def state_shardings(abstract_state: Any, abstract_boxed_params: Any, mesh: Mesh,
                                 jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, P))):
     names_by_path[_dict_path(path)] = (tuple(spec) if spec is not None else None, tuple(leaf.shape))
 
+  unsplit = []  # (bytes, path) of arrays large enough for FSDP that no fsdp-divisible dimension could split
+
   def one(path, leaf):
     shape = tuple(leaf.shape)
     keys = _dict_path(path)
@@ -143,9 +145,19 @@ def state_shardings(abstract_state: Any, abstract_boxed_params: Any, mesh: Mesh,
       if hit is not None and hit[1] == shape:
         names = hit[0]
         break
-    return NamedSharding(mesh, spec_for(shape, names, mesh, rules, fsdp_min_size))
+    spec = spec_for(shape, names, mesh, rules, fsdp_min_size)
+    if (mesh.shape["fsdp"] > 1 and shape and math.prod(shape) >= fsdp_min_size
+        and np.issubdtype(leaf.dtype, np.floating) and "fsdp" not in jax.tree.leaves(tuple(spec))):
+      unsplit.append((math.prod(shape) * np.dtype(leaf.dtype).itemsize, jax.tree_util.keystr(path)))
+    return NamedSharding(mesh, spec)
 
-  return jax.tree_util.tree_map_with_path(one, abstract_state)
+  shardings = jax.tree_util.tree_map_with_path(one, abstract_state)
+  if unsplit:
+    total = sum(b for b, _ in unsplit)
+    log.warning("FSDP: %d arrays (%.2f GiB, e.g. %s) have no dimension divisible by fsdp=%d and stay "
+                "replicated; a smaller fsdp size (times a data axis) may save more memory",
+                len(unsplit), total / 2**30, max(unsplit)[1], mesh.shape["fsdp"])
+  return shardings
 
 
 def global_batch(local: Mapping[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:

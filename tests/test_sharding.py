@@ -156,3 +156,13 @@ def test_initialize_is_a_no_op_for_one_process_and_checks_its_arguments(monkeypa
   monkeypatch.setenv("SLURM_JOB_ID", "1")
   monkeypatch.setenv("SLURM_NTASKS", "4")
   assert parallel._cluster_detected() == "SLURM"
+
+
+def test_fsdp_warns_about_arrays_it_cannot_split(caplog):
+  import jax.numpy as jnp
+  mesh = parallel.make_mesh({"fsdp": 8})
+  state = {"a": jax.ShapeDtypeStruct((40, 64), jnp.float32), "b": jax.ShapeDtypeStruct((5, 300), jnp.float32)}
+  with caplog.at_level("WARNING", logger="sdjax"):
+    shardings = parallel.state_shardings(state, {}, mesh, fsdp_min_size=1024)
+  assert shardings["a"].spec == P(None, "fsdp") and shardings["b"].spec == P()
+  assert "1 arrays" in caplog.text and "['b']" in caplog.text and "fsdp=8" in caplog.text
