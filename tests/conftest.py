@@ -1,4 +1,5 @@
 """Test setup: 8 fake CPU devices (set before jax is imported) and an isolated TFDS data dir."""
+import json
 import os
 import sys
 import tempfile
@@ -14,3 +15,15 @@ if ROOT not in sys.path:
 import jax  # noqa: E402
 
 assert jax.device_count() == 8, "tests expect 8 fake CPU devices; XLA_FLAGS was set too late"
+
+
+def losses(workdir):
+  """{step: loss} from a run's metrics.jsonl."""
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return {r["step"]: r["loss"] for r in map(json.loads, f)}
+
+
+def finished_checkpoints(workdir):
+  """Steps of the checkpoints a run has finished writing (orbax renames a step's folder when done)."""
+  d = os.path.join(workdir, "checkpoints")
+  return sorted(int(n) for n in os.listdir(d) if n.isdigit()) if os.path.isdir(d) else []

@@ -9,7 +9,7 @@ import time
 import numpy as np
 from PIL import Image
 
-from conftest import ROOT
+from conftest import ROOT, finished_checkpoints, losses
 
 TINY = ["--config", "configs/default.py:tiny", "--config.optim.schedule=constant", "--config.train.log_every=1",
         "--config.train.checkpoint_every=4"]
@@ -18,16 +18,6 @@ TINY = ["--config", "configs/default.py:tiny", "--config.optim.schedule=constant
 def cli(script, *args, **kw):
   return subprocess.run([sys.executable, os.path.join(ROOT, script), *args], capture_output=True, text=True,
                         cwd=ROOT, timeout=600, **kw)
-
-
-def losses(workdir):
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    return {r["step"]: r["loss"] for r in map(json.loads, f)}
-
-
-def finished_checkpoints(workdir):
-  d = os.path.join(workdir, "checkpoints")
-  return sorted(int(n) for n in os.listdir(d) if n.isdigit()) if os.path.isdir(d) else []
 
 
 def test_train_kill_resume_sample(tmp_path):

@@ -19,7 +19,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, finished_checkpoints, losses
 from sdjax import checkpoint, parallel
 from sdjax.train.loop import Experiment
 
@@ -99,16 +99,6 @@ def finish(procs, timeout=TIMEOUT_S):
   if codes != [0] * len(procs):
     logs = "\n".join(f"----- {os.path.basename(p.log)} (exit {p.returncode}) -----\n{output(p)}" for p in procs)
     pytest.fail(f"exit codes {codes} (negative: killed by that signal)\n{logs}")
-
-
-def losses(workdir):
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    return {r["step"]: r["loss"] for r in map(json.loads, f)}
-
-
-def finished_checkpoints(workdir):
-  d = os.path.join(workdir, "checkpoints")
-  return sorted(int(n) for n in os.listdir(d) if n.isdigit()) if os.path.isdir(d) else []
 
 
 def summary(workdir):
