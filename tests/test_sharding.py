@@ -10,8 +10,8 @@ from jax.sharding import PartitionSpec as P
 
 from conftest import ROOT
 from sdjax import checkpoint, parallel
-from sdjax.data import StepBatches, load_bundled
-from sdjax.train.loop import Experiment, _to_batch
+from sdjax.data import input_pipeline
+from sdjax.train.loop import Experiment
 
 
 def tiny_config(**overrides):
@@ -31,12 +31,11 @@ def run(mesh_sizes, steps=5, devices=None, **overrides):
   mesh = parallel.make_mesh(mesh_sizes, devices)
   exp = Experiment(tiny_config(**overrides), mesh)
   state = exp.init_state()
-  images, labels = load_bundled("train")
-  data = StepBatches({"image": images, "label": labels}, 16, seed=0)
+  data = input_pipeline.pipeline_from_config(exp.config.data, channels=1, global_batch_size=16, seed=0, label=True)
   fn = exp.train_step(donate=False)
   losses = []
   for s in range(steps):
-    batch = parallel.global_batch(_to_batch(data.batch(s)), exp.batch_sharding)
+    batch = parallel.global_batch(data.batch(s), exp.batch_sharding)
     state, metrics = fn(state, batch)
     losses.append(float(metrics["loss"]))
   return exp, state, losses, batch

@@ -1,5 +1,6 @@
-"""Data sources and input pipelines."""
+"""Data: sources (bundled, TFDS, prepared image-caption records, cached latents), preprocessing, the grain
+input pipeline (global shuffle, per-host reading, checkpointable state), `prepare` and `cache_latents` CLIs."""
 from sdjax.data.bundled import load_bundled
-from sdjax.data.pipeline import StepBatches
+from sdjax.data.pipeline import Pipeline
 
-__all__ = ["load_bundled", "StepBatches"]
+__all__ = ["load_bundled", "Pipeline"]

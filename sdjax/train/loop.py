@@ -18,7 +18,7 @@ from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
 from sdjax import checkpoint, io, parallel, pipelines, samplers, schedules
-from sdjax.data import StepBatches, load_bundled
+from sdjax.data import input_pipeline, sources
 from sdjax.models import UNet, UNetConfig
 from sdjax.train import optim, state as state_lib
 from sdjax.train.metrics import MetricsWriter
@@ -26,7 +26,6 @@ from sdjax.train.losses import LossConfig
 from sdjax.train.step import StepConfig, make_train_step
 
 log = logging.getLogger("sdjax")
-DATASETS = ("mnist5k",)
 
 
 class Experiment:
@@ -34,8 +33,9 @@ class Experiment:
 
   def __init__(self, config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | None = None):
     self.config = config
-    if config.data.name not in DATASETS:
-      raise ValueError(f"config.data.name: unknown dataset {config.data.name!r}; expected one of {DATASETS}")
+    data_source = config.data.get("source", "bundled")
+    if data_source not in sources.SOURCES:
+      raise ValueError(f"config.data.source: unknown source {data_source!r}; expected one of {sources.SOURCES}")
     try:
       self.model_config = UNetConfig.from_dict(config.model.to_dict())
     except (ValueError, TypeError) as e:
@@ -53,7 +53,8 @@ class Experiment:
     samplers.get(config.sample.sampler)  # fail early on an unknown sampler name
     self.optimizer, self.lr_schedule = optim.make_optimizer(config.optim, int(config.train.num_steps))
     self.step_config = step_config(config, self.num_classes if self.model_config.num_class_embeds else None)
-    self.image_shape = (28, 28, self.model_config.in_channels)
+    size = input_pipeline.image_size(config.data)
+    self.image_shape = (size, size, self.model_config.in_channels)
     self.mesh = mesh if mesh is not None else parallel.mesh_from_config(config.mesh)
     self.rules = parallel.rules_from_config(config.mesh)
 
@@ -131,10 +132,6 @@ def class_grid_labels(num_classes: int, per_class: int) -> np.ndarray:
   return np.repeat(np.arange(num_classes, dtype=np.int32), per_class)
 
 
-def _to_batch(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-  return {"image": batch["image"].astype(np.float32) / 127.5 - 1.0, "label": batch["label"]}
-
-
 class _StopFlag:
   """Whether to checkpoint and exit after the current step because of a preemption notice (SIGTERM).
 
@@ -173,9 +170,10 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(config.to_json_best_effort(indent=2, sort_keys=True))
 
-  images, labels = load_bundled(config.data.split, config.data.data_dir or None)
-  data = StepBatches({"image": images, "label": labels}, int(tc.batch_size), int(config.seed),
-                     jax.process_index(), jax.process_count())
+  data = input_pipeline.pipeline_from_config(
+      config.data, channels=exp.model_config.in_channels, global_batch_size=int(tc.batch_size),
+      seed=int(config.seed), label=exp.model_config.num_class_embeds is not None,
+      process_index=jax.process_index(), process_count=jax.process_count())
 
   num_steps = int(tc.num_steps)
   ckpt = checkpoint.Checkpointer(workdir, keep=int(tc.keep_checkpoints))
@@ -187,17 +185,17 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     return {"start_step": start, "final_step": start, "steps_run": 0}
   if start is None:
     state = exp.init_state()
-    start = 0
+    start, batches = 0, data.iterator(0)
   else:
     state = ckpt.restore(exp.abstract_state)
-    data.check_state(ckpt.restore_data_state(start), start)
+    batches = data.iterator(start, ckpt.restore_data_state(start))
     log.info("resumed from %s at step %d", ckpt.directory, start)
   metrics = MetricsWriter(workdir, active=lead, resume_step=start if start else None)
 
   summary: dict[str, Any] = {"start_step": start, "num_devices": jax.device_count(),
                              "mesh": dict(exp.mesh.shape)}
   t0 = time.perf_counter()
-  first = parallel.global_batch(_to_batch(data.batch(start)), exp.batch_sharding)
+  first = parallel.global_batch(next(batches), exp.batch_sharding)
   compiled_step = train_step.lower(state, first).compile()
   summary["train_step_compile_s"] = time.perf_counter() - t0
 
@@ -237,7 +235,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     batch = first
     for step in range(start, num_steps):
       if batch is None:
-        batch = parallel.global_batch(_to_batch(data.batch(step)), exp.batch_sharding)
+        batch = parallel.global_batch(next(batches), exp.batch_sharding)
       state, m = compiled_step(state, batch)
       batch = None
       pending.append(m)
@@ -258,14 +256,14 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         pbar.update(window_steps)
         pending, window_start, window_steps = [], time.perf_counter(), 0
       if done % int(tc.checkpoint_every) == 0 or done == num_steps:
-        ckpt.save(done, state, data.state(done))
+        ckpt.save(done, state, batches.state())
         last_saved = done
       if (tc.sample_every and done % int(tc.sample_every) == 0) or done == num_steps:
         write_samples(done)
       if stop.requested(done):
         log.warning("preemption notice: saving a checkpoint at step %d and exiting", done)
         if last_saved != done:
-          ckpt.save(done, state, data.state(done), force=True)
+          ckpt.save(done, state, batches.state(), force=True)
         summary["preempted"] = True
         break
   finally:
