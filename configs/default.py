@@ -44,7 +44,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model.mid_block_attention = True
   c.model.attention_head_dim = 4   # = number of heads (diffusers' naming)
   c.model.cross_attention_dim = None
-  c.model.num_class_embeds = 11    # 10 digits + the null class for classifier-free guidance
+  c.model.num_class_embeds = 11    # 10 digits + the null class for classifier-free guidance; 0: unconditional
   c.model.norm_num_groups = 8
   c.model.dropout = 0.0
   c.model.dtype = "float32"

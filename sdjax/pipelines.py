@@ -19,7 +19,7 @@ def class_conditional(model: UNet, params: Any, labels: jax.Array, noise: jax.Ar
 
   Classifier-free guidance: the null class (for the unconditional branch) is the model's last class
   embedding. A guidance scale of 1 runs the conditional model alone (one model call per step).
-  `rng` drives stochastic samplers only.
+  `rng` drives stochastic samplers only. An unconditional model (no `num_class_embeds`) ignores `labels`.
   """
   if labels.shape[0] != noise.shape[0]:
     raise ValueError(f"labels {labels.shape} and noise {noise.shape} disagree on the batch size")
@@ -27,7 +27,9 @@ def class_conditional(model: UNet, params: Any, labels: jax.Array, noise: jax.Ar
   def conditional(x, t, c):
     return model.apply({"params": params}, x, t, class_labels=c)
 
-  if guidance_scale == 1.0:
+  if model.config.num_class_embeds is None:  # an unconditional model: labels and guidance do not apply
+    model_fn = lambda x, t: model.apply({"params": params}, x, t)
+  elif guidance_scale == 1.0:
     model_fn = lambda x, t: conditional(x, t, labels)
   else:
     null = jnp.full_like(labels, model.config.num_class_embeds - 1)

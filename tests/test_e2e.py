@@ -33,7 +33,8 @@ def test_train_kill_resume_sample(tmp_path):
   ckpt = Checkpointer(ref_dir, read_only=True)
   data_state = ckpt.restore_data_state()  # the input pipeline's position is saved with the state
   ckpt.close()
-  assert data_state["kind"] == "step_batches" and data_state["next_step"] == steps
+  assert data_state["kind"] == "grain" and data_state["next_step"] == steps
+  assert data_state["iterator"] == {"next_index": steps * 16}  # grain's own iterator state
   assert data_state["global_batch_size"] == 16 and data_state["seed"] == 0
   assert os.path.exists(os.path.join(ref_dir, "samples", f"step_{steps:07d}.png"))
   assert any(n.startswith("events.out.tfevents") for n in os.listdir(os.path.join(ref_dir, "tensorboard")))

@@ -28,6 +28,26 @@ def image_size(cfg: Mapping[str, Any]) -> int:
                    f"images are resized and cropped to resolution x resolution")
 
 
+def check_config(cfg: Mapping[str, Any]) -> None:
+  """Validate config.data without opening anything (so a typo fails before a long compile)."""
+  kind = _get(cfg, "source", "bundled")
+  if kind not in sources.SOURCES:
+    raise ValueError(f"config.data.source: unknown source {kind!r}; expected one of {sources.SOURCES}")
+  if kind == "bundled" and _get(cfg, "name", "mnist5k") not in ("mnist5k", ""):
+    raise ValueError(f"config.data.name: the bundled dataset is 'mnist5k', got {cfg.get('name')!r} "
+                     f"(other datasets: data.source='tfds' or 'records')")
+  if kind == "tfds" and not _get(cfg, "name", ""):
+    raise ValueError("config.data.name: the TFDS dataset name is empty (e.g. 'mnist' or 'mnist:3.0.1')")
+  if kind in ("records", "latents") and not _get(cfg, "path", ""):
+    raise ValueError(f"config.data.path: the {kind} directory is empty")
+  if _get(cfg, "crop", "center") not in preprocess.CROPS:
+    raise ValueError(f"config.data.crop must be one of {preprocess.CROPS}, got {cfg.get('crop')!r}")
+  if not 0.0 <= float(_get(cfg, "caption_dropout", 0.0)) <= 1.0:
+    raise ValueError(f"config.data.caption_dropout must be in [0, 1], got {cfg.get('caption_dropout')}")
+  if kind != "latents":  # latents come at the size they were cached at
+    image_size(cfg)
+
+
 def open_source(cfg: Mapping[str, Any], *, label: bool):
   kind = _get(cfg, "source", "bundled")
   return sources.open_source(

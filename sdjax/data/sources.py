@@ -15,8 +15,6 @@ from __future__ import annotations
 import os
 from typing import Any
 
-import numpy as np
-
 from sdjax.data import bundled, records
 
 SOURCES = ("bundled", "tfds", "records", "latents")
@@ -33,7 +31,7 @@ class TfdsSource:
     self.where = f"tfds:{name}[{split}] in {data_dir}"
     try:
       builder = tfds.builder(name, data_dir=data_dir)
-    except tfds.core.registered.DatasetNotFoundError as e:
+    except tfds.core.registered.DatasetNotFoundError:
       raise FileNotFoundError(
           f"TFDS dataset {name!r} is neither a registered TFDS builder nor prepared in {data_dir}. Prepare it "
           f"on a machine with internet access (`tfds build {name} --data_dir DIR --file_format array_record`) "
@@ -106,9 +104,3 @@ def open_source(kind: str, *, name: str = "", split: str = "train", data_dir: st
     return records.RecordSource(os.path.expanduser(path), kind="images" if kind == "records" else "latents")
   raise ValueError(f"config.data.source: unknown source {kind!r}; expected one of {SOURCES}")
 
-
-def example_image(ex: dict[str, Any]) -> Any:
-  img = ex.get("image")
-  if img is None:
-    raise ValueError(f"{ex.get('path', 'example')}: no image")
-  return img if isinstance(img, (bytes, np.ndarray)) else np.asarray(img)

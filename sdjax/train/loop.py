@@ -18,7 +18,7 @@ from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
 from sdjax import checkpoint, io, parallel, pipelines, samplers, schedules
-from sdjax.data import input_pipeline, sources
+from sdjax.data import input_pipeline
 from sdjax.models import UNet, UNetConfig
 from sdjax.train import optim, state as state_lib
 from sdjax.train.metrics import MetricsWriter
@@ -33,11 +33,15 @@ class Experiment:
 
   def __init__(self, config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | None = None):
     self.config = config
-    data_source = config.data.get("source", "bundled")
-    if data_source not in sources.SOURCES:
-      raise ValueError(f"config.data.source: unknown source {data_source!r}; expected one of {sources.SOURCES}")
+    input_pipeline.check_config(config.data)
+    if config.data.get("source") == "latents":
+      raise ValueError("config.data.source='latents' feeds latent-diffusion training; this experiment trains a "
+                       "pixel-space U-Net on images (use source bundled, tfds or records)")
     try:
-      self.model_config = UNetConfig.from_dict(config.model.to_dict())
+      model = config.model.to_dict()
+      if model.get("num_class_embeds") == 0:  # 0 on the command line: an unconditional model
+        model["num_class_embeds"] = None
+      self.model_config = UNetConfig.from_dict(model)
     except (ValueError, TypeError) as e:
       raise ValueError(f"config.model: {e}") from e
     self.model = UNet(self.model_config)
