@@ -142,10 +142,7 @@ def build_dataset(cache: str, resolution: int, n: int) -> dict:
 # --- loader throughput ------------------------------------------------------------------------------
 
 def close(batches) -> None:
-  """Stop the grain reader threads of a `BatchIterator` (it has no close() of its own)."""
-  it = getattr(batches, "_it", None)
-  if hasattr(it, "close"):
-    it.close()
+  batches.close()
 
 
 def loader_rate(cfg: dict, *, channels: int, batch_size: int, num_batches: int, label: bool = False) -> dict:

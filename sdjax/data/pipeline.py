@@ -132,6 +132,18 @@ class BatchIterator:
     self.next_step += 1
     return stack(examples)
 
+  def close(self) -> None:
+    """Stop grain's reader threads (they otherwise keep filling the prefetch buffer)."""
+    close = getattr(self._it, "close", None)
+    if close is not None:
+      close()
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self.close()
+
   def state(self) -> dict[str, Any]:
     """JSON-able: grain's iterator state and the order's identity, for the checkpoint."""
     p = self.pipeline

@@ -271,6 +271,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         summary["preempted"] = True
         break
   finally:
+    batches.close()
     pbar.close()
     stop.restore()
     ckpt.close()
