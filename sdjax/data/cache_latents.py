@@ -193,12 +193,6 @@ def local_rows(x) -> np.ndarray:
   return np.concatenate([np.asarray(shards[k]) for k in sorted(shards)])
 
 
-def _write_json(path: str, obj: Any) -> None:
-  with open(path + ".tmp", "w") as f:
-    json.dump(obj, f, indent=2)
-  os.replace(path + ".tmp", path)
-
-
 def _read_json(path: str) -> Any:
   try:
     with open(path) as f:
@@ -250,7 +244,7 @@ def finished_cache(output: str, settings: Mapping[str, Any]) -> dict[str, Any] |
   """The dataset.json of a finished cache with these settings in `output`, None if there is none."""
   if not os.path.exists(os.path.join(output, records.META)):
     return None
-  meta = _read_json(os.path.join(output, records.META))
+  meta = records.read_meta(output)
   if meta.get("kind") != "latents":
     raise ValueError(f"--output {output!r} already holds a dataset of kind {meta.get('kind')!r}; "
                      f"choose another directory")
@@ -258,7 +252,7 @@ def finished_cache(output: str, settings: Mapping[str, Any]) -> dict[str, Any] |
   if differs:
     raise ValueError(f"--output {output!r} already holds a latent cache made with other settings "
                      f"(cache, now): {differs}; choose another directory or delete it")
-  return records.read_meta(output)
+  return meta
 
 
 def resume_state(progress_path: str, settings: Mapping[str, Any]) -> list[str]:
@@ -292,7 +286,7 @@ class ShardWriter:
     if len(self.buffer) == shard["stop"] - shard["start"]:
       records.write_shard(os.path.join(self.output, shard["file"]), self.buffer)
       self.done.append(shard["file"])
-      _write_json(self.progress_path, {"settings": self.settings, "done": self.done})
+      records.write_json(self.progress_path, {"settings": self.settings, "done": self.done})
       self.buffer = []
       self.todo.pop(0)
 

