@@ -1,4 +1,4 @@
-"""Train a diffusion model from a config.
+"""Train a model from a config (config.task: diffusion, ldm or vae).
 
   python train.py                                   # configs/default.py into runs/default
   python train.py --config configs/default.py:tiny --workdir runs/tiny
@@ -41,7 +41,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   from sdjax import parallel
-  from sdjax.train.loop import train
+  from sdjax.train import run
   try:
     parallel.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
   except ValueError as e:
@@ -49,7 +49,7 @@ def main(argv):
   config_arg = FLAGS["config"].serialize().partition("=")[2] or "configs/default.py"
   workdir = FLAGS.workdir or default_workdir(config_arg)
   try:
-    summary = train(FLAGS.config, workdir)
+    summary = run(FLAGS.config, workdir)
   except (ValueError, FileNotFoundError) as e:
     sys.exit(f"error: {e}")
   print(f"done: step {summary['final_step']} in {workdir}")
