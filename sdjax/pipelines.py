@@ -1,16 +1,30 @@
-"""Sampling pipelines composed from a model, a guidance wrapper and a sampler."""
+"""Sampling pipelines: class-conditional pixel models, and Stable Diffusion's txt2img / img2img / inpainting
+composed from the text encoder(s), a classifier-free-guided sampler over the U-Net and the VAE.
+
+Everything here is a pure function of (modules, params, arrays) that runs under `jax.jit`. The modules
+travel in a `StableDiffusion` (static: it is closed over or passed as a static argument), the params as
+`{"unet", "vae", "text_encoders": (p1[, p2])}`, the per-image inputs as a `Prompt` pytree and one PRNG key
+per image. Every random draw of image i (its starting noise, the stochastic samplers' step noise, the VAE
+posterior sample of img2img/inpainting) comes from key i alone, so an image does not depend on the batch
+it is rendered in, nor on the number of devices.
+"""
 from __future__ import annotations
 
-from typing import Any
+import dataclasses
+from typing import Any, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from sdjax import samplers
+from sdjax import parallel, samplers
 from sdjax.guidance import classifier_free_guidance
-from sdjax.models import UNet
+from sdjax.models import AutoencoderKL, CLIPTextModel, UNet
+from sdjax.models import vae as vae_lib
 from sdjax.schedules import Schedule
 
+
+# --- class-conditional pixel-space models (the default job) -----------------------------------------
 
 def class_conditional(model: UNet, params: Any, labels: jax.Array, noise: jax.Array, rng: jax.Array, *,
                       schedule: Schedule, sampler: str, num_steps: int, guidance_scale: float,
@@ -37,3 +51,272 @@ def class_conditional(model: UNet, params: Any, labels: jax.Array, noise: jax.Ar
   x = samplers.sample(model_fn, noise, schedule=schedule, sampler=sampler, num_steps=num_steps,
                       rng=rng, **options)
   return jnp.clip(x, -1.0, 1.0)
+
+
+# --- Stable Diffusion --------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class StableDiffusion:
+  """The modules of a latent text-to-image model (SD 1.x / 2.x / SDXL, or an inpainting U-Net).
+
+  force_zeros_for_empty_prompt: SDXL's rule — an image with no negative prompt gets zero negative
+  embeddings instead of the encoded empty string.
+  """
+  unet: UNet
+  vae: AutoencoderKL
+  text_encoders: tuple[CLIPTextModel, ...]
+  schedule: Schedule
+  force_zeros_for_empty_prompt: bool = False
+
+  @property
+  def sdxl(self) -> bool:
+    return self.unet.config.addition_embed_type == "text_time"
+
+  @property
+  def inpainting(self) -> bool:
+    """A 9-channel inpainting U-Net: latents + mask + masked-image latents."""
+    return self.unet.config.in_channels == 2 * self.vae.config.latent_channels + 1
+
+  @property
+  def downscale(self) -> int:
+    return self.vae.config.downscale
+
+  def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
+    f = self.downscale
+    if height % f or width % f or height <= 0 or width <= 0:
+      raise ValueError(f"image size {height}x{width} must be positive multiples of {f} (the VAE's downscale)")
+    return (height // f, width // f, self.vae.config.latent_channels)
+
+
+def from_components(models: dict[str, tuple], schedule: Schedule, *, model_type: str = ""
+                    ) -> tuple[StableDiffusion, dict[str, Any]]:
+  """(StableDiffusion, params) from `{"unet": (module, params), "vae": ..., "text_encoder"[, "_2"]: ...}`
+  (the `models` of `sdjax.convert.load_pipeline`)."""
+  names = [n for n in ("text_encoder", "text_encoder_2") if n in models]
+  sd = StableDiffusion(unet=models["unet"][0], vae=models["vae"][0],
+                       text_encoders=tuple(models[n][0] for n in names), schedule=schedule,
+                       force_zeros_for_empty_prompt=model_type == "sdxl" or len(names) == 2)
+  params = {"unet": models["unet"][1], "vae": models["vae"][1],
+            "text_encoders": tuple(models[n][1] for n in names)}
+  return sd, params
+
+
+class Prompt(NamedTuple):
+  """The per-image conditioning of a batch of B images (a pytree; every leaf has leading axis B).
+
+  ids: token ids [B, L] per text encoder. negative_ids: the same for the negative prompts, or None for no
+  classifier-free guidance (one U-Net call per step). guidance_scale: [B]. guidance_rescale: [B] or None
+  (no rescale). time_ids: SDXL micro-conditioning [B, 6] = (original h, w, crop top, left, target h, w).
+  zero_negative: SDXL [B] bool, rows whose negative embeddings are zeros (no negative prompt given).
+  """
+  ids: tuple[jax.Array, ...]
+  negative_ids: tuple[jax.Array, ...] | None = None
+  guidance_scale: jax.Array | None = None
+  guidance_rescale: jax.Array | None = None
+  time_ids: jax.Array | None = None
+  zero_negative: jax.Array | None = None
+
+
+def encode_prompt(encoders: Sequence[CLIPTextModel], params: Sequence[Any], ids: Sequence[jax.Array]
+                  ) -> dict[str, jax.Array]:
+  """Prompt embeddings as diffusers' pipelines make them: one encoder (SD 1.x/2.x): the last hidden state
+  [B, L, C] as "context"; two (SDXL's `encode_prompt`): both encoders' penultimate hidden states
+  concatenated along features, and the second encoder's pooled (projected) output [B, C2] as "pooled"."""
+  if len(encoders) != len(ids) or len(encoders) != len(params):
+    raise ValueError(f"{len(encoders)} text encoder(s) but {len(params)} param set(s) and {len(ids)} id arrays")
+  if len(encoders) == 1:
+    last, _ = encoders[0].apply({"params": params[0]}, ids[0])
+    return {"context": last.astype(jnp.float32)}
+  states, pooled = [], None
+  for enc, p, i in zip(encoders, params, ids):
+    _, pooled, hidden = enc.apply({"params": p}, i, output_hidden_states=True)
+    states.append(hidden[-2].astype(jnp.float32))
+  return {"context": jnp.concatenate(states, axis=-1), "pooled": pooled.astype(jnp.float32)}
+
+
+def conditioning(sd: StableDiffusion, params: Any, prompt: Prompt) -> tuple[dict, dict | None]:
+  """(cond, uncond) U-Net conditioning pytrees for `prompt`; uncond is None without guidance."""
+  cond = encode_prompt(sd.text_encoders, params["text_encoders"], prompt.ids)
+  uncond = None
+  if prompt.negative_ids is not None:
+    uncond = encode_prompt(sd.text_encoders, params["text_encoders"], prompt.negative_ids)
+    if sd.force_zeros_for_empty_prompt and prompt.zero_negative is not None:
+      keep = ~prompt.zero_negative
+      uncond = jax.tree.map(lambda u: u * keep.reshape((-1,) + (1,) * (u.ndim - 1)), uncond)
+  if sd.sdxl:
+    if prompt.time_ids is None:
+      raise ValueError("an SDXL U-Net needs Prompt.time_ids [B, 6] (micro-conditioning)")
+    cond["time_ids"] = prompt.time_ids.astype(jnp.float32)
+    if uncond is not None:
+      uncond["time_ids"] = cond["time_ids"]
+  return cond, uncond
+
+
+def unet_fn(sd: StableDiffusion, params: Any):
+  """model(x, t, cond) for `classifier_free_guidance`: the U-Net on latents x [B, h, w, c] (with the
+  inpainting U-Net's extra channels `cond["extra"]` appended) and text conditioning `cond`."""
+
+  def model(x, t, cond):
+    if "extra" in cond:
+      x = jnp.concatenate([x, cond["extra"].astype(x.dtype)], axis=-1)
+    added = {"text_embeds": cond["pooled"], "time_ids": cond["time_ids"]} if sd.sdxl else None
+    return sd.unet.apply({"params": params["unet"]}, x, t, cond["context"], added_cond=added)
+
+  return model
+
+
+def image_noise(keys: jax.Array, shape: Sequence[int]) -> jax.Array:
+  """Standard-normal starting noise [B, *shape], row i drawn from keys[i] alone."""
+  return jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, 0), tuple(shape), jnp.float32))(keys)
+
+
+def _step_noise(keys, shape, length):
+  """[length, B, *shape] per-step noise for stochastic samplers, row i from keys[i] alone."""
+  z = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, 1), (length,) + tuple(shape), jnp.float32))(keys)
+  return jnp.swapaxes(z, 0, 1)
+
+
+def encode_image(sd: StableDiffusion, params: Any, image: jax.Array, keys: jax.Array, salt: int) -> jax.Array:
+  """Diffusion-space latents of `image` [B, H, W, C] in [-1, 1]: a posterior sample (as diffusers'
+  `retrieve_latents`), row i drawn from keys[i], scaled by the VAE's scaling factor (and shift)."""
+  mean, logvar = sd.vae.apply({"params": params["vae"]}, image, method="encode")
+  z = jax.vmap(lambda m, lv, k: vae_lib.sample_latent(m, lv, jax.random.fold_in(k, salt)))(mean, logvar, keys)
+  return vae_lib.scale_latents(z, sd.vae.config)
+
+
+def decode(sd: StableDiffusion, params: Any, latents: jax.Array) -> jax.Array:
+  """Diffusion-space latents -> images [B, H, W, C] clipped to [-1, 1]."""
+  z = vae_lib.unscale_latents(latents, sd.vae.config)
+  return jnp.clip(sd.vae.apply({"params": params["vae"]}, z, method="decode"), -1.0, 1.0)
+
+
+def denoise(sd: StableDiffusion, params: Any, prompt: Prompt, keys: jax.Array, latent_shape: Sequence[int], *,
+            sampler: str, num_steps: int, noise: jax.Array | None = None, init_latents: jax.Array | None = None,
+            strength: float = 1.0, inpaint_mask: jax.Array | None = None, extra: jax.Array | None = None,
+            **options: Any) -> jax.Array:
+  """The guided sampling loop in latent space; returns diffusion-space latents [B, h, w, c].
+
+  `noise` overrides the starting noise drawn from `keys` (e.g. diffusers' `latents=` for comparisons).
+  init_latents/strength: img2img; inpaint_mask (1 = generate, latent resolution): mask blending for an
+  ordinary U-Net; extra: the inpainting U-Net's mask + masked-image latent channels.
+  """
+  b = keys.shape[0]
+  noise = image_noise(keys, latent_shape) if noise is None else noise
+  if noise.shape != (b,) + tuple(latent_shape):
+    raise ValueError(f"noise has shape {noise.shape}, expected {(b,) + tuple(latent_shape)}")
+  cond, uncond = conditioning(sd, params, prompt)
+  if extra is not None:
+    cond["extra"] = extra
+    if uncond is not None:
+      uncond["extra"] = extra
+  model = unet_fn(sd, params)
+  if uncond is None:
+    model_fn = lambda x, t: model(x, t, cond)
+  else:
+    per_row = lambda v: v.astype(jnp.float32).reshape((-1, 1, 1, 1))
+    rescale = 0.0 if prompt.guidance_rescale is None else per_row(prompt.guidance_rescale)
+    model_fn = classifier_free_guidance(model, cond, uncond, per_row(prompt.guidance_scale), rescale)
+  step_noise = None
+  if samplers.get(sampler).stochastic:
+    step_noise = _step_noise(keys, latent_shape, samplers.scan_length(sd.schedule, sampler, num_steps, strength))
+  return samplers.sample(model_fn, noise, schedule=sd.schedule, sampler=sampler, num_steps=num_steps,
+                         step_noise=step_noise, init_image=init_latents, strength=strength,
+                         inpaint_mask=inpaint_mask, **options)
+
+
+def _check_batch(prompt: Prompt, keys: jax.Array, *arrays: jax.Array | None) -> int:
+  b = keys.shape[0]
+  for leaf in jax.tree.leaves(prompt) + [a for a in arrays if a is not None]:
+    if leaf.shape[0] != b:
+      raise ValueError(f"batch mismatch: {b} keys but an input of shape {leaf.shape}")
+  if prompt.negative_ids is not None and prompt.guidance_scale is None:
+    raise ValueError("Prompt.negative_ids given without guidance_scale")
+  return b
+
+
+def txt2img(sd: StableDiffusion, params: Any, prompt: Prompt, keys: jax.Array, *, height: int, width: int,
+            sampler: str, num_steps: int, noise: jax.Array | None = None, **options: Any) -> jax.Array:
+  """Images [B, height, width, C] in [-1, 1] for `prompt`, image i from keys[i]."""
+  _check_batch(prompt, keys, noise)
+  if sd.inpainting:
+    raise ValueError("this is an inpainting U-Net (9 input channels): use inpaint()")
+  latents = denoise(sd, params, prompt, keys, sd.latent_shape(height, width), sampler=sampler,
+                    num_steps=num_steps, noise=noise, **options)
+  return decode(sd, params, latents)
+
+
+def img2img(sd: StableDiffusion, params: Any, prompt: Prompt, keys: jax.Array, image: jax.Array, *,
+            strength: float, sampler: str, num_steps: int, noise: jax.Array | None = None,
+            **options: Any) -> jax.Array:
+  """`image` [B, H, W, C] in [-1, 1] re-rendered from `strength` (0, 1] of the way to noise: the first
+  num_steps - int(num_steps * strength) steps are skipped, as in diffusers' img2img pipelines."""
+  _check_batch(prompt, keys, image, noise)
+  if sd.inpainting:
+    raise ValueError("this is an inpainting U-Net (9 input channels): use inpaint()")
+  init = encode_image(sd, params, image, keys, salt=2)
+  latents = denoise(sd, params, prompt, keys, init.shape[1:], sampler=sampler, num_steps=num_steps, noise=noise,
+                    init_latents=init, strength=strength, **options)
+  return decode(sd, params, latents)
+
+
+def inpaint(sd: StableDiffusion, params: Any, prompt: Prompt, keys: jax.Array, image: jax.Array, mask: jax.Array,
+            *, sampler: str, num_steps: int, strength: float = 1.0, noise: jax.Array | None = None,
+            **options: Any) -> jax.Array:
+  """Repaint where `mask` [B, H, W, 1] >= 0.5 (1 = generate) in `image` [B, H, W, C] in [-1, 1].
+
+  An inpainting U-Net (9 channels) gets the mask and the masked image's latents as extra inputs
+  (diffusers' StableDiffusionInpaintPipeline); an ordinary U-Net keeps the unmasked region by blending
+  in the image's latents noised to each step's level, and the image's latents after the last step.
+  The mask goes to latent resolution by nearest-neighbour sampling (torch's `interpolate` default).
+  """
+  _check_batch(prompt, keys, image, mask, noise)
+  if mask.shape != image.shape[:3] + (1,):
+    raise ValueError(f"mask must have shape {image.shape[:3] + (1,)} for image {image.shape}, got {mask.shape}")
+  mask = (mask >= 0.5).astype(jnp.float32)
+  f = sd.downscale
+  mask_latent = mask[:, ::f, ::f]
+  init = encode_image(sd, params, image, keys, salt=2)
+  extra = blend_mask = None
+  if sd.inpainting:
+    extra = jnp.concatenate([mask_latent, encode_image(sd, params, image * (1.0 - mask), keys, salt=3)], axis=-1)
+  else:
+    blend_mask = mask_latent
+  latents = denoise(sd, params, prompt, keys, init.shape[1:], sampler=sampler, num_steps=num_steps, noise=noise,
+                    init_latents=init, strength=strength, inpaint_mask=blend_mask, extra=extra, **options)
+  return decode(sd, params, latents)
+
+
+# --- host side: tokens, micro-conditioning, sharding ------------------------------------------------
+
+def tokenize(tokenizers: Sequence[Any], encoders: Sequence[CLIPTextModel], prompts: Sequence[str]
+             ) -> tuple[np.ndarray, ...]:
+  """Token ids [B, L] int32 per text encoder (L: the tokenizer's model_max_length, at most the encoder's
+  positions), padded and truncated as diffusers' pipelines do."""
+  from sdjax.models import clip
+  if len(tokenizers) != len(encoders) or any(t is None for t in tokenizers):
+    raise ValueError(f"{len(encoders)} text encoder(s) need as many tokenizers, got {len(tokenizers)} "
+                     "(a single-file checkpoint carries none: pass a tokenizer folder)")
+  out = []
+  for tok, enc in zip(tokenizers, encoders):
+    n = enc.config.max_position_embeddings
+    length = min(int(tok.model_max_length), n) if 2 <= tok.model_max_length <= 100_000 else n
+    ids = clip.tokenize(tok, list(prompts), max_length=length)
+    if ids.size and ids.max() >= enc.config.vocab_size:  # an embedding lookup past the table gives NaN
+      raise ValueError(f"the tokenizer produced id {int(ids.max())} but the text encoder's vocab_size is "
+                       f"{enc.config.vocab_size}: tokenizer and text encoder do not belong together")
+    out.append(ids)
+  return tuple(out)
+
+
+def micro_conditioning(height: int, width: int, original_size: tuple[int, int] | None = None,
+                       crop_top_left: tuple[int, int] = (0, 0)) -> np.ndarray:
+  """SDXL's add_time_ids [6]: original size (default: the target), crop top-left, target size."""
+  oh, ow = original_size or (height, width)
+  return np.asarray([oh, ow, crop_top_left[0], crop_top_left[1], height, width], np.float32)
+
+
+def param_shardings(params: Any, mesh: jax.sharding.Mesh, fsdp_min_size: int = parallel.FSDP_MIN_SIZE) -> Any:
+  """Shardings for inference params: replicated on a mesh without an fsdp axis, else each array split
+  along its largest fsdp-divisible dimension (the same rule as training)."""
+  return jax.tree.map(lambda a: jax.sharding.NamedSharding(mesh, parallel.spec_for(a.shape, None, mesh, (),
+                                                                                     fsdp_min_size)), params)

@@ -1,6 +1,7 @@
 """Test setup: 8 fake CPU devices (set before jax is imported) and an isolated TFDS data dir."""
 import json
 import os
+import shutil
 import sys
 import tempfile
 
@@ -27,3 +28,46 @@ def finished_checkpoints(workdir):
   """Steps of the checkpoints a run has finished writing (orbax renames a step's folder when done)."""
   d = os.path.join(workdir, "checkpoints")
   return sorted(int(n) for n in os.listdir(d) if n.isdigit()) if os.path.isdir(d) else []
+
+
+# --- tiny Stable Diffusion pipelines (tools/make_single_file_fixtures.py) ---
+
+SINGLE = os.path.join(ROOT, "tests", "fixtures", "single_file")
+COMPONENTS = {"sd1": ("unet", "vae", "text_encoder"), "sd2": ("unet", "vae", "text_encoder"),
+              "sdxl": ("unet", "vae", "text_encoder", "text_encoder_2")}
+
+
+def tiny_configs(model_type):
+  configs = {}
+  for c in COMPONENTS[model_type]:
+    with open(os.path.join(SINGLE, f"{model_type}.{c}.json")) as f:
+      configs[c] = json.load(f)
+  from sdjax.convert import single_file
+  configs["scheduler"] = single_file.default_configs(model_type)["scheduler"]
+  return configs
+
+
+def make_pipeline_folder(root, model_type):
+  """A diffusers pipeline folder assembled from the (diffusers-verified) single-file fixture components."""
+  configs = tiny_configs(model_type)
+  index = {"_class_name": "StableDiffusionXLPipeline" if model_type == "sdxl" else "StableDiffusionPipeline",
+           "safety_checker": [None, None]}
+  for c in COMPONENTS[model_type]:
+    os.makedirs(os.path.join(root, c))
+    with open(os.path.join(root, c, "config.json"), "w") as f:
+      json.dump(configs[c], f)
+    name = "model" if c.startswith("text") else "diffusion_pytorch_model"
+    shutil.copy(os.path.join(SINGLE, f"{model_type}.{c}.safetensors"), os.path.join(root, c, f"{name}.safetensors"))
+    cls = configs[c].get("_class_name") or ("CLIPTextModelWithProjection" if c == "text_encoder_2" else "CLIPTextModel")
+    index[c] = ["transformers" if c.startswith("text") else "diffusers", cls]
+  for tok in ("tokenizer", "tokenizer_2") if model_type == "sdxl" else ("tokenizer",):
+    shutil.copytree(os.path.join(ROOT, "tests", "fixtures", "models", "tokenizer"), os.path.join(root, tok))
+    index[tok] = ["transformers", "CLIPTokenizer"]
+  os.makedirs(os.path.join(root, "scheduler"))
+  sched = dict(configs["scheduler"])
+  with open(os.path.join(root, "scheduler", "scheduler_config.json"), "w") as f:
+    json.dump(sched, f)
+  index["scheduler"] = ["diffusers", sched["_class_name"]]
+  with open(os.path.join(root, "model_index.json"), "w") as f:
+    json.dump(index, f)
+  return configs

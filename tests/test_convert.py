@@ -16,6 +16,7 @@ from sdjax import convert
 from sdjax.convert import safetensors_io, single_file, tree
 from sdjax.convert import diffusers as dconv
 from sdjax.models.unet import UNet, UNetConfig
+from conftest import COMPONENTS, SINGLE, make_pipeline_folder, tiny_configs
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
 MODELS = os.path.join(FIXTURES, "models")
@@ -150,46 +151,6 @@ def test_tree_key_mapping():
   assert tree.torch_key(("time_embedding", "linear_1", "bias")) == "time_embedding.linear_1.bias"
   assert tree.torch_key(("text_model", "encoder", "layers_3", "layer_norm1", "scale")) == \
       "text_model.encoder.layers.3.layer_norm1.weight"
-
-
-SINGLE = os.path.join(FIXTURES, "single_file")
-COMPONENTS = {"sd1": ("unet", "vae", "text_encoder"), "sd2": ("unet", "vae", "text_encoder"),
-              "sdxl": ("unet", "vae", "text_encoder", "text_encoder_2")}
-
-
-def tiny_configs(model_type):
-  configs = {}
-  for c in COMPONENTS[model_type]:
-    with open(os.path.join(SINGLE, f"{model_type}.{c}.json")) as f:
-      configs[c] = json.load(f)
-  configs["scheduler"] = single_file.default_configs(model_type)["scheduler"]
-  return configs
-
-
-def make_pipeline_folder(root, model_type):
-  """A diffusers pipeline folder assembled from the (diffusers-verified) single-file fixture components."""
-  configs = tiny_configs(model_type)
-  index = {"_class_name": "StableDiffusionXLPipeline" if model_type == "sdxl" else "StableDiffusionPipeline",
-           "safety_checker": [None, None]}
-  for c in COMPONENTS[model_type]:
-    os.makedirs(os.path.join(root, c))
-    with open(os.path.join(root, c, "config.json"), "w") as f:
-      json.dump(configs[c], f)
-    name = "model" if c.startswith("text") else "diffusion_pytorch_model"
-    shutil.copy(os.path.join(SINGLE, f"{model_type}.{c}.safetensors"), os.path.join(root, c, f"{name}.safetensors"))
-    cls = configs[c].get("_class_name") or ("CLIPTextModelWithProjection" if c == "text_encoder_2" else "CLIPTextModel")
-    index[c] = ["transformers" if c.startswith("text") else "diffusers", cls]
-  for tok in ("tokenizer", "tokenizer_2") if model_type == "sdxl" else ("tokenizer",):
-    shutil.copytree(os.path.join(MODELS, "tokenizer"), os.path.join(root, tok))
-    index[tok] = ["transformers", "CLIPTokenizer"]
-  os.makedirs(os.path.join(root, "scheduler"))
-  sched = dict(configs["scheduler"])
-  with open(os.path.join(root, "scheduler", "scheduler_config.json"), "w") as f:
-    json.dump(sched, f)
-  index["scheduler"] = ["diffusers", sched["_class_name"]]
-  with open(os.path.join(root, "model_index.json"), "w") as f:
-    json.dump(index, f)
-  return configs
 
 
 @pytest.mark.parametrize("model_type", ["sd1", "sd2", "sdxl"])

@@ -127,19 +127,15 @@ def latent_normalization(cfg) -> tuple[Any, Any]:
 
 
 def text_embeddings(encoders: Sequence[Any], params: Sequence[Any], ids: Sequence[Any]) -> dict[str, Any]:
-  """Prompt embeddings as diffusers' pipelines make them: one encoder (SD 1.x/2.x): the last hidden state
-  [B, L, C]; two (SDXL's `encode_prompt`): both encoders' penultimate hidden states concatenated along
-  features, and the second encoder's pooled output [B, C2] as `pooled_prompt_embeds`."""
-  import jax.numpy as jnp
+  """Prompt embeddings as diffusers' pipelines make them (`sdjax.pipelines.encode_prompt`), under the
+  cache's names: "prompt_embeds" [B, L, C] and, with two encoders (SDXL), "pooled_prompt_embeds" [B, C2]."""
+  from sdjax.pipelines import encode_prompt
 
-  if len(encoders) == 1:
-    last, _ = encoders[0].apply({"params": params[0]}, ids[0])
-    return {"prompt_embeds": last}
-  states, pooled = [], None
-  for enc, p, i in zip(encoders, params, ids):
-    _, pooled, hidden = enc.apply({"params": p}, i, output_hidden_states=True)
-    states.append(hidden[-2].astype(jnp.float32))
-  return {"prompt_embeds": jnp.concatenate(states, axis=-1), "pooled_prompt_embeds": pooled}
+  e = encode_prompt(encoders, params, ids)
+  out = {"prompt_embeds": e["context"]}
+  if "pooled" in e:
+    out["pooled_prompt_embeds"] = e["pooled"]
+  return out
 
 
 def make_encode(vae, encoders: Sequence[Any], store: str, seed: int, dtype: str):

@@ -49,6 +49,12 @@ def get(name: str) -> Sampler:
   return SAMPLERS[name]
 
 
+def scan_length(schedule: Schedule, sampler: str, num_steps: int, strength: float = 1.0) -> int:
+  """How many steps `sample(...)` runs (the leading axis of its `step_noise`) for these arguments."""
+  n = len(get(sampler).tables(schedule, num_steps)["timesteps"])
+  return n - (num_steps - min(int(num_steps * strength), num_steps) if strength < 1.0 else 0)
+
+
 def sample(model_fn: ModelFn, noise: jax.Array, *, schedule: Schedule, sampler: str, num_steps: int,
            rng: jax.Array | None = None, step_noise: jax.Array | None = None, init_image: jax.Array | None = None,
            strength: float = 1.0, inpaint_mask: jax.Array | None = None,
