@@ -18,12 +18,15 @@ def _get(cfg: Mapping[str, Any], key: str, default: Any) -> Any:
 
 
 def image_size(cfg: Mapping[str, Any]) -> int:
-  """The side of the training images: data.resolution, or 28 for the bundled digits."""
+  """The side of the training images: data.resolution, or 28 for the bundled digits (32 for shapes)."""
   res = int(_get(cfg, "resolution", 0))
   if res:
     return res
   if _get(cfg, "source", "bundled") == "bundled":
     return BUNDLED_SIZE
+  if _get(cfg, "source", "bundled") == "shapes":
+    from sdjax.data.shapes import SIZE
+    return SIZE
   raise ValueError(f"config.data.resolution must be set (> 0) for data.source={cfg.get('source')!r}: "
                    f"images are resized and cropped to resolution x resolution")
 

@@ -9,6 +9,7 @@ latent records carry `mean`/`logvar` (or `latent`) instead of `image`.
   downloads: an unprepared dataset is an error that says which command prepares it.
 - `records`: a directory written by `python -m sdjax.data.prepare` (image-caption folders and manifests).
 - `latents`: a directory written by `python -m sdjax.data.cache_latents`.
+- `shapes`: procedural captioned shapes ("a red circle", sdjax.data.shapes), no files.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from typing import Any
 
 from sdjax.data import bundled, records
 
-SOURCES = ("bundled", "tfds", "records", "latents")
+SOURCES = ("bundled", "tfds", "records", "latents", "shapes")
 
 
 class TfdsSource:
@@ -95,6 +96,9 @@ def open_source(kind: str, *, name: str = "", split: str = "train", data_dir: st
     if not name:
       raise ValueError("config.data.name: the TFDS dataset name is empty (e.g. 'mnist' or 'mnist:3.0.1')")
     return TfdsSource(name, split, data_dir, image_key=image_key, caption_key=caption_key, label_key=label_key)
+  if kind == "shapes":
+    from sdjax.data.shapes import ShapesSource
+    return ShapesSource(split)
   if kind in ("records", "latents"):
     if not path:
       raise ValueError(f"config.data.path: the {kind} directory is empty")

@@ -52,37 +52,47 @@ def split_micro_batches(tree: Any, k: int) -> Any:
 
 def make_train_step(apply_fn: Callable[..., jax.Array], schedule: Schedule,
                     optimizer: optax.GradientTransformation, cfg: StepConfig,
-                    lr_schedule: optax.Schedule | None = None):
-  """train_step(state, batch) -> (state, metrics); batch = {"image": float [B,H,W,C] in [-1,1], "label"}.
+                    lr_schedule: optax.Schedule | None = None, prepare: Callable[..., Any] | None = None):
+  """train_step(state, batch[, frozen]) -> (state, metrics).
 
-  apply_fn(params, x_t, t, labels, rng) -> prediction. The step's randomness (timesteps, noise, label
-  dropout) is drawn for the whole batch and then split, so k accumulated micro-batches give the same
-  update as one batch k times larger (up to float rounding; model dropout differs). A step whose loss or
-  gradients are not finite leaves params, optimizer state and EMA unchanged (the step counter still
-  advances) and reports `skipped = 1`.
+  Pixel models: batch = {"image": float [B,H,W,C] in [-1,1], "label"}; apply_fn(params, x_t, t, labels, rng)
+  -> prediction. With `prepare` (latent diffusion): `prepare(frozen, batch, rng) -> (x0, cond)` turns the
+  batch into diffusion-space data and a conditioning pytree with the frozen models (VAE, text encoders) whose
+  params `frozen` the step takes as its third argument, and apply_fn(params, frozen, x_t, t, cond, rng)
+  (frozen: e.g. a LoRA's base U-Net). Nothing is differentiated through `prepare` or `frozen`.
+
+  The step's randomness (timesteps, noise, label dropout) is drawn for the whole batch and then split, so k
+  accumulated micro-batches give the same update as one batch k times larger (up to float rounding; model
+  dropout differs). A step whose loss or gradients are not finite leaves params, optimizer state and EMA
+  unchanged (the step counter still advances) and reports `skipped = 1`.
   """
   k = cfg.grad_accum_steps
 
-  def loss_and_grads(params, x0, labels, draws, rng):
+  def loss_and_grads(apply, params, x0, labels, draws, rng):
     return jax.value_and_grad(
-        lambda p: losses.diffusion_loss(apply_fn, p, schedule, x0, labels, draws, rng, cfg.loss))(params)
+        lambda p: losses.diffusion_loss(apply, p, schedule, x0, labels, draws, rng, cfg.loss))(params)
 
-  def train_step(state: TrainState, batch: dict[str, jax.Array]):
+  def train_step(state: TrainState, batch: dict[str, jax.Array], frozen: Any = None):
     rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
     k_draw, k_model = jax.random.split(rng)
-    x0 = batch["image"].astype(jnp.float32)
-    labels = batch.get("label")
+    if prepare is None:
+      x0, labels, apply = batch["image"].astype(jnp.float32), batch.get("label"), apply_fn
+    else:
+      k_model, k_prepare = jax.random.split(k_model)
+      x0, labels = jax.lax.stop_gradient(prepare(frozen, batch, k_prepare))
+      x0 = x0.astype(jnp.float32)
+      apply = lambda p, x, t, c, r: apply_fn(p, frozen, x, t, c, r)
     draws = losses.draw(k_draw, x0.shape, schedule, cfg.loss)
 
     if k == 1:
-      loss, grads = loss_and_grads(state.params, x0, labels, draws, k_model)
+      loss, grads = loss_and_grads(apply, state.params, x0, labels, draws, k_model)
     else:
       micro = split_micro_batches((x0, labels, draws), k)
 
       def accumulate(carry, xs):
         loss_sum, grad_sum = carry
         j, (mx, my, md) = xs
-        loss, grads = loss_and_grads(state.params, mx, my, md, jax.random.fold_in(k_model, j))
+        loss, grads = loss_and_grads(apply, state.params, mx, my, md, jax.random.fold_in(k_model, j))
         return (loss_sum + loss, jax.tree.map(jnp.add, grad_sum, grads)), None
 
       zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
