@@ -71,6 +71,27 @@ class Experiment:
     self.batch_sharding = parallel.batch_sharding(self.mesh)
     self.replicated = parallel.replicated(self.mesh)
 
+  frozen = None  # no frozen models (latent diffusion has a VAE and text encoders)
+
+  def input_pipeline(self, process_index: int, process_count: int):
+    return input_pipeline.pipeline_from_config(
+        self.config.data, channels=self.model_config.in_channels,
+        global_batch_size=int(self.config.train.batch_size), seed=int(self.config.seed),
+        label=self.model_config.num_class_embeds is not None, process_index=process_index,
+        process_count=process_count)
+
+  def sample_grid(self):
+    """The class grid: one row per class, sample.per_class images each."""
+    from sdjax.train.ldm import SampleGrid
+    sc = self.config.sample
+    labels = class_grid_labels(self.num_classes, int(sc.per_class))
+    sharding = self.labels_sharding(len(labels))
+    args = (jax.device_put(labels, sharding), np.int32(int(self.config.seed) + 1),
+            jax.device_put(np.arange(len(labels), dtype=np.int32), sharding))
+    fn = self.sample_fn(sc.sampler, int(sc.num_steps), float(sc.guidance_scale))
+    return SampleGrid(fn, args, int(sc.per_class),
+                      {"sampler": sc.sampler, "steps": sc.num_steps, "guidance_scale": sc.guidance_scale})
+
   def _init_params(self, rng):
     x = jnp.zeros((1,) + self.image_shape, jnp.float32)
     labels = jnp.zeros((1,), jnp.int32) if self.model_config.num_class_embeds else None
@@ -163,10 +184,22 @@ class _StopFlag:
       signal.signal(signal.SIGTERM, self._previous)
 
 
+def make_experiment(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | None = None):
+  """The experiment of `config.task`: a pixel-space Experiment ("diffusion") or a LatentExperiment ("ldm")."""
+  task = config.get("task", "diffusion")
+  if task == "ldm":
+    from sdjax.train.ldm import LatentExperiment
+    return LatentExperiment(config, mesh)
+  if task != "diffusion":
+    raise ValueError(f"config.task={task!r} is not trained by sdjax.train.loop (diffusion | ldm)")
+  return Experiment(config, mesh)
+
+
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Train (or resume) `config` in `workdir`; returns a summary dict (also written to summary.json)."""
-  exp = Experiment(config)
+  exp = make_experiment(config)
   train_step = exp.train_step()
+  frozen = () if exp.frozen is None else (exp.frozen,)  # the frozen models' params (latent diffusion)
   tc = config.train
   lead = jax.process_index() == 0
   os.makedirs(workdir, exist_ok=True)
@@ -174,10 +207,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(config.to_json_best_effort(indent=2, sort_keys=True))
 
-  data = input_pipeline.pipeline_from_config(
-      config.data, channels=exp.model_config.in_channels, global_batch_size=int(tc.batch_size),
-      seed=int(config.seed), label=exp.model_config.num_class_embeds is not None,
-      process_index=jax.process_index(), process_count=jax.process_count())
+  data = exp.input_pipeline(jax.process_index(), jax.process_count())
 
   num_steps = int(tc.num_steps)
   ckpt = checkpoint.Checkpointer(workdir, keep=int(tc.keep_checkpoints))
@@ -200,34 +230,25 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                              "mesh": dict(exp.mesh.shape)}
   t0 = time.perf_counter()
   first = parallel.global_batch(next(batches), exp.batch_sharding)
-  compiled_step = train_step.lower(state, first).compile()
+  compiled_step = train_step.lower(state, first, *frozen).compile()
   summary["train_step_compile_s"] = time.perf_counter() - t0
 
-  grid_labels = class_grid_labels(exp.num_classes, int(config.sample.per_class))
-  sampler = exp.sample_fn(config.sample.sampler, int(config.sample.num_steps),
-                          float(config.sample.guidance_scale))
-  grid_sharding = exp.labels_sharding(len(grid_labels))
-  grid_indices = jax.device_put(np.arange(len(grid_labels), dtype=np.int32), grid_sharding)
-  grid_labels = jax.device_put(grid_labels, grid_sharding)
-  grid_seed = np.int32(int(config.seed) + 1)
+  grid = exp.sample_grid()
   compiled_sampler = None
 
   def write_samples(step: int) -> None:
     nonlocal compiled_sampler
     if compiled_sampler is None:
       t = time.perf_counter()
-      compiled_sampler = sampler.lower(state.ema_params, grid_labels, grid_seed, grid_indices).compile()
+      compiled_sampler = grid.fn.lower(state.ema_params, *grid.args).compile()
       summary["sampler_compile_s"] = time.perf_counter() - t
     # Every process joins the gather (the grid is split over the mesh, which spans all processes).
-    imgs = multihost_utils.process_allgather(
-        compiled_sampler(state.ema_params, grid_labels, grid_seed, grid_indices), tiled=True)
+    imgs = multihost_utils.process_allgather(compiled_sampler(state.ema_params, *grid.args), tiled=True)
     if lead:
-      grid = io.make_grid(io.to_uint8(imgs), nrow=int(config.sample.per_class))
+      image = io.make_grid(io.to_uint8(imgs), nrow=grid.nrow)
       os.makedirs(os.path.join(workdir, "samples"), exist_ok=True)
-      io.save_png(os.path.join(workdir, "samples", f"step_{step:07d}.png"), grid,
-                  {"step": step, "sampler": config.sample.sampler, "steps": config.sample.num_steps,
-                   "guidance_scale": config.sample.guidance_scale})
-      metrics.image("samples", step, grid)
+      io.save_png(os.path.join(workdir, "samples", f"step_{step:07d}.png"), image, {"step": step, **grid.meta})
+      metrics.image("samples", step, image)
 
   stop = _StopFlag(ckpt)
   pbar = tqdm(total=num_steps, initial=start, disable=not lead, dynamic_ncols=True, desc="train")
@@ -240,7 +261,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     for step in range(start, num_steps):
       if batch is None:
         batch = parallel.global_batch(next(batches), exp.batch_sharding)
-      state, m = compiled_step(state, batch)
+      state, m = compiled_step(state, batch, *frozen)
       batch = None
       pending.append(m)
       window_steps += 1
