@@ -1,7 +1,14 @@
-"""Sample from a trained run: a PNG grid (one row per class) and individual PNGs.
+"""Sample from a trained run or a Stable Diffusion checkpoint.
 
+Class-conditional pixel-space runs (the default job): a PNG grid (one row per class) and individual PNGs.
   python sample.py --workdir runs/default --num 8 --seed 0 --steps 50
+
+Text-to-image (a diffusers folder, a single-file checkpoint, or a `task: ldm` training run): a resumable
+job, one PNG per image with its generation metadata; re-run the same command to finish an interrupted one.
+  python sample.py --model path/to/sd15 --prompt "a red bicycle" --num_per_prompt 4 --outdir out/bikes
+  python sample.py --model sd15.safetensors --tokenizer path/to/tokenizer --prompts prompts.jsonl --outdir out/p
 """
+import os
 import sys
 
 from absl import app, flags
@@ -9,30 +16,113 @@ from absl import logging as absl_logging
 
 from sdjax.cli import parse_flags
 
-flags.DEFINE_string("workdir", None, "Training run directory (holds config.json and checkpoints/).", required=True)
-flags.DEFINE_string("outdir", None, "Output directory (default: <workdir>/generated/step_<N>_seed<S>).")
-flags.DEFINE_integer("seed", 0, "Seed; image i's noise depends only on (seed, i).")
-flags.DEFINE_integer("num", 8, "Images per class.")
-flags.DEFINE_integer("steps", None, "Sampler steps (default: the config's sample.num_steps).")
-flags.DEFINE_string("sampler", None, "Sampler name (default: the config's sample.sampler).")
-flags.DEFINE_float("guidance", None, "Classifier-free guidance scale (default: the config's).")
-flags.DEFINE_integer("batch_size", 100, "Images per jitted batch.")
+flags.DEFINE_string("workdir", None, "Training run directory (holds config.json and checkpoints/).")
+flags.DEFINE_string("outdir", None, "Output directory (default: <workdir>/generated/..., or "
+                    "generated/<model name> for --model).")
+flags.DEFINE_integer("seed", 0, "Seed; image i's noise depends only on (seed, i) (text jobs: on (seed, prompt, i)).")
+flags.DEFINE_integer("num", 8, "Class-conditional runs: images per class.")
+flags.DEFINE_integer("steps", None, "Sampler steps (default: the config's sample.num_steps; text jobs 25).")
+flags.DEFINE_string("sampler", None, "Sampler name (default: the config's sample.sampler, or the model's scheduler).")
+flags.DEFINE_float("guidance", None, "Classifier-free guidance scale (default: the config's; text jobs 7.5; "
+                   "<= 1 turns guidance off).")
+flags.DEFINE_integer("batch_size", None, "Images per jitted batch (default 100; text jobs 8, rounded up to a "
+                     "multiple of the device count).")
+# Text-to-image jobs.
+flags.DEFINE_string("model", None, "A diffusers pipeline folder or a single-file checkpoint (.safetensors).")
+flags.DEFINE_string("tokenizer", None, "CLIP tokenizer folder (single-file checkpoints carry none).")
+flags.DEFINE_string("tokenizer_2", None, "SDXL's second tokenizer folder (default: --tokenizer).")
+flags.DEFINE_enum("model_type", None, ["sd1", "sd2", "sd2_v", "sdxl"], "A single file's model type "
+                  "(default: detected from its keys; sd2_v must be named).")
+flags.DEFINE_multi_string("prompt", [], "A prompt (repeatable).")
+flags.DEFINE_string("prompts", None, "A prompts file: .txt (one a line, # comments) or .jsonl (objects with "
+                    "prompt and optional negative_prompt, seed, guidance_scale, guidance_rescale, steps, height, "
+                    "width, num_images, sampler, init_image, mask, strength).")
+flags.DEFINE_string("negative_prompt", "", "Negative prompt for every prompt without its own.")
+flags.DEFINE_integer("num_per_prompt", 1, "Images per prompt.")
+flags.DEFINE_float("rescale", 0.0, "Guidance rescale in [0, 1].")
+flags.DEFINE_integer("height", None, "Image height (default: the U-Net's sample_size x the VAE's downscale).")
+flags.DEFINE_integer("width", None, "Image width (default: as height).")
+flags.DEFINE_string("init_image", None, "img2img: the starting image for every prompt.")
+flags.DEFINE_string("mask", None, "Inpainting: mask image (white = repaint), with --init_image.")
+flags.DEFINE_float("strength", None, "img2img/inpainting strength in (0, 1] (default 0.8 img2img, 1.0 inpainting).")
+flags.DEFINE_bool("grid", False, "Also write grid.png, one row per prompt.")
+flags.DEFINE_integer("fsdp", 1, "Shard the params over this many devices (mesh data x fsdp).")
+flags.DEFINE_bool("overwrite", False, "Continue in an outdir whose job.json differs (changed images are re-rendered).")
+flags.DEFINE_integer("max_images", None, "Render at most this many images, then stop (re-run to continue).")
 FLAGS = flags.FLAGS
+
+TEXT_ONLY = ("model", "tokenizer", "tokenizer_2", "model_type", "prompt", "prompts", "negative_prompt",
+             "num_per_prompt", "rescale", "height", "width", "init_image", "mask", "strength", "grid", "fsdp",
+             "overwrite", "max_images")
+
+
+def sample_classes():
+  from sdjax.sampling import sample_run
+  s = sample_run(FLAGS.workdir, outdir=FLAGS.outdir, seed=FLAGS.seed, num=FLAGS.num, steps=FLAGS.steps,
+                 sampler=FLAGS.sampler, guidance_scale=FLAGS.guidance, batch_size=FLAGS.batch_size or 100)
+  print(f"wrote {s['num_images']} images to {s['outdir']} (checkpoint step {s['checkpoint_step']}, "
+        f"{s['sampler']} {s['steps']} steps, guidance {s['guidance_scale']}); "
+        f"compile {s['compile_s']:.1f}s, {s['images_per_s']:.1f} images/s")
+
+
+def text_job():
+  from sdjax import jobs
+  if FLAGS.prompt and FLAGS.prompts:
+    raise jobs.JobError("give --prompt or --prompts, not both")
+  if not FLAGS.prompt and not FLAGS.prompts:
+    raise jobs.JobError("a text-to-image job needs --prompt TEXT (repeatable) or --prompts FILE")
+  raw = jobs.read_prompts(FLAGS.prompts) if FLAGS.prompts else [
+      ({"prompt": p}, f"--prompt #{i}") for i, p in enumerate(FLAGS.prompt)]
+  defaults = jobs.Defaults(
+      negative_prompt=FLAGS.negative_prompt, num_images=FLAGS.num_per_prompt, seed=FLAGS.seed,
+      steps=25 if FLAGS.steps is None else FLAGS.steps, guidance_scale=7.5 if FLAGS.guidance is None else FLAGS.guidance,
+      guidance_rescale=FLAGS.rescale, sampler=FLAGS.sampler, height=FLAGS.height or FLAGS.width,
+      width=FLAGS.width or FLAGS.height, init_image=FLAGS.init_image, mask=FLAGS.mask, strength=FLAGS.strength)
+  for name in ("init_image", "mask", "tokenizer", "tokenizer_2"):
+    path = getattr(FLAGS, name)
+    if path and not os.path.exists(path):
+      raise jobs.JobError(f"--{name}: {path} does not exist")
+  if FLAGS.model:
+    model = jobs.load_model(FLAGS.model, tokenizer=FLAGS.tokenizer, tokenizer_2=FLAGS.tokenizer_2,
+                            model_type=FLAGS.model_type)
+    outdir = FLAGS.outdir or os.path.join("generated", os.path.splitext(os.path.basename(os.path.normpath(FLAGS.model)))[0])
+  else:
+    model = jobs.load_workdir(FLAGS.workdir)
+    outdir = FLAGS.outdir or os.path.join(FLAGS.workdir, "generated", "text")
+  job = jobs.Job(outdir, tuple(raw), defaults, batch_size=FLAGS.batch_size or 8, fsdp=FLAGS.fsdp, grid=FLAGS.grid,
+                 overwrite=FLAGS.overwrite, max_images=FLAGS.max_images)
+  try:
+    s = jobs.run(job, model)
+  except KeyboardInterrupt as e:
+    sig = "SIGTERM" if isinstance(e, jobs.Interrupted) else "interrupt"
+    print(f"{sig}: stopped; every file in {outdir} is complete. Re-run the same command to render the rest.",
+          file=sys.stderr)
+    sys.exit(143 if sig == "SIGTERM" else 130)
+  if s is None or s.get("remaining") is None:
+    return
+  print(f"{s['rendered']} images rendered, {s['skipped']} skipped as already done, {s['remaining']} remaining "
+        f"({s['images']} in the job) -> {s['outdir']}; compile {s['compile_s']:.1f}s, "
+        f"{s['images_per_s']:.2f} images/s, wall {s['wall_s']:.1f}s")
 
 
 def main(argv):
   absl_logging.set_verbosity(absl_logging.WARNING)
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  from sdjax.sampling import sample_run
+  if bool(FLAGS.model) == bool(FLAGS.workdir):
+    sys.exit("error: give --workdir DIR (a training run) or --model PATH (a Stable Diffusion checkpoint), not both")
+  from sdjax import jobs
+  text = FLAGS.model or jobs.workdir_task(FLAGS.workdir) == "ldm"
   try:
-    s = sample_run(FLAGS.workdir, outdir=FLAGS.outdir, seed=FLAGS.seed, num=FLAGS.num, steps=FLAGS.steps,
-                   sampler=FLAGS.sampler, guidance_scale=FLAGS.guidance, batch_size=FLAGS.batch_size)
+    if text:
+      text_job()
+    else:
+      given = [f"--{n}" for n in TEXT_ONLY if FLAGS[n].present]
+      if given:
+        raise ValueError(f"{FLAGS.workdir} is a class-conditional run: {', '.join(given)} apply to text-to-image only")
+      sample_classes()
   except (ValueError, FileNotFoundError) as e:
     sys.exit(f"error: {e}")
-  print(f"wrote {s['num_images']} images to {s['outdir']} (checkpoint step {s['checkpoint_step']}, "
-        f"{s['sampler']} {s['steps']} steps, guidance {s['guidance_scale']}); "
-        f"compile {s['compile_s']:.1f}s, {s['images_per_s']:.1f} images/s")
 
 
 if __name__ == "__main__":

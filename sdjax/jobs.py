@@ -1,0 +1,551 @@
+"""Resumable batch text-to-image jobs: prompts (flags, .txt or .jsonl) -> one PNG per image with its
+generation metadata, an index.jsonl, job.json, an optional grid and a summary.
+
+Image j of prompt p has an integer seed (the prompt's own `seed` + j, else one derived from (job seed, p,
+j)) and its key is `jax.random.key(seed)`, so an image depends on neither the batch size, the device count
+nor the other images of its batch. Work is grouped by the static arguments of the jitted pipeline (mode,
+size, steps, sampler, guidance on/off, rescale on/off, strength): one compile per group, fixed-size
+batches sharded over the mesh. A re-run of the same job renders only the images whose PNG is missing.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import threading
+import time
+from typing import Any, Callable, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import multihost_utils
+from PIL import Image
+from tqdm.auto import tqdm
+
+from sdjax import io, parallel, pipelines, samplers
+
+SEED_MAX = 2**31 - 1
+FIELDS = {"prompt": str, "negative_prompt": str, "seed": int, "guidance_scale": float, "guidance_rescale": float,
+          "steps": int, "height": int, "width": int, "num_images": int, "sampler": str, "init_image": str,
+          "mask": str, "strength": float}
+FLAG_OF = {"negative_prompt": "--negative_prompt", "guidance_scale": "--guidance", "guidance_rescale": "--rescale",
+           "steps": "--steps", "height": "--height", "width": "--width", "num_images": "--num_per_prompt",
+           "sampler": "--sampler", "init_image": "--init_image", "mask": "--mask", "strength": "--strength"}
+# job.json fields that change the images (a re-run that changes one of them is refused).
+IMAGE_FIELDS = ("model_hash", "seed")
+
+
+class JobError(ValueError):
+  """A job that cannot run as given (bad prompt line, flag, model or output folder)."""
+
+
+class Interrupted(KeyboardInterrupt):
+  """SIGTERM (or Ctrl-C) while rendering; everything on disk is complete."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Defaults:
+  """Job-wide settings from flags; a JSONL line's own fields override them (None: the model's default)."""
+  negative_prompt: str = ""
+  num_images: int = 1
+  seed: int = 0
+  steps: int = 25
+  guidance_scale: float = 7.5
+  guidance_rescale: float = 0.0
+  sampler: str | None = None
+  height: int | None = None
+  width: int | None = None
+  init_image: str | None = None
+  mask: str | None = None
+  strength: float | None = None  # None: 0.8 for img2img (diffusers' default), 1.0 for inpainting
+
+
+@dataclasses.dataclass(frozen=True)
+class Spec:
+  """One resolved prompt line."""
+  prompt: str
+  negative_prompt: str
+  seed: int | None
+  guidance_scale: float
+  guidance_rescale: float
+  steps: int
+  height: int
+  width: int
+  num_images: int
+  sampler: str
+  init_image: str | None
+  mask: str | None
+  strength: float
+
+  @property
+  def mode(self) -> str:
+    return "inpaint" if self.mask else "img2img" if self.init_image else "txt2img"
+
+  @property
+  def group(self) -> tuple:
+    """The static arguments of its jitted function (classifier-free guidance only for a scale > 1)."""
+    return (self.mode, self.height, self.width, self.steps, self.sampler, self.guidance_scale > 1.0,
+            self.guidance_rescale > 0.0, self.strength)
+
+
+class Item(NamedTuple):
+  """Image j of prompt p."""
+  p: int
+  j: int
+  seed: int
+  spec: Spec
+
+  @property
+  def name(self) -> str:
+    return f"{self.p:05d}_{self.j:03d}.png"
+
+
+@dataclasses.dataclass(eq=False)
+class Model:
+  """A loaded text-to-image model with what a job needs to know about it."""
+  sd: pipelines.StableDiffusion
+  params: Any
+  tokenizers: list
+  model_id: str
+  default_size: int | None
+  default_sampler: str | None
+  _hash: str | None = None
+
+  @property
+  def hash(self) -> str:
+    if self._hash is None:
+      from sdjax.convert import params_hash
+      self._hash = params_hash(self.params["unet"])
+    return self._hash
+
+
+# --- sources ---------------------------------------------------------------------------------------------
+
+def load_model(path: str, *, tokenizer: str | None = None, tokenizer_2: str | None = None,
+               model_type: str | None = None) -> Model:
+  """A diffusers folder or a single-file checkpoint (whose tokenizers come from `tokenizer`[_2])."""
+  from sdjax import convert
+  from sdjax.convert import single_file
+  from sdjax.models import clip
+  if not os.path.exists(path):
+    raise JobError(f"--model: {path} does not exist")
+  if os.path.isfile(path):
+    pipe = convert.load_single_file(path, model_type)
+    size = single_file.default_configs(pipe.model_type)["unet"].get("sample_size")
+  else:
+    pipe = convert.load_pipeline(path)
+    with open(os.path.join(path, "unet", "config.json")) as f:
+      size = json.load(f).get("sample_size")
+  sd, params = pipelines.from_components(pipe.models, pipe.schedule, model_type=pipe.model_type)
+  names = ("tokenizer", "tokenizer_2")[:len(sd.text_encoders)]
+  toks = [pipe.tokenizers.get(n) for n in names]
+  for i, folder in enumerate((tokenizer, tokenizer_2 or tokenizer)[:len(names)]):
+    if folder:
+      toks[i] = clip.load_tokenizer(folder)
+  if any(t is None for t in toks):
+    raise JobError(f"{path} carries no tokenizer: pass --tokenizer DIR (and --tokenizer_2 for SDXL)")
+  try:
+    sampler = pipe.sampler
+  except ValueError:
+    sampler = None
+  return Model(sd, params, toks, os.path.abspath(path), size * sd.downscale if size else None, sampler)
+
+
+def load_workdir(workdir: str) -> Model:
+  """The latest checkpoint of a text-to-image (`task: ldm`) training run."""
+  from sdjax.train import loop
+  load = getattr(loop, "load_text_to_image", None)
+  if load is None:
+    raise JobError("this sdjax cannot sample text-to-image training runs yet "
+                   "(sdjax.train.loop.load_text_to_image is missing): use --model")
+  sd, params, tokenizers, model_id = load(workdir)
+  with open(os.path.join(workdir, "config.json")) as f:
+    config = json.load(f)
+  size = config.get("data", {}).get("image_size") or config.get("data", {}).get("resolution")
+  return Model(sd, params, list(tokenizers), model_id, int(size) if size else None,
+               config.get("sample", {}).get("sampler"))
+
+
+def workdir_task(workdir: str) -> str:
+  """The `task` of a training run's config.json ("diffusion" when it names none)."""
+  path = os.path.join(workdir, "config.json")
+  if not os.path.isfile(path):
+    return "diffusion"  # sdjax.sampling reports the missing run
+  with open(path) as f:
+    return json.load(f).get("task") or "diffusion"
+
+
+# --- prompts ---------------------------------------------------------------------------------------------
+
+def read_prompts(path: str) -> list[tuple[dict, str]]:
+  """[(fields, "file:line")] from a .txt (one prompt a line, # comments) or .jsonl file."""
+  if not os.path.isfile(path):
+    raise JobError(f"--prompts: {path} does not exist")
+  ext = os.path.splitext(path)[1].lower()
+  if ext not in (".txt", ".jsonl"):
+    raise JobError(f"--prompts: {path} must be a .txt (one prompt a line) or .jsonl file")
+  base = os.path.dirname(os.path.abspath(path))
+  out = []
+  with open(path, encoding="utf-8") as f:
+    for n, line in enumerate(f, 1):
+      where, line = f"{path}:{n}", line.strip()
+      if not line or (ext == ".txt" and line.startswith("#")):
+        continue
+      out.append(({"prompt": line}, where) if ext == ".txt" else (_parse_line(line, where, base), where))
+  if not out:
+    raise JobError(f"--prompts: {path} holds no prompts")
+  return out
+
+
+def _parse_line(line: str, where: str, base: str) -> dict:
+  try:
+    obj = json.loads(line)
+  except json.JSONDecodeError as e:
+    raise JobError(f"{where}: not valid JSON ({e.msg})") from None
+  if not isinstance(obj, dict):
+    raise JobError(f"{where}: expected a JSON object with a 'prompt', got {type(obj).__name__}")
+  for key, value in obj.items():
+    kind = FIELDS.get(key)
+    if kind is None:
+      raise JobError(f"{where}: unknown field {key!r}; expected one of {sorted(FIELDS)}")
+    ok = isinstance(value, (int, float)) if kind is float else isinstance(value, kind)
+    if not ok or isinstance(value, bool) or (kind is float and not np.isfinite(value)):
+      raise JobError(f"{where}: field {key!r} must be {'a number' if kind is float else kind.__name__}, got {value!r}")
+  if not obj.get("prompt"):
+    raise JobError(f"{where}: field 'prompt' is required (a non-empty string)")
+  for key in ("init_image", "mask"):  # relative to the prompts file
+    if key in obj and not os.path.isabs(obj[key]):
+      obj[key] = os.path.join(base, obj[key])
+  return obj
+
+
+def resolve(raw: Sequence[tuple[dict, str]], defaults: Defaults, model: Model) -> list[Spec]:
+  """Validated `Spec`s: every field from the line or the job defaults; errors name the line or flag."""
+  return [_resolve_one(fields, where, defaults, model) for fields, where in raw]
+
+
+def _resolve_one(raw: dict, where: str, d: Defaults, model: Model) -> Spec:
+  def fail(name, msg):
+    origin = f"{where}: field {name!r}" if name in raw else FLAG_OF.get(name, name)
+    raise JobError(f"{origin}: {msg}")
+
+  get = lambda name: raw.get(name, getattr(d, name))
+  if model.sd.inpainting and not get("mask"):
+    fail("mask", "this model has an inpainting U-Net (9 input channels): every prompt needs init_image and mask")
+  sampler = get("sampler") or model.default_sampler
+  if sampler is None:
+    fail("sampler", "the model's scheduler has no sdjax sampler: pass --sampler")
+  if sampler not in samplers.SAMPLERS:
+    fail("sampler", f"unknown sampler {sampler!r}; available: {sorted(samplers.SAMPLERS)}")
+  size = {}
+  for name in ("height", "width"):
+    v = get(name) or model.default_size
+    f = model.sd.downscale
+    if v is None:
+      fail(name, "the model's default image size is unknown: pass --height and --width")
+    if v <= 0 or v % f:
+      fail(name, f"{v} must be a positive multiple of {f} (the VAE's downscale)")
+    size[name] = v
+  for name, lo, hi in (("steps", 1, 10_000), ("num_images", 1, 1000)):
+    if not lo <= get(name) <= hi:
+      fail(name, f"must be in [{lo}, {hi}], got {get(name)}")
+  if get("guidance_scale") < 0:
+    fail("guidance_scale", f"must be >= 0, got {get('guidance_scale')}")
+  if not 0 <= get("guidance_rescale") <= 1:
+    fail("guidance_rescale", f"must be in [0, 1], got {get('guidance_rescale')}")
+  seed = raw.get("seed")
+  if seed is not None and not 0 <= seed <= SEED_MAX - get("num_images") + 1:
+    fail("seed", f"must be in [0, {SEED_MAX - get('num_images') + 1}] (seed + image index is 31-bit), got {seed}")
+  init, mask = get("init_image"), get("mask")
+  for name, path in (("init_image", init), ("mask", mask)):
+    if path and not os.path.isfile(path):
+      fail(name, f"image file {path} does not exist")
+  if mask and not init:
+    fail("mask", "a mask needs an init_image (the image to repaint)")
+  strength = get("strength")
+  strength = float((0.8 if init and not mask else 1.0) if strength is None else strength)
+  if not 0 < strength <= 1:
+    fail("strength", f"must be in (0, 1], got {strength}")
+  if strength < 1 and not init:
+    fail("strength", "strength < 1 needs an init_image")
+  if strength < 1 and not samplers.get(sampler).img2img:
+    fail("strength", f"sampler {sampler!r} does not support strength < 1")
+  if int(get("steps") * strength) < 1:
+    fail("strength", f"strength {strength} leaves none of the {get('steps')} steps")
+  return Spec(raw["prompt"], get("negative_prompt") or "", seed, float(get("guidance_scale")),
+              float(get("guidance_rescale")), int(get("steps")), size["height"], size["width"],
+              int(get("num_images")), sampler, init, mask, strength)
+
+
+def image_seed(job_seed: int, p: int, j: int, spec: Spec) -> int:
+  """The integer seed of image j of prompt p: the prompt's seed + j, else derived from (job seed, p, j)."""
+  if spec.seed is not None:
+    return spec.seed + j
+  return int(np.random.SeedSequence([job_seed, p, j]).generate_state(1)[0]) & SEED_MAX
+
+
+def items(specs: Sequence[Spec], job_seed: int) -> list[Item]:
+  return [Item(p, j, image_seed(job_seed, p, j, s), s) for p, s in enumerate(specs) for j in range(s.num_images)]
+
+
+def sdjax_version() -> str:
+  from importlib import metadata
+  try:
+    return metadata.version("sdjax")
+  except metadata.PackageNotFoundError:
+    return "unknown"
+
+
+def record(item: Item, model: Model) -> dict:
+  """The generation metadata of one image (PNG tEXt chunks and its index.jsonl line)."""
+  s = item.spec
+  r = {"file": item.name, "prompt": s.prompt, "negative_prompt": s.negative_prompt, "seed": item.seed,
+       "sampler": s.sampler, "steps": s.steps, "guidance_scale": s.guidance_scale,
+       "guidance_rescale": s.guidance_rescale, "height": s.height, "width": s.width, "mode": s.mode,
+       "strength": s.strength, "model": model.model_id, "model_hash": model.hash, "sdjax_version": sdjax_version()}
+  if s.init_image:
+    r["init_image"] = s.init_image
+  if s.mask:
+    r["mask"] = s.mask
+  return r
+
+
+# --- the job folder ----------------------------------------------------------------------------------
+
+def _write_json(path: str, obj: Any, lines: bool = False) -> None:
+  tmp = f"{path}.tmp"
+  with open(tmp, "w") as f:
+    if lines:
+      f.writelines(json.dumps(o) + "\n" for o in obj)
+    else:
+      json.dump(obj, f, indent=2)
+  os.replace(tmp, path)
+
+
+def check_job(outdir: str, job: dict) -> None:
+  """Refuse to continue a job whose existing job.json differs in a setting that changes the images."""
+  path = os.path.join(outdir, "job.json")
+  if not os.path.isfile(path):
+    return
+  with open(path) as f:
+    old = json.load(f)
+  for key in IMAGE_FIELDS:
+    if old.get(key) != job[key]:
+      _changed(outdir, key, old.get(key), job[key])
+  for p, (a, b) in enumerate(zip(old.get("prompts", []), job["prompts"])):  # appended prompts are fine
+    for key in sorted(set(a) | set(b)):
+      if a.get(key) != b.get(key):
+        _changed(outdir, f"prompts[{p}].{key}", a.get(key), b.get(key))
+  if len(old.get("prompts", [])) > len(job["prompts"]):
+    _changed(outdir, "number of prompts", len(old["prompts"]), len(job["prompts"]))
+
+
+def _changed(outdir, field, old, new):
+  raise JobError(f"{outdir} holds a job with {field}={old!r}, this one has {new!r}: use another --outdir, "
+                 "or --overwrite to render the changed images")
+
+
+def make_grid(outdir: str, specs: Sequence[Spec]) -> np.ndarray | None:
+  """One row per prompt (black where a prompt has fewer images), when all images share one size."""
+  if len({(s.height, s.width) for s in specs}) != 1:
+    return None
+  n = max(s.num_images for s in specs)
+  tiles = np.zeros((len(specs) * n, specs[0].height, specs[0].width, 3), np.uint8)
+  for it in items(specs, 0):
+    tiles[it.p * n + it.j] = np.asarray(Image.open(os.path.join(outdir, it.name)).convert("RGB"))
+  return io.make_grid(tiles, nrow=n)
+
+
+# --- rendering ---------------------------------------------------------------------------------------
+
+def load_image(path: str, height: int, width: int, mask: bool = False) -> np.ndarray:
+  """[H, W, 3] in [-1, 1] (an image) or [H, W, 1] in {0, 1} (a mask, white = repaint), resized."""
+  try:
+    img = Image.open(path).convert("L" if mask else "RGB")
+  except OSError as e:
+    raise JobError(f"cannot read image {path}: {e}") from None
+  if img.size != (width, height):
+    img = img.resize((width, height), Image.NEAREST if mask else Image.LANCZOS)
+  a = np.asarray(img, np.float32) / 255.0
+  return (a[..., None] >= 0.5).astype(np.float32) if mask else a * 2.0 - 1.0
+
+
+def batch_inputs(model: Model, group: tuple, batch: Sequence[Item]) -> tuple:
+  """Host arrays (prompt, seeds [B], image [B, H, W, 3] | None, mask [B, H, W, 1] | None) for a batch."""
+  mode, h, w, _, _, cfg, rescale, _ = group
+  sd, specs = model.sd, [it.spec for it in batch]
+  ids = pipelines.tokenize(model.tokenizers, sd.text_encoders, [s.prompt for s in specs])
+  neg = pipelines.tokenize(model.tokenizers, sd.text_encoders, [s.negative_prompt for s in specs]) if cfg else None
+  prompt = pipelines.Prompt(
+      ids, neg, np.asarray([s.guidance_scale for s in specs], np.float32) if cfg else None,
+      np.asarray([s.guidance_rescale for s in specs], np.float32) if cfg and rescale else None,
+      np.stack([pipelines.micro_conditioning(h, w)] * len(batch)) if sd.sdxl else None,
+      np.asarray([not s.negative_prompt for s in specs]) if sd.sdxl and cfg else None)
+  seeds = np.asarray([it.seed for it in batch], np.int32)
+  image = np.stack([load_image(s.init_image, h, w) for s in specs]) if mode != "txt2img" else None
+  mask = np.stack([load_image(s.mask, h, w, mask=True) for s in specs]) if mode == "inpaint" else None
+  return prompt, seeds, image, mask
+
+
+def render_fn(sd: pipelines.StableDiffusion, group: tuple, mesh) -> Callable:
+  """jit (params, prompt, seeds, image, mask) -> uint8 images [B, H, W, C], batch sharded over `mesh`."""
+  mode, h, w, steps, sampler, _, _, strength = group
+
+  def fn(params, prompt, seeds, image, mask):
+    keys = jax.vmap(jax.random.key)(seeds)
+    kw = {"sampler": sampler, "num_steps": steps}
+    if mode == "txt2img":
+      x = pipelines.txt2img(sd, params, prompt, keys, height=h, width=w, **kw)
+    elif mode == "img2img":
+      x = pipelines.img2img(sd, params, prompt, keys, image, strength=strength, **kw)
+    else:
+      x = pipelines.inpaint(sd, params, prompt, keys, image, mask, strength=strength, **kw)
+    return jnp.clip(jnp.round((x + 1.0) * 127.5), 0, 255).astype(jnp.uint8)  # as io.to_uint8
+
+  return jax.jit(fn, out_shardings=parallel.batch_sharding(mesh))
+
+
+def put(tree: Any, shardings: Any) -> Any:
+  """Host arrays -> global arrays (every process holds the whole host array; works multi-process)."""
+  def one(a, s):
+    a = np.asarray(a)
+    return jax.make_array_from_callback(a.shape, s, lambda idx: a[idx])
+  return jax.tree.map(one, tree, shardings)
+
+
+_COMPILED: dict = {}  # (model, group, batch size, mesh) -> compiled executable (reused within a process)
+
+
+def compiled_for(model: Model, params: Any, group: tuple, args: tuple, mesh) -> tuple[Any, float]:
+  key = (id(model), group, len(args[1]), mesh)
+  if key not in _COMPILED:
+    t = time.perf_counter()
+    _COMPILED[key] = (render_fn(model.sd, group, mesh).lower(params, *args).compile(), model)
+    return _COMPILED[key][0], time.perf_counter() - t
+  return _COMPILED[key][0], 0.0
+
+
+# --- the job -----------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Job:
+  outdir: str
+  raw_prompts: tuple  # ((fields, where), ...)
+  defaults: Defaults = Defaults()
+  batch_size: int = 8
+  fsdp: int = 1
+  grid: bool = False
+  overwrite: bool = False
+  max_images: int | None = None  # stop after rendering this many (then re-run to continue)
+
+
+def _on_sigterm(signum, frame):
+  raise Interrupted("SIGTERM")
+
+
+def run(job: Job, model: Model, *, devices: Sequence[jax.Device] | None = None, progress: bool = True,
+        echo: Callable[[str], None] = print) -> dict:
+  """Render `job`'s missing images into job.outdir; returns (and writes) the summary."""
+  t_start = time.perf_counter()
+  specs = resolve(job.raw_prompts, job.defaults, model)
+  work = items(specs, job.defaults.seed)
+  lead = jax.process_index() == 0
+  devices = list(jax.devices() if devices is None else devices)
+  mesh = parallel.make_mesh({"data": -1, "fsdp": job.fsdp}, devices)  # JobError-worthy sizes raise ValueError
+  ndev = parallel.batch_devices(mesh)
+  batch_size = -(-max(1, job.batch_size) // ndev) * ndev
+  if batch_size != job.batch_size:
+    echo(f"note: batch_size {job.batch_size} -> {batch_size} (a multiple of the {ndev} devices)")
+  info = {"sdjax_version": sdjax_version(), "model": model.model_id, "model_hash": model.hash,
+          "seed": job.defaults.seed, "prompts": [dataclasses.asdict(s) for s in specs],
+          "execution": {"batch_size": batch_size, "devices": len(devices), "fsdp": job.fsdp}}
+  os.makedirs(job.outdir, exist_ok=True)
+  if not job.overwrite:
+    check_job(job.outdir, info)
+  records = {it.name: record(it, model) for it in work}
+  if lead:
+    for name in os.listdir(job.outdir):  # leftovers of a killed run's atomic writes
+      if name.endswith(".tmp"):
+        os.remove(os.path.join(job.outdir, name))
+    if job.overwrite:  # a changed job: its changed images are stale
+      _drop_changed(job.outdir, records)
+    _write_json(os.path.join(job.outdir, "job.json"), info)
+  done = np.asarray([os.path.exists(os.path.join(job.outdir, it.name)) for it in work])
+  if jax.process_count() > 1:
+    done = np.asarray(multihost_utils.broadcast_one_to_all(done))
+  todo = [it for it, d in zip(work, done) if not d]
+  skipped = len(work) - len(todo)
+  if job.max_images is not None:
+    todo = todo[:max(0, job.max_images)]
+  index_path = os.path.join(job.outdir, "index.jsonl")
+  if lead:  # rebuilt from the PNGs on disk: one line per finished image
+    _write_json(index_path, [records[it.name] for it, d in zip(work, done) if d], lines=True)
+  params_sh = pipelines.param_shardings(model.params, mesh)
+  params = put(model.params, params_sh)
+  groups: dict[tuple, list[Item]] = {}
+  for it in todo:
+    groups.setdefault(it.spec.group, []).append(it)
+
+  stats = {"compile_s": 0.0, "render_s": 0.0, "rendered": 0}
+  previous = signal.signal(signal.SIGTERM, _on_sigterm) if threading.current_thread() is threading.main_thread() else None
+  bar = tqdm(total=len(todo), unit="img", desc="sample", disable=not (lead and progress), dynamic_ncols=True)
+  try:
+    for group, group_items in groups.items():
+      _render_group(model, params, group, group_items, mesh, min(batch_size, -(-len(group_items) // ndev) * ndev),
+                    job.outdir, records, stats, bar, lead)
+  finally:
+    bar.close()
+    if previous is not None:
+      signal.signal(signal.SIGTERM, previous)
+
+  finished = [it for it in work if os.path.exists(os.path.join(job.outdir, it.name))] if lead else []
+  summary = {"outdir": job.outdir, "images": len(work), "rendered": stats["rendered"], "skipped": skipped,
+             "remaining": len(work) - len(finished) if lead else None, "groups": len(groups),
+             "batch_size": batch_size, "devices": len(devices), "compile_s": stats["compile_s"],
+             "render_s": stats["render_s"], "images_per_s": stats["rendered"] / max(stats["render_s"], 1e-9),
+             "wall_s": 0.0}
+  if lead:
+    _write_json(index_path, [records[it.name] for it in finished], lines=True)  # canonical order
+    if job.grid and len(finished) == len(work):
+      grid = make_grid(job.outdir, specs)
+      if grid is None:
+        echo("note: no grid.png: the prompts' image sizes differ")
+      else:
+        io.save_png(os.path.join(job.outdir, "grid.png"), grid, {"model": model.model_id, "model_hash": model.hash})
+    summary["wall_s"] = time.perf_counter() - t_start
+    _write_json(os.path.join(job.outdir, "summary.json"), summary)
+  return summary
+
+
+def _drop_changed(outdir: str, records: dict) -> None:
+  """With --overwrite: delete PNGs whose stored metadata differs from what this job would write."""
+  for name, rec in records.items():
+    path = os.path.join(outdir, name)
+    if os.path.exists(path):
+      text = dict(Image.open(path).text)
+      if text != {k: str(v) for k, v in rec.items() if k != "file"}:
+        os.remove(path)
+
+
+def _render_group(model, params, group, group_items, mesh, batch_size, outdir, records, stats, bar, lead):
+  sharding = parallel.batch_sharding(mesh)
+  for start in range(0, len(group_items), batch_size):
+    batch = group_items[start:start + batch_size]
+    padded = list(batch) + [batch[-1]] * (batch_size - len(batch))  # padding rows are dropped below
+    host = batch_inputs(model, group, padded)
+    args = put(host, jax.tree.map(lambda _: sharding, host))
+    fn, compile_s = compiled_for(model, params, group, args, mesh)
+    stats["compile_s"] += compile_s
+    t = time.perf_counter()
+    images = multihost_utils.process_allgather(fn(params, *args), tiled=True)[:len(batch)]
+    stats["render_s"] += time.perf_counter() - t
+    stats["rendered"] += len(batch)
+    if lead:
+      with open(os.path.join(outdir, "index.jsonl"), "a") as f:
+        for it, img in zip(batch, images):
+          rec = records[it.name]
+          io.save_png(os.path.join(outdir, it.name), img, {k: v for k, v in rec.items() if k != "file"})
+          f.write(json.dumps(rec) + "\n")
+    bar.update(len(batch))
