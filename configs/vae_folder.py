@@ -108,7 +108,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   if arg == "tiny":
     c.data.resolution = 32
-    c.vae.block_out_channels = (8, 8, 16)
+    c.vae.block_out_channels = (8, 8, 8)
     c.vae.layers_per_block = 1
     c.vae.norm_num_groups = 4
     c.vae.sample_size = 32

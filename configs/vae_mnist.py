@@ -104,7 +104,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.mesh.fsdp_min_size = 1024
 
   if arg == "tiny":
-    c.vae.block_out_channels = (8, 8, 16)
+    c.vae.block_out_channels = (8, 8, 8)
     c.vae.norm_num_groups = 4
     c.vae.mid_block_add_attention = False
     c.gan.disc_channels = 8

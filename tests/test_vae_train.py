@@ -45,7 +45,8 @@ def test_gan_and_reconstruction_losses_on_hand_computed_values():
   x, y = np.zeros((1, 2, 2, 1)), np.array([1.0, -3.0, 0.0, 2.0]).reshape(1, 2, 2, 1)
   np.testing.assert_allclose(autoencoder.recon_loss(x, y, "l1"), 1.5)
   np.testing.assert_allclose(autoencoder.recon_loss(x, y, "l2"), 3.5)
-  logits = autoencoder.PatchDiscriminator(8, 2).init_with_output(jax.random.key(0), np.zeros((2, 32, 32, 3)))[0]
+  disc = autoencoder.PatchDiscriminator(8, 2)
+  logits = jax.eval_shape(lambda: disc.init_with_output(jax.random.key(0), np.zeros((2, 32, 32, 3)))[0])
   assert logits.shape == (2, 6, 6, 1)  # 32 / 2**2 - 2 patches per side
 
 
@@ -64,7 +65,21 @@ def _restore(workdir, step):
   return jax.device_get(state.disc_params), jax.device_get(exp.export_params(state))
 
 
-def test_tiny_run_learns_gan_warmup_export_and_exact_resume(tmp_path):
+@pytest.fixture
+def compilation_cache(tmp_path):
+  """A persistent XLA cache for this test only: the resumed run reuses the first run's compiled step."""
+  from jax.experimental.compilation_cache import compilation_cache as cc
+  saved = jax.config.jax_compilation_cache_dir, jax.config.jax_persistent_cache_min_compile_time_secs
+  jax.config.update("jax_compilation_cache_dir", str(tmp_path / "xla_cache"))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+  cc.reset_cache()
+  yield
+  jax.config.update("jax_compilation_cache_dir", saved[0])
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", saved[1])
+  cc.reset_cache()
+
+
+def test_tiny_run_learns_gan_warmup_export_and_exact_resume(tmp_path, compilation_cache):
   n, k = 24, 12  # the discriminator and the adversarial term start at step k
   config = tiny(gan__enabled=True, gan__start_step=k, optim__schedule="constant", train__num_steps=n,
                 train__log_every=1, train__checkpoint_every=k // 2, train__keep_checkpoints=10)
@@ -88,7 +103,7 @@ def test_tiny_run_learns_gan_warmup_export_and_exact_resume(tmp_path):
   jax.tree.map(np.testing.assert_array_equal, params, ema_n)
   assert os.path.exists(os.path.join(ref_dir, "samples", f"step_{n:07d}.png"))
   images = _digits(config)
-  recon = vae.apply({"params": params}, images)
+  recon = jax.jit(lambda p, x: vae.apply({"params": p}, x))(params, images)
   assert recon.shape == images.shape
   assert np.mean(np.abs(recon - images)) < records[1]["recon"]
 
