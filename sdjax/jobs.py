@@ -112,6 +112,7 @@ class Model:
   default_size: int | None
   default_sampler: str | None
   _hash: str | None = None
+  compiled: dict = dataclasses.field(default_factory=dict)  # (group, batch size, mesh) -> executable
 
   @property
   def hash(self) -> str:
@@ -154,18 +155,17 @@ def load_model(path: str, *, tokenizer: str | None = None, tokenizer_2: str | No
 
 
 def load_workdir(workdir: str) -> Model:
-  """The latest checkpoint of a text-to-image (`task: ldm`) training run."""
-  from sdjax.train import loop
-  load = getattr(loop, "load_text_to_image", None)
-  if load is None:
-    raise JobError("this sdjax cannot sample text-to-image training runs yet "
-                   "(sdjax.train.loop.load_text_to_image is missing): use --model")
-  sd, params, tokenizers, model_id = load(workdir)
+  """The latest checkpoint (EMA params) of a text-to-image (`task: ldm`) training run."""
+  from sdjax.train.ldm import load_text_to_image
+  sd, params, tokenizers, model_id = load_text_to_image(workdir)
   with open(os.path.join(workdir, "config.json")) as f:
     config = json.load(f)
-  size = config.get("data", {}).get("image_size") or config.get("data", {}).get("resolution")
-  return Model(sd, params, list(tokenizers), model_id, int(size) if size else None,
-               config.get("sample", {}).get("sampler"))
+  data, sample = config.get("data", {}), config.get("sample", {})
+  size = sample.get("size") or data.get("resolution")
+  if not size and data.get("source", "bundled") != "latents":
+    from sdjax.data import input_pipeline
+    size = input_pipeline.image_size(data)
+  return Model(sd, params, list(tokenizers), model_id, int(size) if size else None, sample.get("sampler"))
 
 
 def workdir_task(workdir: str) -> str:
@@ -223,6 +223,8 @@ def _parse_line(line: str, where: str, base: str) -> dict:
 
 def resolve(raw: Sequence[tuple[dict, str]], defaults: Defaults, model: Model) -> list[Spec]:
   """Validated `Spec`s: every field from the line or the job defaults; errors name the line or flag."""
+  if defaults.seed < 0:
+    raise JobError(f"--seed: must be >= 0, got {defaults.seed}")
   return [_resolve_one(fields, where, defaults, model) for fields, where in raw]
 
 
@@ -259,11 +261,17 @@ def _resolve_one(raw: dict, where: str, d: Defaults, model: Model) -> Spec:
   if seed is not None and not 0 <= seed <= SEED_MAX - get("num_images") + 1:
     fail("seed", f"must be in [0, {SEED_MAX - get('num_images') + 1}] (seed + image index is 31-bit), got {seed}")
   init, mask = get("init_image"), get("mask")
-  for name, path in (("init_image", init), ("mask", mask)):
-    if path and not os.path.isfile(path):
-      fail(name, f"image file {path} does not exist")
   if mask and not init:
     fail("mask", "a mask needs an init_image (the image to repaint)")
+  for name, path in (("init_image", init), ("mask", mask)):
+    if not path:
+      continue
+    if not os.path.isfile(path):
+      fail(name, f"image file {path} does not exist")
+    try:
+      Image.open(path).verify()
+    except Exception as e:  # PIL raises many kinds for a file that is not an image
+      fail(name, f"cannot read image {path}: {e}")
   strength = get("strength")
   strength = float((0.8 if init and not mask else 1.0) if strength is None else strength)
   if not 0 < strength <= 1:
@@ -415,16 +423,14 @@ def put(tree: Any, shardings: Any) -> Any:
   return jax.tree.map(one, tree, shardings)
 
 
-_COMPILED: dict = {}  # (model, group, batch size, mesh) -> compiled executable (reused within a process)
-
-
 def compiled_for(model: Model, params: Any, group: tuple, args: tuple, mesh) -> tuple[Any, float]:
-  key = (id(model), group, len(args[1]), mesh)
-  if key not in _COMPILED:
-    t = time.perf_counter()
-    _COMPILED[key] = (render_fn(model.sd, group, mesh).lower(params, *args).compile(), model)
-    return _COMPILED[key][0], time.perf_counter() - t
-  return _COMPILED[key][0], 0.0
+  """The compiled render function for (group, batch size, mesh), and its compile seconds (0 if cached)."""
+  key = (group, len(args[1]), mesh)
+  if key in model.compiled:
+    return model.compiled[key], 0.0
+  t = time.perf_counter()
+  model.compiled[key] = render_fn(model.sd, group, mesh).lower(params, *args).compile()
+  return model.compiled[key], time.perf_counter() - t
 
 
 # --- the job -----------------------------------------------------------------------------------------
@@ -453,7 +459,7 @@ def run(job: Job, model: Model, *, devices: Sequence[jax.Device] | None = None, 
   work = items(specs, job.defaults.seed)
   lead = jax.process_index() == 0
   devices = list(jax.devices() if devices is None else devices)
-  mesh = parallel.make_mesh({"data": -1, "fsdp": job.fsdp}, devices)  # JobError-worthy sizes raise ValueError
+  mesh = parallel.make_mesh({"data": -1, "fsdp": job.fsdp}, devices)
   ndev = parallel.batch_devices(mesh)
   batch_size = -(-max(1, job.batch_size) // ndev) * ndev
   if batch_size != job.batch_size:
@@ -461,54 +467,40 @@ def run(job: Job, model: Model, *, devices: Sequence[jax.Device] | None = None, 
   info = {"sdjax_version": sdjax_version(), "model": model.model_id, "model_hash": model.hash,
           "seed": job.defaults.seed, "prompts": [dataclasses.asdict(s) for s in specs],
           "execution": {"batch_size": batch_size, "devices": len(devices), "fsdp": job.fsdp}}
-  os.makedirs(job.outdir, exist_ok=True)
-  if not job.overwrite:
-    check_job(job.outdir, info)
   records = {it.name: record(it, model) for it in work}
-  if lead:
-    for name in os.listdir(job.outdir):  # leftovers of a killed run's atomic writes
-      if name.endswith(".tmp"):
-        os.remove(os.path.join(job.outdir, name))
-    if job.overwrite:  # a changed job: its changed images are stale
-      _drop_changed(job.outdir, records)
-    _write_json(os.path.join(job.outdir, "job.json"), info)
-  done = np.asarray([os.path.exists(os.path.join(job.outdir, it.name)) for it in work])
-  if jax.process_count() > 1:
-    done = np.asarray(multihost_utils.broadcast_one_to_all(done))
+  done = _prepare_outdir(job, info, work, records, lead)
   todo = [it for it, d in zip(work, done) if not d]
   skipped = len(work) - len(todo)
-  if job.max_images is not None:
-    todo = todo[:max(0, job.max_images)]
-  index_path = os.path.join(job.outdir, "index.jsonl")
-  if lead:  # rebuilt from the PNGs on disk: one line per finished image
-    _write_json(index_path, [records[it.name] for it, d in zip(work, done) if d], lines=True)
-  params_sh = pipelines.param_shardings(model.params, mesh)
-  params = put(model.params, params_sh)
+  todo = todo if job.max_images is None else todo[:max(0, job.max_images)]
   groups: dict[tuple, list[Item]] = {}
   for it in todo:
     groups.setdefault(it.spec.group, []).append(it)
+  params = put(model.params, pipelines.param_shardings(model.params, mesh))
 
   stats = {"compile_s": 0.0, "render_s": 0.0, "rendered": 0}
-  previous = signal.signal(signal.SIGTERM, _on_sigterm) if threading.current_thread() is threading.main_thread() else None
+  main_thread = threading.current_thread() is threading.main_thread()
+  previous = signal.signal(signal.SIGTERM, _on_sigterm) if main_thread else None
   bar = tqdm(total=len(todo), unit="img", desc="sample", disable=not (lead and progress), dynamic_ncols=True)
   try:
     for group, group_items in groups.items():
-      _render_group(model, params, group, group_items, mesh, min(batch_size, -(-len(group_items) // ndev) * ndev),
-                    job.outdir, records, stats, bar, lead)
+      size = min(batch_size, -(-len(group_items) // ndev) * ndev)  # a small group: a smaller batch
+      for start in range(0, len(group_items), size):
+        _render_batch(model, params, group, group_items[start:start + size], size, mesh, job.outdir, records,
+                      stats, lead, bar)
   finally:
     bar.close()
-    if previous is not None:
+    if main_thread:
       signal.signal(signal.SIGTERM, previous)
 
-  finished = [it for it in work if os.path.exists(os.path.join(job.outdir, it.name))] if lead else []
   summary = {"outdir": job.outdir, "images": len(work), "rendered": stats["rendered"], "skipped": skipped,
-             "remaining": len(work) - len(finished) if lead else None, "groups": len(groups),
-             "batch_size": batch_size, "devices": len(devices), "compile_s": stats["compile_s"],
-             "render_s": stats["render_s"], "images_per_s": stats["rendered"] / max(stats["render_s"], 1e-9),
-             "wall_s": 0.0}
+             "remaining": None, "groups": len(groups), "batch_size": batch_size, "devices": len(devices),
+             "compile_s": stats["compile_s"], "render_s": stats["render_s"],
+             "images_per_s": stats["rendered"] / max(stats["render_s"], 1e-9)}
   if lead:
-    _write_json(index_path, [records[it.name] for it in finished], lines=True)  # canonical order
-    if job.grid and len(finished) == len(work):
+    finished = [it for it in work if os.path.exists(os.path.join(job.outdir, it.name))]
+    summary["remaining"] = len(work) - len(finished)
+    _write_json(os.path.join(job.outdir, "index.jsonl"), [records[it.name] for it in finished], lines=True)
+    if job.grid and not summary["remaining"]:
       grid = make_grid(job.outdir, specs)
       if grid is None:
         echo("note: no grid.png: the prompts' image sizes differ")
@@ -519,33 +511,49 @@ def run(job: Job, model: Model, *, devices: Sequence[jax.Device] | None = None, 
   return summary
 
 
-def _drop_changed(outdir: str, records: dict) -> None:
-  """With --overwrite: delete PNGs whose stored metadata differs from what this job would write."""
-  for name, rec in records.items():
-    path = os.path.join(outdir, name)
-    if os.path.exists(path):
-      text = dict(Image.open(path).text)
-      if text != {k: str(v) for k, v in rec.items() if k != "file"}:
+def _prepare_outdir(job: Job, info: dict, work: list[Item], records: dict, lead: bool) -> np.ndarray:
+  """Check and write job.json, clean up a killed run, rebuild index.jsonl; returns which images exist."""
+  os.makedirs(job.outdir, exist_ok=True)
+  if not job.overwrite:
+    check_job(job.outdir, info)
+  if lead:
+    for name in os.listdir(job.outdir):  # leftovers of a killed run's atomic writes
+      if name.endswith(".tmp"):
+        os.remove(os.path.join(job.outdir, name))
+    for name, rec in records.items() if job.overwrite else ():  # a changed job: drop images now stale
+      path = os.path.join(job.outdir, name)
+      if os.path.exists(path) and dict(Image.open(path).text) != _png_text(rec):
         os.remove(path)
+    _write_json(os.path.join(job.outdir, "job.json"), info)
+  done = np.asarray([os.path.exists(os.path.join(job.outdir, it.name)) for it in work])
+  if jax.process_count() > 1:  # process 0's view of the (possibly unshared) output folder
+    done = np.asarray(multihost_utils.broadcast_one_to_all(done))
+  if lead:  # one line per finished image (a killed run may have left a PNG without its line, or half a line)
+    _write_json(os.path.join(job.outdir, "index.jsonl"), [records[it.name] for it, d in zip(work, done) if d],
+                lines=True)
+  return done
 
 
-def _render_group(model, params, group, group_items, mesh, batch_size, outdir, records, stats, bar, lead):
+def _png_text(rec: dict) -> dict:
+  return {k: str(v) for k, v in rec.items() if k != "file"}
+
+
+def _render_batch(model, params, group, batch, size, mesh, outdir, records, stats, lead, bar):
+  """Render one batch (padded to `size` by repeating its last row); process 0 writes PNGs and index lines."""
+  host = batch_inputs(model, group, list(batch) + [batch[-1]] * (size - len(batch)))
   sharding = parallel.batch_sharding(mesh)
-  for start in range(0, len(group_items), batch_size):
-    batch = group_items[start:start + batch_size]
-    padded = list(batch) + [batch[-1]] * (batch_size - len(batch))  # padding rows are dropped below
-    host = batch_inputs(model, group, padded)
-    args = put(host, jax.tree.map(lambda _: sharding, host))
-    fn, compile_s = compiled_for(model, params, group, args, mesh)
-    stats["compile_s"] += compile_s
-    t = time.perf_counter()
-    images = multihost_utils.process_allgather(fn(params, *args), tiled=True)[:len(batch)]
-    stats["render_s"] += time.perf_counter() - t
-    stats["rendered"] += len(batch)
-    if lead:
-      with open(os.path.join(outdir, "index.jsonl"), "a") as f:
-        for it, img in zip(batch, images):
-          rec = records[it.name]
-          io.save_png(os.path.join(outdir, it.name), img, {k: v for k, v in rec.items() if k != "file"})
-          f.write(json.dumps(rec) + "\n")
-    bar.update(len(batch))
+  args = put(host, jax.tree.map(lambda _: sharding, host))
+  fn, compile_s = compiled_for(model, params, group, args, mesh)
+  if compile_s:
+    bar.unpause()  # the bar's images/s counts rendering, not compiling
+  t = time.perf_counter()
+  images = multihost_utils.process_allgather(fn(params, *args), tiled=True)[:len(batch)]
+  stats["render_s"] += time.perf_counter() - t
+  stats["compile_s"] += compile_s
+  stats["rendered"] += len(batch)
+  if lead:
+    with open(os.path.join(outdir, "index.jsonl"), "a") as f:
+      for it, img in zip(batch, images):
+        io.save_png(os.path.join(outdir, it.name), img, _png_text(records[it.name]))
+        f.write(json.dumps(records[it.name]) + "\n")
+  bar.update(len(batch))
