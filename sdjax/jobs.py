@@ -10,6 +10,7 @@ batches sharded over the mesh. A re-run of the same job renders only the images 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import signal
@@ -298,6 +299,7 @@ def items(specs: Sequence[Spec], job_seed: int) -> list[Item]:
   return [Item(p, j, image_seed(job_seed, p, j, s), s) for p, s in enumerate(specs) for j in range(s.num_images)]
 
 
+@functools.lru_cache(None)
 def sdjax_version() -> str:
   from importlib import metadata
   try:
@@ -313,10 +315,7 @@ def record(item: Item, model: Model) -> dict:
        "sampler": s.sampler, "steps": s.steps, "guidance_scale": s.guidance_scale,
        "guidance_rescale": s.guidance_rescale, "height": s.height, "width": s.width, "mode": s.mode,
        "strength": s.strength, "model": model.model_id, "model_hash": model.hash, "sdjax_version": sdjax_version()}
-  if s.init_image:
-    r["init_image"] = s.init_image
-  if s.mask:
-    r["mask"] = s.mask
+  r.update({k: getattr(s, k) for k in ("init_image", "mask") if getattr(s, k)})
   return r
 
 
@@ -475,7 +474,7 @@ def run(job: Job, model: Model, *, devices: Sequence[jax.Device] | None = None, 
   groups: dict[tuple, list[Item]] = {}
   for it in todo:
     groups.setdefault(it.spec.group, []).append(it)
-  params = put(model.params, pipelines.param_shardings(model.params, mesh))
+  params = put(model.params, pipelines.param_shardings(model.params, mesh)) if todo else None
 
   stats = {"compile_s": 0.0, "render_s": 0.0, "rendered": 0}
   main_thread = threading.current_thread() is threading.main_thread()

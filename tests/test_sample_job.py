@@ -2,6 +2,7 @@
 independence, per-prompt settings, errors, SDXL, img2img and inpainting. Tiny random pipelines, 2 steps."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -182,6 +183,20 @@ def test_rerun_with_changed_settings_is_refused(reference, sd1):
     jobs.run(make_job(ref_dir, prompts, defaults={"seed": 8}), sd1, progress=False)
   with pytest.raises(jobs.JobError, match=r"prompts\[0\]\.steps"):
     jobs.run(make_job(ref_dir, prompts, defaults={"steps": 4}), sd1, progress=False)
+
+
+def test_overwrite_rerenders_only_changed_images(reference, sd1, tmp_path):
+  ref_dir, prompts, _ = reference
+  outdir = tmp_path / "copy"
+  shutil.copytree(ref_dir, outdir)
+  s = jobs.run(make_job(outdir, prompts, defaults={"seed": 8}, overwrite=True), sd1, progress=False,
+               echo=lambda s: None)
+  assert s["skipped"] == 3 and s["rendered"] == 3  # the cat has its own seed: unchanged
+  for name in ("00000_000.png", "00001_000.png"):
+    same = (outdir / name).read_bytes() == open(os.path.join(ref_dir, name), "rb").read()
+    assert same == name.startswith("00000"), name
+  with open(outdir / "job.json") as f:
+    assert json.load(f)["seed"] == 8
 
 
 @pytest.mark.parametrize("line, match", [
