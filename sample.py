@@ -30,7 +30,8 @@ flags.DEFINE_integer("batch_size", None, "Images per jitted batch (default 100; 
 # Text-to-image jobs.
 flags.DEFINE_string("model", None, "A diffusers pipeline folder or a single-file checkpoint (.safetensors).")
 flags.DEFINE_string("tokenizer", None, "CLIP tokenizer folder (single-file checkpoints carry none).")
-flags.DEFINE_string("tokenizer_2", None, "SDXL's second tokenizer folder (default: --tokenizer).")
+flags.DEFINE_string("tokenizer_2", None, "SDXL's second tokenizer folder (default: --tokenizer; SDXL's own "
+                    "second tokenizer pads with '!', so pass it for diffusers-identical prompts).")
 flags.DEFINE_enum("model_type", None, ["sd1", "sd2", "sd2_v", "sdxl"], "A single file's model type "
                   "(default: detected from its keys; sd2_v must be named).")
 flags.DEFINE_multi_string("prompt", [], "A prompt (repeatable).")
@@ -110,7 +111,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if bool(FLAGS.model) == bool(FLAGS.workdir):
-    sys.exit("error: give --workdir DIR (a training run) or --model PATH (a Stable Diffusion checkpoint), not both")
+    sys.exit("error: give exactly one of --workdir DIR (a training run) or --model PATH (a Stable Diffusion checkpoint)")
   from sdjax import jobs
   text = FLAGS.model or jobs.workdir_task(FLAGS.workdir) == "ldm"
   try:
