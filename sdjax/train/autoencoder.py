@@ -124,7 +124,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     if value < low:
       raise ValueError(f"config.gan.{field} must be >= {low}, got {value}")
   size = input_pipeline.image_size(config.data)
-  if g.enabled and size < 3 * 2 ** g.disc_layers:
+  if size < 3 * 2 ** g.disc_layers:  # the discriminator is built (not trained) even with gan.enabled = False
     raise ValueError(f"config.gan.disc_layers={g.disc_layers} halves {size}px images to nothing "
                      f"(needs resolution >= 3 * 2**disc_layers)")
   if not 0.0 <= float(config.train.ema_decay) < 1.0:
