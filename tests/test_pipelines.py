@@ -40,12 +40,6 @@ PROMPTS = ["a photo of a cat", "an astronaut riding a horse", "a bowl of fruit",
 jit = functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0})
 STATIC = ("height", "width", "sampler", "num_steps", "strength")
 _TXT2IMG = jit(pipelines.txt2img, static_argnums=0, static_argnames=STATIC)
-
-
-def txt2img(sd, params, prompt, keys, sampler, noise=None):
-  """The jitted txt2img, always called the same way: jit's cache tells positional from keyword arguments."""
-  return _TXT2IMG(sd, params, prompt, keys, height=SIZE, width=SIZE, sampler=sampler, num_steps=STEPS, noise=noise)
-
 IMG2IMG = jit(pipelines.img2img, static_argnums=0, static_argnames=STATIC)
 INPAINT = jit(pipelines.inpaint, static_argnums=0, static_argnames=STATIC)
 # The parts, for the references.
@@ -55,6 +49,11 @@ ENCODE = jit(pipelines.encode_image, static_argnums=0, static_argnames="salt")
 DECODE = jit(pipelines.decode, static_argnums=0)
 IMAGE_NOISE = jit(pipelines.image_noise, static_argnums=1)
 STEP_NOISE = jit(pipelines._step_noise, static_argnums=(1, 2))  # [steps, B, h, w, c], row i from keys[i]
+
+
+def txt2img(sd, params, prompt, keys, sampler, noise=None):
+  """The jitted txt2img, always called the same way: jit's cache tells positional from keyword arguments."""
+  return _TXT2IMG(sd, params, prompt, keys, height=SIZE, width=SIZE, sampler=sampler, num_steps=STEPS, noise=noise)
 
 
 @pytest.fixture(scope="module")
