@@ -81,7 +81,12 @@ def random_pipeline(configs: Mapping[str, Mapping[str, Any]], *, seed: int = 0, 
     extra = {"with_projection": name == "text_encoder_2"} if kind == "text_encoder" else {}
     config = dconv.config_from_dict(kind, configs[name], **extra)
     module = dconv.KINDS[kind].module_cls(config)
-    models[name] = (module, random_params(dconv.param_shapes(kind, config), seed * 16 + i))
+    params = random_params(dconv.param_shapes(kind, config), seed * 16 + i)
+    if kind == "vae" and config.use_quant_conv:
+      # A near-deterministic posterior (std ~ e^-6), as a trained VAE's: with unit log-variances a posterior
+      # sample would be mostly noise and a diffusion model trained on it could not learn anything.
+      params["quant_conv"]["bias"][config.latent_channels:] = -12.0
+    models[name] = (module, params)
   dconv.check_compatible(models, "random_pipeline")
   return dconv.Pipeline(models, dict(tokenizers or {}), dict(configs["scheduler"]), model_type, "random")
 
