@@ -14,6 +14,7 @@ if ROOT not in sys.path:
   sys.path.insert(0, ROOT)
 
 import jax  # noqa: E402
+import pytest  # noqa: E402
 
 assert jax.device_count() == 8, "tests expect 8 fake CPU devices; XLA_FLAGS was set too late"
 
@@ -28,6 +29,20 @@ def finished_checkpoints(workdir):
   """Steps of the checkpoints a run has finished writing (orbax renames a step's folder when done)."""
   d = os.path.join(workdir, "checkpoints")
   return sorted(int(n) for n in os.listdir(d) if n.isdigit()) if os.path.isdir(d) else []
+
+
+@pytest.fixture
+def compilation_cache(tmp_path):
+  """A persistent XLA cache for this test only: the resumed run reuses the first run's compiled step."""
+  from jax.experimental.compilation_cache import compilation_cache as cc
+  saved = jax.config.jax_compilation_cache_dir, jax.config.jax_persistent_cache_min_compile_time_secs
+  jax.config.update("jax_compilation_cache_dir", str(tmp_path / "xla_cache"))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+  cc.reset_cache()
+  yield
+  jax.config.update("jax_compilation_cache_dir", saved[0])
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", saved[1])
+  cc.reset_cache()
 
 
 # --- tiny Stable Diffusion pipelines (tools/make_single_file_fixtures.py) ---
