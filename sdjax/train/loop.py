@@ -302,6 +302,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   wall = time.perf_counter() - train_start
   summary.update({"final_step": int(jax.device_get(state.step)), "steps_run": steps_run,
                   "train_wall_s": wall})
+  if summary["final_step"] >= num_steps and hasattr(exp, "export"):  # finished: diffusers-format weights
+    summary["exported"] = exp.export(state, workdir, write=lead)
   if lead:
     with open(os.path.join(workdir, "summary.json"), "w") as f:
       json.dump(summary, f, indent=2)
