@@ -16,11 +16,8 @@ folder `workdir/vae` whose scaling_factor is 1 / std of the posterior means of t
 from __future__ import annotations
 
 import dataclasses
-import json
-import logging
 import math
 import os
-import time
 from typing import Any
 
 import jax
@@ -30,18 +27,14 @@ import numpy as np
 import optax
 from flax import linen as nn, struct
 from jax.experimental import multihost_utils
-from tqdm.auto import tqdm
 
-from sdjax import checkpoint, convert, io, parallel
+from sdjax import checkpoint, convert, parallel
 from sdjax.data import input_pipeline
 from sdjax.models import layers
 from sdjax.models.vae import AutoencoderKL, VAEConfig, sample_latent
 from sdjax.train import optim
-from sdjax.train.loop import _StopFlag
-from sdjax.train.metrics import MetricsWriter
 from sdjax.train.step import StepConfig, ema_decay
 
-log = logging.getLogger("sdjax")
 RECON_LOSSES = ("l1", "l2")
 
 
@@ -276,133 +269,47 @@ class AutoencoderExperiment:
     return state.ema_params if self.ema.ema_decay > 0 else state.params
 
 
-# --- the driver -------------------------------------------------------------------------------------
+  # --- the driver (sdjax.train.loop.train) hooks ---------------------------------------------------------
+
+  frozen = None  # nothing frozen: the step is (state, batch)
+
+  def input_pipeline(self, process_index: int, process_count: int):
+    self._data = input_pipeline.pipeline_from_config(
+        self.config.data, channels=self.vae_config.in_channels, global_batch_size=int(self.config.train.batch_size),
+        seed=int(self.config.seed), label=False, process_index=process_index, process_count=process_count)
+    return self._data
+
+  def sample_grid(self):
+    """Originals (first row) and reconstructions (second) of the first images of step 0's batch, the same on
+    every resume."""
+    from sdjax.train.ldm import SampleGrid
+    n = int(self.config.sample.num_images)
+    val = images_at(self._data, 0, self.batch_sharding)
+    autoencode = self.autoencode_fn()
+    fn = jax.jit(lambda params, x: jnp.concatenate([x[:n], autoencode(params, x)[1][:n]]))
+    return SampleGrid(fn, (val,), n, {"rows": "originals, reconstructions"})
+
+  def export(self, state: AEState, workdir: str, *, write: bool = True) -> dict[str, Any]:
+    """Write `workdir/vae` (diffusers AutoencoderKL, float32) with scaling_factor = 1 / std of the posterior
+    means of the first export.scaling_batches training batches (SD's recipe: unit-variance latents)."""
+    params, autoencode = self.export_params(state), self.autoencode_fn()
+    means = [multihost_utils.process_allgather(autoencode(params, images_at(self._data, i, self.batch_sharding))[0],
+                                               tiled=True) for i in range(int(self.config.export.scaling_batches))]
+    std = float(np.std(np.asarray(means, np.float64)))
+    host_params = multihost_utils.process_allgather(params, tiled=True)  # every process joins
+    folder = os.path.join(workdir, "vae")
+    if write:
+      convert.save_component(folder, "vae", dataclasses.replace(self.vae_config, scaling_factor=1.0 / std),
+                             host_params)
+    return {"scaling_factor": 1.0 / std, "latent_std": std, "exported": folder}
+
 
 def images_at(data, step: int, sharding) -> jax.Array:
   """The global batch of images the pipeline gives at `step` (random access: the same on every resume)."""
   return parallel.global_batch({"image": data.batch(step)["image"]}, sharding)["image"]
 
 
-def export(exp: AutoencoderExperiment, params, autoencode, data, workdir: str, lead: bool) -> dict[str, Any]:
-  """Write `workdir/vae` (diffusers AutoencoderKL, float32) with scaling_factor = 1 / std of the posterior
-  means of the first export.scaling_batches training batches (SD's recipe: unit-variance latents)."""
-  means = [multihost_utils.process_allgather(autoencode(params, images_at(data, i, exp.batch_sharding))[0],
-                                             tiled=True) for i in range(int(exp.config.export.scaling_batches))]
-  std = float(np.std(np.asarray(means, np.float64)))
-  host_params = multihost_utils.process_allgather(params, tiled=True)  # every process joins
-  folder = os.path.join(workdir, "vae")
-  if lead:
-    config = dataclasses.replace(exp.vae_config, scaling_factor=1.0 / std)
-    convert.save_component(folder, "vae", config, host_params)
-  return {"scaling_factor": 1.0 / std, "latent_std": std, "exported": folder}
-
-
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  """Train (or resume) the autoencoder of `config` in `workdir`; returns a summary (also summary.json)."""
-  exp = AutoencoderExperiment(config)
-  train_step = exp.train_step()
-  tc = config.train
-  lead = jax.process_index() == 0
-  os.makedirs(workdir, exist_ok=True)
-  if lead:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=2, sort_keys=True))
-
-  data = input_pipeline.pipeline_from_config(
-      config.data, channels=exp.vae_config.in_channels, global_batch_size=int(tc.batch_size),
-      seed=int(config.seed), label=False, process_index=jax.process_index(), process_count=jax.process_count())
-
-  num_steps = int(tc.num_steps)
-  ckpt = checkpoint.Checkpointer(workdir, keep=int(tc.keep_checkpoints))
-  start = ckpt.latest_step()
-  if start is not None and start >= num_steps:
-    ckpt.close()
-    log.warning("%s already holds a checkpoint at step %d >= train.num_steps=%d: nothing to do",
-                ckpt.directory, start, num_steps)
-    return {"start_step": start, "final_step": start, "steps_run": 0}
-  if start is None:
-    state = exp.init_state()
-    start, batches = 0, data.iterator(0)
-  else:
-    state = ckpt.restore(exp.abstract_state)
-    batches = data.iterator(start, ckpt.restore_data_state(start))
-    log.info("resumed from %s at step %d", ckpt.directory, start)
-  metrics = MetricsWriter(workdir, active=lead, resume_step=start if start else None)
-
-  summary: dict[str, Any] = {"start_step": start, "num_devices": jax.device_count(),
-                             "mesh": dict(exp.mesh.shape)}
-  t0 = time.perf_counter()
-  first = parallel.global_batch(next(batches), exp.batch_sharding)
-  compiled_step = train_step.lower(state, first).compile()
-  summary["train_step_compile_s"] = time.perf_counter() - t0
-
-  # Validation images: the first of the batch of step 0, the same on every resume.
-  n = int(config.sample.num_images)
-  val = images_at(data, 0, exp.batch_sharding)
-  originals = io.to_uint8(multihost_utils.process_allgather(val, tiled=True)[:n])
-  autoencode = exp.autoencode_fn()
-
-  def write_samples(step: int) -> None:
-    recon = multihost_utils.process_allgather(autoencode(exp.export_params(state), val)[1], tiled=True)[:n]
-    if lead:
-      grid = io.make_grid(np.concatenate([originals, io.to_uint8(recon)]), nrow=n)
-      os.makedirs(os.path.join(workdir, "samples"), exist_ok=True)
-      io.save_png(os.path.join(workdir, "samples", f"step_{step:07d}.png"), grid,
-                  {"step": step, "rows": "originals, reconstructions"})
-      metrics.image("reconstructions", step, grid)
-
-  stop = _StopFlag(ckpt)
-  pbar = tqdm(total=num_steps, initial=start, disable=not lead, dynamic_ncols=True, desc="train vae")
-  pending: list[dict[str, jax.Array]] = []
-  window_start, window_steps = time.perf_counter(), 0
-  train_start, step, done = time.perf_counter(), start, start
-  last_saved = start if start else None
-  try:
-    batch = first
-    for step in range(start, num_steps):
-      if batch is None:
-        batch = parallel.global_batch(next(batches), exp.batch_sharding)
-      state, m = compiled_step(state, batch)
-      batch = None
-      pending.append(m)
-      window_steps += 1
-      done = step + 1
-      if done % int(tc.log_every) == 0 or done == num_steps:
-        values = jax.device_get(pending)
-        elapsed = time.perf_counter() - window_start
-        record = {k: float(np.mean([v[k] for v in values])) for k in values[0]}
-        record["skipped"] = float(np.sum([v["skipped"] for v in values]))
-        record["steps_per_s"] = window_steps / elapsed
-        record["images_per_s"] = window_steps * int(tc.batch_size) / elapsed
-        if not np.isfinite(record["loss"]):
-          log.warning("non-finite loss at step %d (the update was skipped)", done)
-        metrics.write(done, record)
-        pbar.set_postfix(recon=f"{record['recon']:.4f}", steps_s=f"{record['steps_per_s']:.2f}")
-        pbar.update(window_steps)
-        pending, window_start, window_steps = [], time.perf_counter(), 0
-      if done % int(tc.checkpoint_every) == 0 or done == num_steps:
-        ckpt.save(done, state, batches.state())
-        last_saved = done
-      if (tc.sample_every and done % int(tc.sample_every) == 0) or done == num_steps:
-        write_samples(done)
-      if stop.requested(done):
-        log.warning("preemption notice: saving a checkpoint at step %d and exiting", done)
-        if last_saved != done:
-          ckpt.save(done, state, batches.state(), force=True)
-        summary["preempted"] = True
-        break
-  finally:
-    batches.close()
-    pbar.close()
-    stop.restore()
-    ckpt.close()
-    metrics.close()
-
-  summary.update({"final_step": int(jax.device_get(state.step)), "steps_run": done - start,
-                  "train_wall_s": time.perf_counter() - train_start})
-  if done == num_steps:
-    summary.update(export(exp, exp.export_params(state), autoencode, data, workdir, lead))
-  if lead:
-    with open(os.path.join(workdir, "summary.json"), "w") as f:
-      json.dump(summary, f, indent=2)
-  return summary
+  """Train (or resume) the autoencoder of `config` in `workdir` with the shared driver; returns its summary."""
+  from sdjax.train import loop
+  return loop.train(config, workdir)

@@ -217,7 +217,7 @@ class LatentExperiment:
     return jax.jit(fn, in_shardings=(self.state_shardings, self.batch_sharding, self.frozen_shardings),
                    out_shardings=(self.state_shardings, self.replicated), donate_argnums=(0,) if donate else ())
 
-  def export(self, state: state_lib.TrainState, workdir: str, *, write: bool = True) -> str:
+  def export(self, state: state_lib.TrainState, workdir: str, *, write: bool = True) -> dict[str, str]:
     """Write the EMA weights in diffusers' layout: a LoRA as `<workdir>/lora/pytorch_lora_weights.safetensors`
     (diffusers' `pipe.load_lora_weights` reads it), else the U-Net as a `<workdir>/unet` folder (drop it into a
     copy of the base pipeline folder). Every process joins the gather; only `write` ones write."""
@@ -231,7 +231,7 @@ class LatentExperiment:
       folder = os.path.join(workdir, "unet")
       if write:
         convert.save_component(folder, "unet", self.unet.config, ema)
-    return folder
+    return {"exported": folder}
 
   # --- sampling -------------------------------------------------------------------------------------
 

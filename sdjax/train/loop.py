@@ -185,13 +185,17 @@ class _StopFlag:
 
 
 def make_experiment(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | None = None):
-  """The experiment of `config.task`: a pixel-space Experiment ("diffusion") or a LatentExperiment ("ldm")."""
+  """The experiment of `config.task`: a pixel-space Experiment ("diffusion"), a LatentExperiment ("ldm") or an
+  AutoencoderExperiment ("vae"); `train` drives any of them."""
   task = config.get("task", "diffusion")
   if task == "ldm":
     from sdjax.train.ldm import LatentExperiment
     return LatentExperiment(config, mesh)
+  if task == "vae":
+    from sdjax.train.autoencoder import AutoencoderExperiment
+    return AutoencoderExperiment(config, mesh)
   if task != "diffusion":
-    raise ValueError(f"config.task={task!r} is not trained by sdjax.train.loop (diffusion | ldm)")
+    raise ValueError(f"config.task: unknown task {task!r}; expected diffusion, ldm or vae")
   return Experiment(config, mesh)
 
 
@@ -303,7 +307,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   summary.update({"final_step": int(jax.device_get(state.step)), "steps_run": steps_run,
                   "train_wall_s": wall})
   if summary["final_step"] >= num_steps and hasattr(exp, "export"):  # finished: diffusers-format weights
-    summary["exported"] = exp.export(state, workdir, write=lead)
+    summary.update(exp.export(state, workdir, write=lead))
   if lead:
     with open(os.path.join(workdir, "summary.json"), "w") as f:
       json.dump(summary, f, indent=2)
