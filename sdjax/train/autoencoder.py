@@ -33,6 +33,7 @@ from sdjax.data import input_pipeline
 from sdjax.models import layers
 from sdjax.models.vae import AutoencoderKL, VAEConfig, sample_latent
 from sdjax.train import optim
+from sdjax.train.loop import SampleGrid, check_batch_size
 from sdjax.train.step import StepConfig, ema_decay
 
 RECON_LOSSES = ("l1", "l2")
@@ -247,10 +248,7 @@ class AutoencoderExperiment:
     return init(jax.random.key(seed))
 
   def train_step(self, *, donate: bool = True):
-    n = parallel.batch_devices(self.mesh)
-    if int(self.config.train.batch_size) % n:
-      raise ValueError(f"config.train.batch_size={self.config.train.batch_size} is not divisible by the {n} "
-                       f"devices of the mesh's data x fsdp axes")
+    check_batch_size(self.config, self.mesh)
     fn = make_train_step(self.vae, self.disc, self.optimizer, self.disc_optimizer, self.loss, self.ema,
                          self.lr_schedule)
     return jax.jit(fn, in_shardings=(self.state_shardings, self.batch_sharding),
@@ -282,7 +280,6 @@ class AutoencoderExperiment:
   def sample_grid(self):
     """Originals (first row) and reconstructions (second) of the first images of step 0's batch, the same on
     every resume."""
-    from sdjax.train.ldm import SampleGrid
     n = int(self.config.sample.num_images)
     val = images_at(self._data, 0, self.batch_sharding)
     autoencode = self.autoencode_fn()

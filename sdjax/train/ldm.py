@@ -9,7 +9,6 @@ are encoded there too unless the cache holds prompt embeddings.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 from typing import Any
@@ -25,16 +24,8 @@ from sdjax.data import input_pipeline
 from sdjax.models import UNet, UNetConfig
 from sdjax.models import vae as vae_lib
 from sdjax.train import optim, state as state_lib
+from sdjax.train.loop import SampleGrid, check_batch_size, step_config
 from sdjax.train.step import make_train_step
-
-
-@dataclasses.dataclass
-class SampleGrid:
-  """A jitted `fn(ema_params, *args)` -> images [N, H, W, C] in [-1, 1], laid out `nrow` per row."""
-  fn: Any
-  args: tuple
-  nrow: int
-  meta: dict
 
 
 def _path(value: str, base: str, sub: str, field: str) -> str:
@@ -109,7 +100,6 @@ class LatentExperiment:
     self.sd = pipelines.StableDiffusion(self.unet, self.vae, tuple(e[0] for e in encoders), self.schedule,
                                         force_zeros_for_empty_prompt=len(encoders) == 2)
 
-    from sdjax.train.loop import step_config
     self.optimizer, self.lr_schedule = optim.make_optimizer(config.optim, int(config.train.num_steps))
     self.step_config = step_config(config, None)
     if config.data.get("source") != "latents":
@@ -207,11 +197,7 @@ class LatentExperiment:
                            train=True, rngs={"dropout": rng})
 
   def train_step(self, *, donate: bool = True):
-    per_step = parallel.batch_devices(self.mesh) * self.step_config.grad_accum_steps
-    if self.config.train.batch_size % per_step:
-      raise ValueError(f"config.train.batch_size={self.config.train.batch_size} is not divisible by the "
-                       f"{parallel.batch_devices(self.mesh)} devices of the mesh's data x fsdp axes times "
-                       f"train.grad_accum_steps={self.step_config.grad_accum_steps}")
+    check_batch_size(self.config, self.mesh, self.step_config.grad_accum_steps)
     fn = make_train_step(self._apply, self.schedule, self.optimizer, self.step_config, self.lr_schedule,
                          prepare=self._prepare)
     return jax.jit(fn, in_shardings=(self.state_shardings, self.batch_sharding, self.frozen_shardings),

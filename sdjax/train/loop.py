@@ -1,6 +1,7 @@
 """The training driver: config -> data, model, sharded state -> jitted steps, checkpoints, metrics, samples."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -26,6 +27,25 @@ from sdjax.train.losses import LossConfig
 from sdjax.train.step import StepConfig, make_train_step
 
 log = logging.getLogger("sdjax")
+
+
+@dataclasses.dataclass
+class SampleGrid:
+  """A jitted `fn(ema_params, *args)` -> images [N, H, W, C] in [-1, 1], laid out `nrow` per row."""
+  fn: Any
+  args: tuple
+  nrow: int
+  meta: dict
+
+
+def check_batch_size(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
+                     grad_accum_steps: int | None = None) -> None:
+  """config.train.batch_size splits evenly over the mesh's batch devices (times the micro-batches)."""
+  n, k = parallel.batch_devices(mesh), grad_accum_steps or 1
+  if int(config.train.batch_size) % (n * k):
+    accum = f" times train.grad_accum_steps={k}" if grad_accum_steps is not None else ""
+    raise ValueError(f"config.train.batch_size={config.train.batch_size} is not divisible by the {n} devices of "
+                     f"the mesh's data x fsdp axes{accum}")
 
 
 class Experiment:
@@ -82,7 +102,6 @@ class Experiment:
 
   def sample_grid(self):
     """The class grid: one row per class, sample.per_class images each."""
-    from sdjax.train.ldm import SampleGrid
     sc = self.config.sample
     labels = class_grid_labels(self.num_classes, int(sc.per_class))
     sharding = self.labels_sharding(len(labels))
@@ -105,11 +124,7 @@ class Experiment:
 
   def train_step(self, *, donate: bool = True):
     """The jitted train step with explicit in/out shardings (state donated unless `donate=False`)."""
-    per_step = parallel.batch_devices(self.mesh) * self.step_config.grad_accum_steps
-    if self.config.train.batch_size % per_step:
-      raise ValueError(f"config.train.batch_size={self.config.train.batch_size} is not divisible by the "
-                       f"{parallel.batch_devices(self.mesh)} devices of the mesh's data x fsdp axes times "
-                       f"train.grad_accum_steps={self.step_config.grad_accum_steps}")
+    check_batch_size(self.config, self.mesh, self.step_config.grad_accum_steps)
     fn = make_train_step(
         lambda p, x, t, y, rng: self.model.apply({"params": p}, x, t, class_labels=y, train=True,
                                                  rngs={"dropout": rng}),
