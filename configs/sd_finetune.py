@@ -15,7 +15,7 @@ Variants: "" full fine-tuning, "lora", "tiny" and "tiny_lora" (the random tiny p
 """
 import ml_collections
 
-from configs import ldm_shapes
+from configs import common
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -23,37 +23,30 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   tiny = variant.startswith("tiny")
   if variant not in ("", "lora", "tiny", "tiny_lora"):
     raise ValueError(f"configs/sd_finetune.py: unknown variant {arg!r}; expected '', 'lora', 'tiny' or 'tiny_lora'")
-  c = ldm_shapes.get_config("tiny" if tiny else None).unlock()
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.task = "ldm"
   c.pretrained = "runs/tiny_sd1" if tiny else ""   # required: the diffusers folder to fine-tune
-  c.frozen.from_pipeline = ""      # VAE, text encoder(s), tokenizer(s): those of `pretrained`
-  c.frozen.vae = ""
-  del c["diffusion"]               # the checkpoint's scheduler_config.json
-  c.model = ml_collections.ConfigDict()
-  c.model.dtype = "float32"        # compute dtype of the U-Net (bfloat16 on accelerators)
-  c.model.remat = False            # rematerialise blocks (less memory, ~30% more compute)
-
-  if not tiny:
-    c.data.source = "records"      # python -m sdjax.data.prepare
-    c.data.path = ""
-    c.data.resolution = 512
-    c.data.crop = "random"
-    c.data.random_flip = True
-    c.data.max_length = 77
-    c.train.batch_size = 8
-    c.train.num_steps = 2000
-    c.train.ema_decay = 0.9999
-    c.train.checkpoint_every = 250
-    c.train.sample_every = 250
-    c.optim.lr = 1e-5
-    c.optim.weight_decay = 1e-2
-    c.optim.warmup_steps = 100
-    c.optim.schedule = "constant"
-    c.sample.num_steps = 25
-    c.sample.guidance_scale = 7.5
-    c.sample.prompts = ("a photo of a cat", "a painting of a lighthouse at dusk")
-    c.sample.per_prompt = 2
+  c.frozen = common.frozen()  # VAE, text encoder(s), tokenizer(s): those of `pretrained`
+  # No diffusion section: the noise schedule is the checkpoint's scheduler_config.json.
+  c.model = common.unet_compute()  # the architecture is the checkpoint's
+  c.loss = common.loss()
+  c.lora = common.lora()
+  c.mesh = common.mesh()
+  if tiny:                    # configs/ldm_shapes.py:tiny's data and run
+    c.data = common.text_data()
+    c.optim = common.optim(lr=1e-3)
+    c.train = common.train(ema_decay=0.999, cond_drop_prob=0.0)
+    c.sample = common.sample_prompts(tiny=True)
+    common.tiny_run(c)
+  else:
+    c.data = common.text_data(source="records", resolution=512, crop="random", random_flip=True, max_length=77)
+    c.optim = common.optim(lr=1e-5, schedule="constant", weight_decay=1e-2)
+    c.train = common.train(batch_size=8, num_steps=2000, ema_decay=0.9999, cond_drop_prob=0.0, checkpoint_every=250,
+                           sample_every=250)
+    c.sample = common.sample_prompts(guidance_scale=7.5, per_prompt=2,
+                                     prompts=("a photo of a cat", "a painting of a lighthouse at dusk"))
   if variant.endswith("lora"):
     c.lora.rank = 4 if tiny else 16
-    c.lora.alpha = 0.0
     c.optim.lr = 1e-3 if tiny else 1e-4
   return c.lock()

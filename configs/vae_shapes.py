@@ -6,16 +6,14 @@ configs/ldm_shapes.py.
 """
 import ml_collections
 
-from configs import vae_mnist
+from configs import common, vae_mnist
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   if arg not in (None, "", "tiny"):
     raise ValueError(f"configs/vae_shapes.py: unknown variant {arg!r}; expected 'tiny' or nothing")
-  c = vae_mnist.get_config(arg or None).unlock()
-  c.data.source = "shapes"
-  c.data.name = ""
-  c.data.resolution = 32
+  c = vae_mnist.get_config(arg or None).unlock()  # the MNIST VAE's recipe, on RGB shapes
+  c.data = common.shapes_data()
   c.vae.in_channels = 3
   c.vae.out_channels = 3
   if not arg:
