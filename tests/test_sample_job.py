@@ -27,6 +27,8 @@ PROMPTS = [
     {"prompt": "a green bird", "height": 16, "width": 16, "guidance_scale": 1.0, "steps": 3},
 ]
 FLAGS = dict(steps=2, sampler="ddim", height=32, width=32, seed=7, num_images=1)
+# How errors name the job-wide settings: by sample.py's flags (its FLAG_OF), as when run through sample.py.
+NAMES = {"sampler": "--sampler", "width": "--width", "mask": "--mask", "outdir": "--outdir", "overwrite": "--overwrite"}
 
 
 @pytest.fixture(scope="session")
@@ -52,7 +54,7 @@ def write_jsonl(path, rows):
 
 def make_job(outdir, prompts_file, **kw):
   flags = {**FLAGS, **kw.pop("defaults", {})}
-  return jobs.Job(str(outdir), tuple(jobs.read_prompts(prompts_file)), jobs.Defaults(**flags), **kw)
+  return jobs.Job(str(outdir), tuple(jobs.read_prompts(prompts_file)), jobs.Defaults(**flags), names=NAMES, **kw)
 
 
 def cli(*args):
@@ -221,11 +223,11 @@ def test_bad_prompt_lines(sd1, tmp_path, line, match):
 def test_bad_flags(sd1):
   raw = [({"prompt": "x"}, "--prompt #0")]
   with pytest.raises(jobs.JobError, match=r"--sampler: unknown sampler 'nope'"):
-    jobs.resolve(raw, jobs.Defaults(**{**FLAGS, "sampler": "nope"}), sd1)
+    jobs.resolve(raw, jobs.Defaults(**{**FLAGS, "sampler": "nope"}), sd1, names=NAMES)
   with pytest.raises(jobs.JobError, match=r"--width: 31 must be a positive multiple of 2"):
-    jobs.resolve(raw, jobs.Defaults(**{**FLAGS, "width": 31}), sd1)
+    jobs.resolve(raw, jobs.Defaults(**{**FLAGS, "width": 31}), sd1, names=NAMES)
   with pytest.raises(jobs.JobError, match=r"--mask: a mask needs an init_image"):
-    jobs.resolve(raw, jobs.Defaults(**{**FLAGS, "mask": __file__}), sd1)
+    jobs.resolve(raw, jobs.Defaults(**{**FLAGS, "mask": __file__}), sd1, names=NAMES)
 
 
 def test_cli_errors_are_one_line(folders, tmp_path):
@@ -259,7 +261,7 @@ def test_sdxl_img2img_and_inpainting(folders, sd1, tmp_path):
   inpaint = jobs.load_model(folders["inpaint"])
   with pytest.raises(jobs.JobError, match=r"--mask: this model has an inpainting U-Net"):
     jobs.resolve([({"prompt": "x", "init_image": str(tmp_path / "init.png")}, "--prompt #0")], jobs.Defaults(**FLAGS),
-                 inpaint)
+                 inpaint, names=NAMES)
   prompts = write_jsonl(tmp_path / "inp.jsonl", [{"prompt": "a hole", "init_image": "init.png", "mask": "mask.png"}])
   s = jobs.run(make_job(tmp_path / "inp", prompts), inpaint, **quiet)
   rec = read_index(tmp_path / "inp")[0]

@@ -5,14 +5,15 @@ full-size ones (the reference releases' configs) for benchmarks. No download.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import jax
 import numpy as np
+from absl import flags
 
+from sdjax import cli
 from sdjax.convert import diffusers as dconv
 from sdjax.convert import single_file
 
@@ -106,25 +107,35 @@ def write_random_pipeline(folder: str, model_type: str = "sd1", *, tokenizer: st
   return pipe
 
 
-def main(argv: list[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("folder")
-  parser.add_argument("--model_type", default="sd1", choices=("sd1", "sd2", "sd2_v", "sdxl"))
-  parser.add_argument("--tokenizer", required=True, help="a CLIP tokenizer folder (vocab.json + merges.txt)")
-  parser.add_argument("--seed", type=int, default=0)
-  parser.add_argument("--inpainting", action="store_true", help="a 9-channel inpainting U-Net")
-  parser.add_argument("--full_size", action="store_true", help="the reference release's sizes (GBs)")
-  args = parser.parse_args(argv)
+def define_flags(fv: flags.FlagValues) -> None:
+  """The command line's flags, on `fv` (and one argument: the folder to write)."""
+  flags.DEFINE_enum("model_type", "sd1", ["sd1", "sd2", "sd2_v", "sdxl"], "the reference release to follow",
+                    flag_values=fv)
+  flags.DEFINE_string("tokenizer", None, "a CLIP tokenizer folder (vocab.json + merges.txt)", required=True,
+                      flag_values=fv)
+  flags.DEFINE_integer("seed", 0, "seed of the random weights", flag_values=fv)
+  flags.DEFINE_bool("inpainting", False, "a 9-channel inpainting U-Net", flag_values=fv)
+  flags.DEFINE_bool("full_size", False, "the reference release's sizes (GBs)", flag_values=fv)
+
+
+def run(f: flags.FlagValues, args: list[str]) -> int:
+  """The command line's work, from its parsed flags and [folder]: the exit status."""
+  folder, = args
   try:
-    pipe = write_random_pipeline(args.folder, args.model_type, tokenizer=args.tokenizer, seed=args.seed,
-                                 inpainting=args.inpainting, full_size=args.full_size)
+    pipe = write_random_pipeline(folder, f.model_type, tokenizer=f.tokenizer, seed=f.seed, inpainting=f.inpainting,
+                                 full_size=f.full_size)
   except (ValueError, FileNotFoundError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 1
   n = sum(int(np.prod(a.shape)) for _, p in pipe.models.values() for a in jax.tree.leaves(p))
-  print(f"wrote a random {args.model_type} pipeline ({n:,} parameters) to {os.path.abspath(args.folder)}")
+  print(f"wrote a random {f.model_type} pipeline ({n:,} parameters) to {os.path.abspath(folder)}")
   return 0
 
 
+def main(argv: Sequence[str]) -> int:
+  """`python -m sdjax.convert.random FOLDER ARGV...` in-process: the exit status."""
+  return cli.module_main(define_flags, run, argv, positional=["folder"])
+
+
 if __name__ == "__main__":
-  sys.exit(main())
+  cli.module_app_run(define_flags, run, positional=["folder"])

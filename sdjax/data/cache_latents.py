@@ -28,7 +28,6 @@ with the same settings skips them, and one on a finished cache does nothing.
 """
 from __future__ import annotations
 
-import argparse
 import concurrent.futures
 import dataclasses
 import json
@@ -40,8 +39,11 @@ import time
 from typing import Any, Mapping, Sequence
 
 import numpy as np
+from absl import flags
 
+from sdjax import cli
 from sdjax.data import preprocess, records, sources
+from sdjax.data.latent_shards import ShardWriter, finished_cache, local_rows, resume_state, shard_plan
 
 log = logging.getLogger("sdjax")
 STORES = ("dist", "sample")
@@ -166,39 +168,20 @@ def max_length(tokenizer, encoder) -> int:
   return min(int(tokenizer.model_max_length), n) if 2 <= tokenizer.model_max_length else n
 
 
-# --- layout -------------------------------------------------------------------------------------------
+def load_models(opts: CacheOptions):
+  """(vae, text encoders, tokenizers, tokens per prompt, params {"vae", "text": [...]}) on the host."""
+  from sdjax.convert import diffusers
+  from sdjax.models import clip
 
-def process_range(num_examples: int, process_index: int, process_count: int) -> tuple[int, int]:
-  """Process p's contiguous share [start, stop) of the examples."""
-  return num_examples * process_index // process_count, num_examples * (process_index + 1) // process_count
-
-
-def shard_plan(num_examples: int, process_index: int, process_count: int, examples_per_shard: int
-               ) -> list[dict[str, Any]]:
-  """Process p's shards: [{"file", "start", "stop"}] covering its share in order."""
-  start, stop = process_range(num_examples, process_index, process_count)
-  n = math.ceil((stop - start) / examples_per_shard)
-  prefix = f"latents-p{process_index}"
-  return [{"file": records.shard_name(prefix, i, n), "start": start + i * examples_per_shard,
-           "stop": min(stop, start + (i + 1) * examples_per_shard)} for i in range(n)]
-
-
-def local_rows(x) -> np.ndarray:
-  """This process's rows of an array split over its leading axis, in order, each row once."""
-  shards = {s.index[0].start or 0: s.data for s in x.addressable_shards}
-  return np.concatenate([np.asarray(shards[k]) for k in sorted(shards)])
-
-
-def _read_json(path: str) -> Any:
-  try:
-    with open(path) as f:
-      return json.load(f)
-  except json.JSONDecodeError as e:
-    raise ValueError(f"{path} is corrupt ({e}); delete it to start that part over") from e
-
-
-def _differences(saved: Mapping[str, Any], settings: Mapping[str, Any]) -> dict[str, Any]:
-  return {k: (saved.get(k), v) for k, v in settings.items() if saved.get(k) != v}
+  vae, vae_params = diffusers.load_vae(opts.vae, dtype=opts.compute_dtype)
+  encoders, text_params, tokenizers = [], [], []
+  for enc_path, tok_path in opts.encoders:
+    enc, p = diffusers.load_text_encoder(enc_path, dtype=opts.compute_dtype)
+    encoders.append(enc)
+    text_params.append(p)
+    tokenizers.append(clip.load_tokenizer(tok_path))
+  lengths = [max_length(t, e) for t, e in zip(tokenizers, encoders)]
+  return vae, encoders, tokenizers, lengths, {"vae": vae_params, "text": text_params}
 
 
 # --- the job ------------------------------------------------------------------------------------------
@@ -234,77 +217,6 @@ def batch_arrays(loaded: list[dict[str, Any]], indices: list[int], size: int, im
       ids[:len(loaded)] = tokenize(tok, [e["meta"]["caption"] for e in loaded], n)
     batch[f"input_ids_{k}"] = ids  # [B, L]
   return batch
-
-
-def finished_cache(output: str, settings: Mapping[str, Any]) -> dict[str, Any] | None:
-  """The dataset.json of a finished cache with these settings in `output`, None if there is none."""
-  if not os.path.exists(os.path.join(output, records.META)):
-    return None
-  meta = records.read_meta(output)
-  if meta.get("kind") != "latents":
-    raise ValueError(f"--output {output!r} already holds a dataset of kind {meta.get('kind')!r}; "
-                     f"choose another directory")
-  differs = _differences(meta, settings)
-  if differs:
-    raise ValueError(f"--output {output!r} already holds a latent cache made with other settings "
-                     f"(cache, now): {differs}; choose another directory or delete it")
-  return meta
-
-
-def resume_state(progress_path: str, settings: Mapping[str, Any]) -> list[str]:
-  """Files of the shards an interrupted run with these settings finished (and that still exist)."""
-  if not os.path.exists(progress_path):
-    return []
-  saved = _read_json(progress_path)
-  differs = _differences(saved.get("settings", {}), settings)
-  if differs:
-    raise ValueError(f"{progress_path}: a partial cache made with other settings (cache, now): {differs}; "
-                     f"choose another --output or delete it")
-  folder = os.path.dirname(progress_path)
-  return [f for f in saved.get("done", []) if os.path.exists(os.path.join(folder, f))]
-
-
-class ShardWriter:
-  """Collects encoded examples in order and writes each planned shard when it is full, then records it
-  in the progress file (so an interrupted run resumes after it)."""
-
-  def __init__(self, output: str, todo: list[dict[str, Any]], progress_path: str, settings: Mapping[str, Any],
-               done: list[str]):
-    self.output, self.todo, self.progress_path = output, list(todo), progress_path
-    self.settings, self.done = dict(settings), list(done)
-    self.buffer: list[bytes] = []
-
-  def add(self, example: Mapping[str, Any]) -> None:
-    if not self.todo:
-      raise RuntimeError("internal error: more examples than the planned shards hold")
-    self.buffer.append(records.encode(example))
-    shard = self.todo[0]
-    if len(self.buffer) == shard["stop"] - shard["start"]:
-      records.write_shard(os.path.join(self.output, shard["file"]), self.buffer)
-      self.done.append(shard["file"])
-      records.write_json(self.progress_path, {"settings": self.settings, "done": self.done})
-      self.buffer = []
-      self.todo.pop(0)
-
-  def close(self) -> None:
-    if self.todo or self.buffer:
-      raise RuntimeError(f"internal error: {len(self.todo)} planned shards were not written")
-
-
-def load_models(opts: CacheOptions):
-  """(vae, text encoders, tokenizers, tokens per prompt, params {"vae", "text": [...]}) on the host."""
-  from sdjax.convert import diffusers
-  from sdjax.models import clip
-
-  vae, vae_params = diffusers.load_vae(opts.vae, dtype=opts.compute_dtype)
-  encoders, text_params, tokenizers = [], [], []
-  for enc_path, tok_path in opts.encoders:
-    enc, p = diffusers.load_text_encoder(enc_path, dtype=opts.compute_dtype)
-    encoders.append(enc)
-    text_params.append(p)
-    tokenizers.append(clip.load_tokenizer(tok_path))
-  lengths = [max_length(t, e) for t, e in zip(tokenizers, encoders)]
-  return vae, encoders, tokenizers, lengths, {"vae": vae_params, "text": text_params}
 
 
 def write_dataset(output: str, settings: Mapping[str, Any], vae_cfg, resolution: int, num_examples: int,
@@ -425,65 +337,75 @@ def cache(output: str, source, opts: CacheOptions, *, source_name: str = "", cap
 
 # --- command line -------------------------------------------------------------------------------------
 
-def open_input(args: argparse.Namespace) -> tuple[Any, str, str | None]:
+def define_flags(fv: flags.FlagValues) -> None:
+  """The command line's flags, on `fv`."""
+  d = {"flag_values": fv}
+  flags.DEFINE_string("data", None, "a directory written by `python -m sdjax.data.prepare`", **d)
+  flags.DEFINE_string("tfds", None, "a TFDS dataset prepared in ArrayRecord format (instead of --data)", **d)
+  flags.DEFINE_string("split", "train", "TFDS split", **d)
+  flags.DEFINE_string("data_dir", None, "TFDS data dir (default: $SDJAX_DATA_DIR)", **d)
+  flags.DEFINE_string("image_key", "image", "TFDS feature holding the image", **d)
+  flags.DEFINE_string("caption_key", None, "field holding the caption (records: caption; TFDS: none unless given)",
+                      **d)
+  flags.DEFINE_string("label_key", None, "TFDS feature holding a class label, stored as `label`", **d)
+  flags.DEFINE_string("output", None, "directory to write the latent records and dataset.json to", required=True,
+                      **d)
+  flags.DEFINE_string("vae", None, "diffusers AutoencoderKL folder", required=True, **d)
+  flags.DEFINE_integer("resolution", None, "resize the shorter side and center-crop to this", required=True, **d)
+  flags.DEFINE_integer("batch_size", 64, "global batch size (divisible by the devices)", **d)
+  flags.DEFINE_enum("store", "dist", STORES, "dist: the posterior's mean and logvar (a fresh draw every epoch); "
+                    "sample: one draw", **d)
+  flags.DEFINE_enum("dtype", "float16", DTYPES, "of the stored arrays", **d)
+  flags.DEFINE_enum("compute_dtype", "float32", COMPUTE_DTYPES, "of the encoders", **d)
+  flags.DEFINE_bool("micro_conditioning", False, "store SDXL's time_ids", **d)
+  flags.DEFINE_integer("seed", 0, "noise of --store sample (example i: from (seed, i))", **d)
+  flags.DEFINE_string("text_encoder", "", "CLIP text encoder folder: cache prompt embeddings too", **d)
+  flags.DEFINE_string("tokenizer", "", "its tokenizer folder", **d)
+  flags.DEFINE_string("text_encoder_2", "", "SDXL's second text encoder folder", **d)
+  flags.DEFINE_string("tokenizer_2", "", "its tokenizer folder", **d)
+  flags.DEFINE_integer("examples_per_shard", 1000, "examples per shard", **d)
+  flags.DEFINE_integer("num_threads", 8, "image decoding threads", **d)
+
+
+def open_input(f: flags.FlagValues) -> tuple[Any, str, str | None]:
   """(source, its description, caption field or None) from --data or --tfds."""
-  if bool(args.data) == bool(args.tfds):
+  if bool(f.data) == bool(f.tfds):
     raise ValueError("pass exactly one of --data (a directory written by sdjax.data.prepare) or --tfds NAME")
-  if args.data:
-    path = os.path.abspath(os.path.expanduser(args.data))
-    return sources.open_source("records", path=path), f"records:{path}", args.caption_key or "caption"
-  src = sources.open_source("tfds", name=args.tfds, split=args.split, data_dir=args.data_dir,
-                            image_key=args.image_key, caption_key=args.caption_key, label_key=args.label_key)
-  return src, src.where, "caption" if args.caption_key else None
+  if f.data:
+    path = os.path.abspath(os.path.expanduser(f.data))
+    return sources.open_source("records", path=path), f"records:{path}", f.caption_key or "caption"
+  src = sources.open_source("tfds", name=f.tfds, split=f.split, data_dir=f.data_dir, image_key=f.image_key,
+                            caption_key=f.caption_key, label_key=f.label_key)
+  return src, src.where, "caption" if f.caption_key else None
 
 
-def main(argv: list[str] | None = None) -> int:
-  p = argparse.ArgumentParser(prog="python -m sdjax.data.cache_latents", description=__doc__.split("\n\n")[0])
-  p.add_argument("--data", help="a directory written by `python -m sdjax.data.prepare`")
-  p.add_argument("--tfds", help="a TFDS dataset prepared in ArrayRecord format (instead of --data)")
-  p.add_argument("--split", default="train", help="TFDS split")
-  p.add_argument("--data_dir", help="TFDS data dir (default: $SDJAX_DATA_DIR)")
-  p.add_argument("--image_key", default="image", help="TFDS feature holding the image")
-  p.add_argument("--caption_key", help="field holding the caption (records: caption; TFDS: none unless given)")
-  p.add_argument("--label_key", help="TFDS feature holding a class label, stored as `label`")
-  p.add_argument("--output", required=True, help="directory to write the latent records and dataset.json to")
-  p.add_argument("--vae", required=True, help="diffusers AutoencoderKL folder")
-  p.add_argument("--resolution", type=int, required=True, help="resize the shorter side and center-crop to this")
-  p.add_argument("--batch_size", type=int, default=64, help="global batch size (divisible by the devices)")
-  p.add_argument("--store", choices=STORES, default="dist",
-                 help="dist: the posterior's mean and logvar (a fresh draw every epoch); sample: one draw")
-  p.add_argument("--dtype", choices=DTYPES, default="float16", help="of the stored arrays")
-  p.add_argument("--compute_dtype", choices=COMPUTE_DTYPES, default="float32", help="of the encoders")
-  p.add_argument("--micro_conditioning", action="store_true", help="store SDXL's time_ids")
-  p.add_argument("--seed", type=int, default=0, help="noise of --store sample (example i: from (seed, i))")
-  p.add_argument("--text_encoder", default="", help="CLIP text encoder folder: cache prompt embeddings too")
-  p.add_argument("--tokenizer", default="", help="its tokenizer folder")
-  p.add_argument("--text_encoder_2", default="", help="SDXL's second text encoder folder")
-  p.add_argument("--tokenizer_2", default="", help="its tokenizer folder")
-  p.add_argument("--examples_per_shard", type=int, default=1000)
-  p.add_argument("--num_threads", type=int, default=8, help="image decoding threads")
-  args = p.parse_args(argv)
-  logging.basicConfig(level=logging.INFO, format="%(message)s")
+def run(f: flags.FlagValues, args: list[str]) -> int:
+  """The command line's work, from its parsed flags: the exit status."""
   from sdjax import parallel
 
   try:
     parallel.initialize()
     opts = CacheOptions(
-        vae=args.vae, resolution=args.resolution, batch_size=args.batch_size, store=args.store, dtype=args.dtype,
-        micro_conditioning=args.micro_conditioning, seed=args.seed, examples_per_shard=args.examples_per_shard,
-        text_encoder=args.text_encoder, tokenizer=args.tokenizer, text_encoder_2=args.text_encoder_2,
-        tokenizer_2=args.tokenizer_2, compute_dtype=args.compute_dtype, num_threads=args.num_threads)
+        vae=f.vae, resolution=f.resolution, batch_size=f.batch_size, store=f.store, dtype=f.dtype,
+        micro_conditioning=f.micro_conditioning, seed=f.seed, examples_per_shard=f.examples_per_shard,
+        text_encoder=f.text_encoder, tokenizer=f.tokenizer, text_encoder_2=f.text_encoder_2,
+        tokenizer_2=f.tokenizer_2, compute_dtype=f.compute_dtype, num_threads=f.num_threads)
     read_vae_config(opts.vae, opts.resolution)  # fail fast, before the source is opened
-    source, name, caption_key = open_input(args)
+    source, name, caption_key = open_input(f)
     t0 = time.perf_counter()
-    meta = cache(args.output, source, opts, source_name=name, caption_key=caption_key)
+    meta = cache(f.output, source, opts, source_name=name, caption_key=caption_key)
   except (FileNotFoundError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
-  print(f"{args.output}: {meta['num_examples']} examples in {len(meta['shards'])} shards, latents "
+  print(f"{f.output}: {meta['num_examples']} examples in {len(meta['shards'])} shards, latents "
         f"{meta['latent_shape']} ({meta['store']}, {meta['dtype']}) ({time.perf_counter() - t0:.1f} s)")
   return 0
 
 
+def main(argv: Sequence[str]) -> int:
+  """`python -m sdjax.data.cache_latents ARGV...` in-process: the exit status."""
+  return cli.module_main(define_flags, run, argv)
+
+
 if __name__ == "__main__":
-  sys.exit(main())
+  cli.module_app_run(define_flags, run)

@@ -16,7 +16,6 @@ a downscale (the original size is kept for SDXL's micro-conditioning).
 """
 from __future__ import annotations
 
-import argparse
 import collections
 import concurrent.futures
 import csv
@@ -27,10 +26,12 @@ import math
 import os
 import sys
 import time
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
+from absl import flags
 from PIL import Image
 
+from sdjax import cli
 from sdjax.data import records
 from sdjax.data.preprocess import decode_image
 
@@ -217,36 +218,46 @@ def collect(input_dir: str | None, manifest: str | None, *, image_column=None, c
   return read_manifest(manifest, image_column, caption_column), os.path.abspath(manifest)
 
 
-def main(argv: list[str] | None = None) -> int:
-  p = argparse.ArgumentParser(prog="python -m sdjax.data.prepare", description=__doc__.split("\n\n")[0])
-  p.add_argument("--input", help="folder of images with .txt/.json caption sidecars (or metadata.jsonl)")
-  p.add_argument("--manifest", help="CSV (with header) or JSONL file of image paths and captions")
-  p.add_argument("--output", required=True, help="directory to write dataset.json and the shards to")
-  p.add_argument("--image_column", help="manifest column with the image path")
-  p.add_argument("--caption_column", help="manifest column with the caption")
-  p.add_argument("--caption_key", help="field of .json sidecars holding the caption (default: caption/text)")
-  p.add_argument("--examples_per_shard", type=int, default=1000)
-  p.add_argument("--max_size", type=int, default=0, help="downscale so the shorter side is at most this")
-  p.add_argument("--allow_empty_captions", action="store_true", help="keep images whose caption is empty")
-  p.add_argument("--num_threads", type=int, default=8)
-  args = p.parse_args(argv)
-  logging.basicConfig(level=logging.INFO, format="%(message)s")
+def define_flags(fv: flags.FlagValues) -> None:
+  """The command line's flags, on `fv`."""
+  flags.DEFINE_string("input", None, "folder of images with .txt/.json caption sidecars (or metadata.jsonl)",
+                      flag_values=fv)
+  flags.DEFINE_string("manifest", None, "CSV (with header) or JSONL file of image paths and captions", flag_values=fv)
+  flags.DEFINE_string("output", None, "directory to write dataset.json and the shards to", flag_values=fv,
+                      required=True)
+  flags.DEFINE_string("image_column", None, "manifest column with the image path", flag_values=fv)
+  flags.DEFINE_string("caption_column", None, "manifest column with the caption", flag_values=fv)
+  flags.DEFINE_string("caption_key", None, "field of .json sidecars holding the caption (default: caption/text)",
+                      flag_values=fv)
+  flags.DEFINE_integer("examples_per_shard", 1000, "examples per shard", flag_values=fv)
+  flags.DEFINE_integer("max_size", 0, "downscale so the shorter side is at most this", flag_values=fv)
+  flags.DEFINE_bool("allow_empty_captions", False, "keep images whose caption is empty", flag_values=fv)
+  flags.DEFINE_integer("num_threads", 8, "image reading threads", flag_values=fv)
+
+
+def run(f: flags.FlagValues, args: list[str]) -> int:
+  """The command line's work, from its parsed flags: the exit status."""
   try:
-    items, source = collect(args.input, args.manifest, image_column=args.image_column,
-                            caption_column=args.caption_column, caption_key=args.caption_key)
-    if args.examples_per_shard < 1:
+    items, source = collect(f.input, f.manifest, image_column=f.image_column, caption_column=f.caption_column,
+                            caption_key=f.caption_key)
+    if f.examples_per_shard < 1:
       raise ValueError("--examples_per_shard must be >= 1")
-    meta = prepare(args.output, items, examples_per_shard=args.examples_per_shard, max_size=args.max_size,
-                   allow_empty_captions=args.allow_empty_captions, num_threads=args.num_threads, source=source)
+    meta = prepare(f.output, items, examples_per_shard=f.examples_per_shard, max_size=f.max_size,
+                   allow_empty_captions=f.allow_empty_captions, num_threads=f.num_threads, source=source)
   except (FileNotFoundError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
-  print(f"wrote {meta['num_examples']} examples in {len(meta['shards'])} shards to {args.output} "
+  print(f"wrote {meta['num_examples']} examples in {len(meta['shards'])} shards to {f.output} "
         f"({meta['seconds']:.1f} s); skipped {meta['num_skipped']}"
-        + (f" {meta['skipped_reasons']}, listed in {os.path.join(args.output, 'skipped.txt')}"
+        + (f" {meta['skipped_reasons']}, listed in {os.path.join(f.output, 'skipped.txt')}"
            if meta["num_skipped"] else ""))
   return 0
 
 
+def main(argv: Sequence[str]) -> int:
+  """`python -m sdjax.data.prepare ARGV...` in-process: the exit status."""
+  return cli.module_main(define_flags, run, argv)
+
+
 if __name__ == "__main__":
-  sys.exit(main())
+  cli.module_app_run(define_flags, run)
