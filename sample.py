@@ -55,6 +55,12 @@ FLAGS = flags.FLAGS
 TEXT_ONLY = ("model", "tokenizer", "tokenizer_2", "model_type", "prompt", "prompts", "negative_prompt",
              "num_per_prompt", "rescale", "height", "width", "init_image", "mask", "strength", "grid", "fsdp",
              "overwrite", "max_images")
+# How text-to-image job errors name a setting given here: by its flag (a prompts-file field by its line).
+FLAG_OF = {"prompts": "--prompts", "model": "--model", "tokenizer": "--tokenizer", "tokenizer_2": "--tokenizer_2",
+           "seed": "--seed", "outdir": "--outdir", "overwrite": "--overwrite", "negative_prompt": "--negative_prompt",
+           "guidance_scale": "--guidance", "guidance_rescale": "--rescale", "steps": "--steps", "height": "--height",
+           "width": "--width", "num_images": "--num_per_prompt", "sampler": "--sampler", "init_image": "--init_image",
+           "mask": "--mask", "strength": "--strength"}
 
 
 def sample_classes():
@@ -72,7 +78,7 @@ def text_job():
     raise jobs.JobError("give --prompt or --prompts, not both")
   if not FLAGS.prompt and not FLAGS.prompts:
     raise jobs.JobError("a text-to-image job needs --prompt TEXT (repeatable) or --prompts FILE")
-  raw = jobs.read_prompts(FLAGS.prompts) if FLAGS.prompts else [
+  raw = jobs.read_prompts(FLAGS.prompts, names=FLAG_OF) if FLAGS.prompts else [
       ({"prompt": p}, f"--prompt #{i}") for i, p in enumerate(FLAGS.prompt)]
   defaults = jobs.Defaults(
       negative_prompt=FLAGS.negative_prompt, num_images=FLAGS.num_per_prompt, seed=FLAGS.seed,
@@ -85,13 +91,13 @@ def text_job():
       raise jobs.JobError(f"--{name}: {path} does not exist")
   if FLAGS.model:
     model = jobs.load_model(FLAGS.model, tokenizer=FLAGS.tokenizer, tokenizer_2=FLAGS.tokenizer_2,
-                            model_type=FLAGS.model_type)
+                            model_type=FLAGS.model_type, names=FLAG_OF)
     outdir = FLAGS.outdir or os.path.join("generated", os.path.splitext(os.path.basename(os.path.normpath(FLAGS.model)))[0])
   else:
     model = jobs.load_workdir(FLAGS.workdir)
     outdir = FLAGS.outdir or os.path.join(FLAGS.workdir, "generated", "text")
   job = jobs.Job(outdir, tuple(raw), defaults, batch_size=FLAGS.batch_size or 8, fsdp=FLAGS.fsdp, grid=FLAGS.grid,
-                 overwrite=FLAGS.overwrite, max_images=FLAGS.max_images)
+                 overwrite=FLAGS.overwrite, max_images=FLAGS.max_images, names=FLAG_OF)
   try:
     s = jobs.run(job, model)
   except KeyboardInterrupt as e:
@@ -112,8 +118,11 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if bool(FLAGS.model) == bool(FLAGS.workdir):
     sys.exit("error: give exactly one of --workdir DIR (a training run) or --model PATH (a Stable Diffusion checkpoint)")
-  from sdjax import jobs
-  text = FLAGS.model or jobs.workdir_task(FLAGS.workdir) == "ldm"
+  if FLAGS.model:
+    text = True
+  else:
+    from sdjax import runs
+    text = runs.task_of(FLAGS.workdir) == "ldm"
   try:
     if text:
       text_job()

@@ -13,10 +13,8 @@ import dataclasses
 import functools
 import json
 import os
-import signal
-import threading
 import time
-from typing import Any, Callable, NamedTuple, Sequence
+from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -25,70 +23,16 @@ from jax.experimental import multihost_utils
 from PIL import Image
 from tqdm.auto import tqdm
 
-from sdjax import io, parallel, pipelines, samplers
+from sdjax import io, parallel, pipelines, preemption
+# The prompts' API, part of the jobs' (jobs.read_prompts, jobs.Defaults, jobs.JobError, ...).
+from sdjax.prompts import FIELDS, SEED_MAX, Defaults, JobError, Spec, name_of, read_prompts, resolve  # noqa: F401
 
-SEED_MAX = 2**31 - 1
-FIELDS = {"prompt": str, "negative_prompt": str, "seed": int, "guidance_scale": float, "guidance_rescale": float,
-          "steps": int, "height": int, "width": int, "num_images": int, "sampler": str, "init_image": str,
-          "mask": str, "strength": float}
-FLAG_OF = {"negative_prompt": "--negative_prompt", "guidance_scale": "--guidance", "guidance_rescale": "--rescale",
-           "steps": "--steps", "height": "--height", "width": "--width", "num_images": "--num_per_prompt",
-           "sampler": "--sampler", "init_image": "--init_image", "mask": "--mask", "strength": "--strength"}
 # job.json fields that change the images (a re-run that changes one of them is refused).
 IMAGE_FIELDS = ("model_hash", "seed")
 
 
-class JobError(ValueError):
-  """A job that cannot run as given (bad prompt line, flag, model or output folder)."""
-
-
 class Interrupted(KeyboardInterrupt):
   """SIGTERM (or Ctrl-C) while rendering; everything on disk is complete."""
-
-
-@dataclasses.dataclass(frozen=True)
-class Defaults:
-  """Job-wide settings from flags; a JSONL line's own fields override them (None: the model's default)."""
-  negative_prompt: str = ""
-  num_images: int = 1
-  seed: int = 0
-  steps: int = 25
-  guidance_scale: float = 7.5
-  guidance_rescale: float = 0.0
-  sampler: str | None = None
-  height: int | None = None
-  width: int | None = None
-  init_image: str | None = None
-  mask: str | None = None
-  strength: float | None = None  # None: 0.8 for img2img (diffusers' default), 1.0 for inpainting
-
-
-@dataclasses.dataclass(frozen=True)
-class Spec:
-  """One resolved prompt line."""
-  prompt: str
-  negative_prompt: str
-  seed: int | None
-  guidance_scale: float
-  guidance_rescale: float
-  steps: int
-  height: int
-  width: int
-  num_images: int
-  sampler: str
-  init_image: str | None
-  mask: str | None
-  strength: float
-
-  @property
-  def mode(self) -> str:
-    return "inpaint" if self.mask else "img2img" if self.init_image else "txt2img"
-
-  @property
-  def group(self) -> tuple:
-    """The static arguments of its jitted function (classifier-free guidance only for a scale > 1)."""
-    return (self.mode, self.height, self.width, self.steps, self.sampler, self.guidance_scale > 1.0,
-            self.guidance_rescale > 0.0, self.strength)
 
 
 class Item(NamedTuple):
@@ -126,13 +70,14 @@ class Model:
 # --- sources ---------------------------------------------------------------------------------------------
 
 def load_model(path: str, *, tokenizer: str | None = None, tokenizer_2: str | None = None,
-               model_type: str | None = None) -> Model:
-  """A diffusers folder or a single-file checkpoint (whose tokenizers come from `tokenizer`[_2])."""
+               model_type: str | None = None, names: Mapping[str, str] | None = None) -> Model:
+  """A diffusers folder or a single-file checkpoint (whose tokenizers come from `tokenizer`[_2]); `names`:
+  how errors name the arguments (sdjax.prompts.name_of)."""
   from sdjax import convert
   from sdjax.convert import single_file
   from sdjax.models import clip
   if not os.path.exists(path):
-    raise JobError(f"--model: {path} does not exist")
+    raise JobError(f"{name_of(names, 'model')}: {path} does not exist")
   if os.path.isfile(path):
     pipe = convert.load_single_file(path, model_type)
     size = single_file.default_configs(pipe.model_type)["unet"].get("sample_size")
@@ -141,13 +86,14 @@ def load_model(path: str, *, tokenizer: str | None = None, tokenizer_2: str | No
     with open(os.path.join(path, "unet", "config.json")) as f:
       size = json.load(f).get("sample_size")
   sd, params = pipelines.from_components(pipe.models, pipe.schedule, model_type=pipe.model_type)
-  names = ("tokenizer", "tokenizer_2")[:len(sd.text_encoders)]
-  toks = [pipe.tokenizers.get(n) for n in names]
-  for i, folder in enumerate((tokenizer, tokenizer_2 or tokenizer)[:len(names)]):
+  kinds = ("tokenizer", "tokenizer_2")[:len(sd.text_encoders)]
+  toks = [pipe.tokenizers.get(n) for n in kinds]
+  for i, folder in enumerate((tokenizer, tokenizer_2 or tokenizer)[:len(kinds)]):
     if folder:
       toks[i] = clip.load_tokenizer(folder)
   if any(t is None for t in toks):
-    raise JobError(f"{path} carries no tokenizer: pass --tokenizer DIR (and --tokenizer_2 for SDXL)")
+    raise JobError(f"{path} carries no tokenizer: pass {name_of(names, 'tokenizer')} DIR (and "
+                   f"{name_of(names, 'tokenizer_2')} for SDXL)")
   try:
     sampler = pipe.sampler
   except ValueError:
@@ -157,136 +103,19 @@ def load_model(path: str, *, tokenizer: str | None = None, tokenizer_2: str | No
 
 def load_workdir(workdir: str) -> Model:
   """The latest checkpoint (EMA params) of a text-to-image (`task: ldm`) training run."""
-  from sdjax.train.ldm import load_text_to_image
-  sd, params, tokenizers, model_id = load_text_to_image(workdir)
-  with open(os.path.join(workdir, "config.json")) as f:
-    config = json.load(f)
+  from sdjax import runs
+  r = runs.load(workdir, task="ldm")
+  config = r.config.to_dict()
   data, sample = config.get("data", {}), config.get("sample", {})
   size = sample.get("size") or data.get("resolution")
   if not size and data.get("source", "bundled") != "latents":
     from sdjax.data import input_pipeline
     size = input_pipeline.image_size(data)
-  return Model(sd, params, list(tokenizers), model_id, int(size) if size else None, sample.get("sampler"))
+  return Model(r.model.sd, r.model.params, list(r.model.tokenizers), r.model_id, int(size) if size else None,
+               sample.get("sampler"))
 
 
-def workdir_task(workdir: str) -> str:
-  """The `task` of a training run's config.json ("diffusion" when it names none)."""
-  path = os.path.join(workdir, "config.json")
-  if not os.path.isfile(path):
-    return "diffusion"  # sdjax.sampling reports the missing run
-  with open(path) as f:
-    return json.load(f).get("task") or "diffusion"
-
-
-# --- prompts ---------------------------------------------------------------------------------------------
-
-def read_prompts(path: str) -> list[tuple[dict, str]]:
-  """[(fields, "file:line")] from a .txt (one prompt a line, # comments) or .jsonl file."""
-  if not os.path.isfile(path):
-    raise JobError(f"--prompts: {path} does not exist")
-  ext = os.path.splitext(path)[1].lower()
-  if ext not in (".txt", ".jsonl"):
-    raise JobError(f"--prompts: {path} must be a .txt (one prompt a line) or .jsonl file")
-  base = os.path.dirname(os.path.abspath(path))
-  out = []
-  with open(path, encoding="utf-8") as f:
-    for n, line in enumerate(f, 1):
-      where, line = f"{path}:{n}", line.strip()
-      if not line or (ext == ".txt" and line.startswith("#")):
-        continue
-      out.append(({"prompt": line}, where) if ext == ".txt" else (_parse_line(line, where, base), where))
-  if not out:
-    raise JobError(f"--prompts: {path} holds no prompts")
-  return out
-
-
-def _parse_line(line: str, where: str, base: str) -> dict:
-  try:
-    obj = json.loads(line)
-  except json.JSONDecodeError as e:
-    raise JobError(f"{where}: not valid JSON ({e.msg})") from None
-  if not isinstance(obj, dict):
-    raise JobError(f"{where}: expected a JSON object with a 'prompt', got {type(obj).__name__}")
-  for key, value in obj.items():
-    kind = FIELDS.get(key)
-    if kind is None:
-      raise JobError(f"{where}: unknown field {key!r}; expected one of {sorted(FIELDS)}")
-    ok = isinstance(value, (int, float)) if kind is float else isinstance(value, kind)
-    if not ok or isinstance(value, bool) or (kind is float and not np.isfinite(value)):
-      raise JobError(f"{where}: field {key!r} must be {'a number' if kind is float else kind.__name__}, got {value!r}")
-  if not obj.get("prompt"):
-    raise JobError(f"{where}: field 'prompt' is required (a non-empty string)")
-  for key in ("init_image", "mask"):  # relative to the prompts file
-    if key in obj and not os.path.isabs(obj[key]):
-      obj[key] = os.path.join(base, obj[key])
-  return obj
-
-
-def resolve(raw: Sequence[tuple[dict, str]], defaults: Defaults, model: Model) -> list[Spec]:
-  """Validated `Spec`s: every field from the line or the job defaults; errors name the line or flag."""
-  if defaults.seed < 0:
-    raise JobError(f"--seed: must be >= 0, got {defaults.seed}")
-  return [_resolve_one(fields, where, defaults, model) for fields, where in raw]
-
-
-def _resolve_one(raw: dict, where: str, d: Defaults, model: Model) -> Spec:
-  def fail(name, msg):
-    origin = f"{where}: field {name!r}" if name in raw else FLAG_OF.get(name, name)
-    raise JobError(f"{origin}: {msg}")
-
-  get = lambda name: raw.get(name, getattr(d, name))
-  if model.sd.inpainting and not get("mask"):
-    fail("mask", "this model has an inpainting U-Net (9 input channels): every prompt needs init_image and mask")
-  sampler = get("sampler") or model.default_sampler
-  if sampler is None:
-    fail("sampler", "the model's scheduler has no sdjax sampler: pass --sampler")
-  if sampler not in samplers.SAMPLERS:
-    fail("sampler", f"unknown sampler {sampler!r}; available: {sorted(samplers.SAMPLERS)}")
-  size = {}
-  for name in ("height", "width"):
-    v = get(name) or model.default_size
-    f = model.sd.downscale
-    if v is None:
-      fail(name, "the model's default image size is unknown: pass --height and --width")
-    if v <= 0 or v % f:
-      fail(name, f"{v} must be a positive multiple of {f} (the VAE's downscale)")
-    size[name] = v
-  for name, lo, hi in (("steps", 1, 10_000), ("num_images", 1, 1000)):
-    if not lo <= get(name) <= hi:
-      fail(name, f"must be in [{lo}, {hi}], got {get(name)}")
-  if get("guidance_scale") < 0:
-    fail("guidance_scale", f"must be >= 0, got {get('guidance_scale')}")
-  if not 0 <= get("guidance_rescale") <= 1:
-    fail("guidance_rescale", f"must be in [0, 1], got {get('guidance_rescale')}")
-  seed = raw.get("seed")
-  if seed is not None and not 0 <= seed <= SEED_MAX - get("num_images") + 1:
-    fail("seed", f"must be in [0, {SEED_MAX - get('num_images') + 1}] (seed + image index is 31-bit), got {seed}")
-  init, mask = get("init_image"), get("mask")
-  if mask and not init:
-    fail("mask", "a mask needs an init_image (the image to repaint)")
-  for name, path in (("init_image", init), ("mask", mask)):
-    if not path:
-      continue
-    if not os.path.isfile(path):
-      fail(name, f"image file {path} does not exist")
-    try:
-      Image.open(path).verify()
-    except Exception as e:  # PIL raises many kinds for a file that is not an image
-      fail(name, f"cannot read image {path}: {e}")
-  strength = get("strength")
-  strength = float((0.8 if init and not mask else 1.0) if strength is None else strength)
-  if not 0 < strength <= 1:
-    fail("strength", f"must be in (0, 1], got {strength}")
-  if strength < 1 and not init:
-    fail("strength", "strength < 1 needs an init_image")
-  if strength < 1 and not samplers.get(sampler).img2img:
-    fail("strength", f"sampler {sampler!r} does not support strength < 1")
-  if int(get("steps") * strength) < 1:
-    fail("strength", f"strength {strength} leaves none of the {get('steps')} steps")
-  return Spec(raw["prompt"], get("negative_prompt") or "", seed, float(get("guidance_scale")),
-              float(get("guidance_rescale")), int(get("steps")), size["height"], size["width"],
-              int(get("num_images")), sampler, init, mask, strength)
-
+# --- images ------------------------------------------------------------------------------------------
 
 def image_seed(job_seed: int, p: int, j: int, spec: Spec) -> int:
   """The integer seed of image j of prompt p: the prompt's seed + j, else derived from (job seed, p, j)."""
@@ -331,7 +160,7 @@ def _write_json(path: str, obj: Any, lines: bool = False) -> None:
   os.replace(tmp, path)
 
 
-def check_job(outdir: str, job: dict) -> None:
+def check_job(outdir: str, job: dict, names: Mapping[str, str] | None = None) -> None:
   """Refuse to continue a job whose existing job.json differs in a setting that changes the images."""
   path = os.path.join(outdir, "job.json")
   if not os.path.isfile(path):
@@ -340,18 +169,18 @@ def check_job(outdir: str, job: dict) -> None:
     old = json.load(f)
   for key in IMAGE_FIELDS:
     if old.get(key) != job[key]:
-      _changed(outdir, key, old.get(key), job[key])
+      _changed(names, outdir, key, old.get(key), job[key])
   for p, (a, b) in enumerate(zip(old.get("prompts", []), job["prompts"])):  # appended prompts are fine
     for key in sorted(set(a) | set(b)):
       if a.get(key) != b.get(key):
-        _changed(outdir, f"prompts[{p}].{key}", a.get(key), b.get(key))
+        _changed(names, outdir, f"prompts[{p}].{key}", a.get(key), b.get(key))
   if len(old.get("prompts", [])) > len(job["prompts"]):
-    _changed(outdir, "number of prompts", len(old["prompts"]), len(job["prompts"]))
+    _changed(names, outdir, "number of prompts", len(old["prompts"]), len(job["prompts"]))
 
 
-def _changed(outdir, field, old, new):
-  raise JobError(f"{outdir} holds a job with {field}={old!r}, this one has {new!r}: use another --outdir, "
-                 "or --overwrite to render the changed images")
+def _changed(names, outdir, field, old, new):
+  raise JobError(f"{outdir} holds a job with {field}={old!r}, this one has {new!r}: use another "
+                 f"{name_of(names, 'outdir')}, or {name_of(names, 'overwrite')} to render the changed images")
 
 
 def make_grid(outdir: str, specs: Sequence[Spec]) -> np.ndarray | None:
@@ -444,17 +273,14 @@ class Job:
   grid: bool = False
   overwrite: bool = False
   max_images: int | None = None  # stop after rendering this many (then re-run to continue)
-
-
-def _on_sigterm(signum, frame):
-  raise Interrupted("SIGTERM")
+  names: Mapping[str, str] | None = None  # how errors name the settings (sample.py: its flags; sdjax.prompts)
 
 
 def run(job: Job, model: Model, *, devices: Sequence[jax.Device] | None = None, progress: bool = True,
         echo: Callable[[str], None] = print) -> dict:
   """Render `job`'s missing images into job.outdir; returns (and writes) the summary."""
   t_start = time.perf_counter()
-  specs = resolve(job.raw_prompts, job.defaults, model)
+  specs = resolve(job.raw_prompts, job.defaults, model, names=job.names)
   work = items(specs, job.defaults.seed)
   lead = jax.process_index() == 0
   devices = list(jax.devices() if devices is None else devices)
@@ -477,19 +303,13 @@ def run(job: Job, model: Model, *, devices: Sequence[jax.Device] | None = None, 
   params = put(model.params, pipelines.param_shardings(model.params, mesh)) if todo else None
 
   stats = {"compile_s": 0.0, "render_s": 0.0, "rendered": 0}
-  main_thread = threading.current_thread() is threading.main_thread()
-  previous = signal.signal(signal.SIGTERM, _on_sigterm) if main_thread else None
-  bar = tqdm(total=len(todo), unit="img", desc="sample", disable=not (lead and progress), dynamic_ncols=True)
-  try:
+  with preemption.OnSigterm(raise_=Interrupted), tqdm(
+      total=len(todo), unit="img", desc="sample", disable=not (lead and progress), dynamic_ncols=True) as bar:
     for group, group_items in groups.items():
       size = min(batch_size, -(-len(group_items) // ndev) * ndev)  # a small group: a smaller batch
       for start in range(0, len(group_items), size):
         _render_batch(model, params, group, group_items[start:start + size], size, mesh, job.outdir, records,
                       stats, lead, bar)
-  finally:
-    bar.close()
-    if main_thread:
-      signal.signal(signal.SIGTERM, previous)
 
   summary = {"outdir": job.outdir, "images": len(work), "rendered": stats["rendered"], "skipped": skipped,
              "remaining": None, "groups": len(groups), "batch_size": batch_size, "devices": len(devices),
@@ -514,7 +334,7 @@ def _prepare_outdir(job: Job, info: dict, work: list[Item], records: dict, lead:
   """Check and write job.json, clean up a killed run, rebuild index.jsonl; returns which images exist."""
   os.makedirs(job.outdir, exist_ok=True)
   if not job.overwrite:
-    check_job(job.outdir, info)
+    check_job(job.outdir, info, job.names)
   if lead:
     for name in os.listdir(job.outdir):  # leftovers of a killed run's atomic writes
       if name.endswith(".tmp"):

@@ -53,6 +53,39 @@ def class_conditional(model: UNet, params: Any, labels: jax.Array, noise: jax.Ar
   return jnp.clip(x, -1.0, 1.0)
 
 
+class ClassConditionalModel(NamedTuple):
+  """A trained class-conditional pixel model (what `sdjax.runs.load` gives for a "diffusion" run)."""
+  unet: UNet
+  params: Any
+  schedule: Schedule
+  image_shape: tuple[int, int, int]  # [H, W, C]
+  num_classes: int
+
+
+def class_conditional_fn(unet: UNet, schedule: Schedule, image_shape: Sequence[int], *, sampler: str,
+                         num_steps: int, guidance_scale: float):
+  """jitted (params, labels [B], seed, indices [B]) -> images [B, H, W, C] in [-1, 1].
+
+  Image i's starting noise is drawn from (seed, indices[i]) alone, so deterministic samplers give the same
+  image for the same (seed, index) whatever the batch it is rendered in.
+  """
+  shape = tuple(image_shape)
+
+  def fn(params, labels, seed, indices):
+    base = jax.random.key(seed)
+    noise = jax.vmap(lambda i: jax.random.normal(jax.random.fold_in(base, i), shape))(indices)
+    rng = jax.random.fold_in(jax.random.split(base)[1], indices[0])  # stochastic samplers only
+    return class_conditional(unet, params, labels, noise, rng, schedule=schedule, sampler=sampler,
+                             num_steps=num_steps, guidance_scale=guidance_scale)
+
+  return jax.jit(fn)
+
+
+def class_grid_labels(num_classes: int, per_class: int) -> np.ndarray:
+  """Labels for a grid with one row per class: [0]*per_class + [1]*per_class + ..."""
+  return np.repeat(np.arange(num_classes, dtype=np.int32), per_class)
+
+
 # --- Stable Diffusion --------------------------------------------------------------------------------
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -99,6 +132,13 @@ def from_components(models: dict[str, tuple], schedule: Schedule, *, model_type:
   params = {"unet": models["unet"][1], "vae": models["vae"][1],
             "text_encoders": tuple(models[n][1] for n in names)}
   return sd, params
+
+
+class TextToImageModel(NamedTuple):
+  """A text-to-image model ready to sample (what `sdjax.runs.load` gives for an "ldm" run)."""
+  sd: StableDiffusion
+  params: dict
+  tokenizers: list
 
 
 class Prompt(NamedTuple):

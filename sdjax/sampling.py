@@ -5,50 +5,31 @@ from __future__ import annotations
 import json
 import os
 import time
-from typing import Any
 
 import jax
-import ml_collections
 import numpy as np
 from tqdm.auto import tqdm
 
-from sdjax import checkpoint, io, parallel
-from sdjax.train.loop import Experiment, class_grid_labels
+from sdjax import io, parallel, pipelines, runs
 
 
-def load_run(workdir: str) -> tuple[Experiment, Any, int]:
-  """(experiment, EMA params, step) of the latest checkpoint in `workdir`."""
-  config_path = os.path.join(workdir, "config.json")
-  ckpt_dir = os.path.join(workdir, "checkpoints")
-  if not os.path.isdir(ckpt_dir) or not os.path.exists(config_path):
-    raise FileNotFoundError(f"{workdir} is not an sdjax training run with a checkpoint "
-                            f"(no {'config.json' if not os.path.exists(config_path) else 'checkpoints/'} there); "
-                            f"train first: python train.py --workdir {workdir}")
-  with open(config_path) as f:
-    config = ml_collections.ConfigDict(json.load(f))
-  try:
-    mesh = parallel.mesh_from_config(config.mesh)
-  except ValueError:  # trained on another device count: sample data-parallel on the devices here
-    mesh = parallel.make_mesh({"data": -1})
-  exp = Experiment(config, mesh)
-  ckpt = checkpoint.Checkpointer(workdir, read_only=True)
-  try:
-    step = ckpt.latest_step()
-    if step is None:
-      raise FileNotFoundError(f"no checkpoint in {ckpt.directory}; train first: python train.py --workdir {workdir}")
-    state = ckpt.restore(exp.abstract_state, step)
-  finally:
-    ckpt.close()
-  return exp, state.ema_params, step
+def load_run(workdir: str) -> tuple[runs.Run, pipelines.ClassConditionalModel]:
+  """(run, model) of the latest checkpoint (EMA params) of a class-conditional run in `workdir`."""
+  run = runs.load(workdir, task="diffusion")
+  return run, run.model
 
 
-def generate(exp: Experiment, params: Any, labels: np.ndarray, *, seed: int, sampler: str, num_steps: int,
-             guidance_scale: float, batch_size: int, progress: bool = True) -> tuple[np.ndarray, dict]:
+def generate(model: pipelines.ClassConditionalModel, mesh: jax.sharding.Mesh, labels: np.ndarray, *, seed: int,
+             sampler: str, num_steps: int, guidance_scale: float, batch_size: int,
+             progress: bool = True) -> tuple[np.ndarray, dict]:
   """Images uint8 [N, H, W, C] for `labels` [N]; image i's noise depends only on (seed, i)."""
   n = len(labels)
   batch_size = min(batch_size, n)
-  fn = exp.sample_fn(sampler, num_steps, guidance_scale)
-  sharding = exp.labels_sharding(batch_size)
+  fn = pipelines.class_conditional_fn(model.unet, model.schedule, model.image_shape, sampler=sampler,
+                                      num_steps=num_steps, guidance_scale=guidance_scale)
+  sharding = parallel.batch_sharding(mesh) if batch_size % parallel.batch_devices(mesh) == 0 else \
+      parallel.replicated(mesh)
+  params = model.params
   padded = -(-n // batch_size) * batch_size
   all_labels = np.concatenate([labels, np.zeros(padded - n, np.int32)]).astype(np.int32)
   all_indices = np.arange(padded, dtype=np.int32)
@@ -76,13 +57,13 @@ def sample_run(workdir: str, *, outdir: str | None = None, seed: int = 0, num: i
   """Render `num` images per class from `workdir`'s latest checkpoint into `outdir`."""
   if num < 1:
     raise ValueError(f"--num must be >= 1, got {num}")
-  exp, params, step = load_run(workdir)
-  sc = exp.config.sample
+  run, model = load_run(workdir)
+  step, sc = run.step, run.config.sample
   sampler = sampler or sc.sampler
   steps = int(steps or sc.num_steps)
   guidance_scale = float(sc.guidance_scale if guidance_scale is None else guidance_scale)
-  labels = class_grid_labels(exp.num_classes, num)
-  images, stats = generate(exp, params, labels, seed=seed, sampler=sampler, num_steps=steps,
+  labels = pipelines.class_grid_labels(model.num_classes, num)
+  images, stats = generate(model, run.mesh, labels, seed=seed, sampler=sampler, num_steps=steps,
                            guidance_scale=guidance_scale, batch_size=batch_size)
   outdir = outdir or os.path.join(workdir, "generated", f"step_{step:07d}_seed{seed}")
   os.makedirs(outdir, exist_ok=True)

@@ -364,7 +364,7 @@ def test_training_on_a_prepared_folder_resumes_with_the_same_examples(tmp_path):
   reader back exactly (examples and their augmentations)."""
   from configs.default import get_config
   from conftest import losses
-  from sdjax.train.loop import train
+  from sdjax.train.trainer import train
 
   out = str(tmp_path / "prepared")
   prepare.prepare(out, prepare.collect(make_folder(str(tmp_path / "src"), n=12), None)[0], progress=False)

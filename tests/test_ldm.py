@@ -10,10 +10,10 @@ import pytest
 
 from conftest import losses
 from configs import ldm_shapes, sd_finetune
-from sdjax import checkpoint, convert, lora
+from sdjax import checkpoint, convert, lora, runs
 from sdjax.convert.random import write_random_pipeline
 from sdjax.train import run
-from sdjax.train.ldm import LatentExperiment, load_text_to_image
+from sdjax.train.trainer import Trainer
 
 TOKENIZER = os.path.join(os.path.dirname(__file__), "fixtures", "models", "tokenizer")
 
@@ -37,7 +37,7 @@ def _config(module, variant, **overrides):
 
 
 def _restore(config, workdir):
-  exp = LatentExperiment(config)
+  exp = Trainer.from_config(config)
   ckpt = checkpoint.Checkpointer(workdir, read_only=True)
   try:
     return exp, ckpt.restore(exp.abstract_state)
@@ -52,7 +52,7 @@ def test_lora_finetuning_changes_only_lora_params(tmp_path, tiny_sd1, compilatio
   base = convert.load_unet(os.path.join(tiny_sd1, "unet"))[1]
 
   # The trainable (and checkpointed) tree is the LoRA tree alone; the frozen base is the checkpoint's U-Net.
-  expected = lora.init(base, exp.lora, jax.random.key(0))
+  expected = lora.init(base, exp.task.lora, jax.random.key(0))
   assert jax.tree.structure(state.params) == jax.tree.structure(expected)
   assert lora.count(state.params) < 0.2 * sum(a.size for a in jax.tree.leaves(base))
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(exp.frozen["unet"]), base)
@@ -62,17 +62,17 @@ def test_lora_finetuning_changes_only_lora_params(tmp_path, tiny_sd1, compilatio
 
   # Exported in diffusers' LoRA format: loads back onto the base as the EMA adapters.
   loaded, loaded_config = lora.load(os.path.join(str(tmp_path / "run"), "lora"), base)
-  assert loaded_config.rank == exp.lora.rank
+  assert loaded_config.rank == exp.task.lora.rank
   jax.tree.map(np.testing.assert_array_equal, loaded, jax.device_get(state.ema_params))
 
   # Merged into the base, only the targeted attention kernels differ from the checkpoint.
-  merged = jax.device_get(exp.unet_params(state.params, exp.frozen))
+  merged = jax.device_get(exp.task.unet_params(state.params, exp.frozen))
   changed = []
   for (path, new), old in zip(jax.tree_util.tree_leaves_with_path(merged), jax.tree.leaves(base)):
     name = jax.tree_util.keystr(path)
     if not np.array_equal(new, old):
       changed.append(name)
-      assert name.endswith("['kernel']") and any(f"['{t}']" in name for t in exp.lora.targets), name
+      assert name.endswith("['kernel']") and any(f"['{t}']" in name for t in exp.task.lora.targets), name
   assert len(changed) == len(jax.tree.leaves(state.params)) // 2
 
 
@@ -90,7 +90,8 @@ def test_ldm_from_scratch_resumes_exactly_and_loads_for_sampling(tmp_path, tiny_
   np.testing.assert_allclose([b[s] for s in sorted(b)], [a[s] for s in sorted(a)], rtol=1e-6)
 
   exported = convert.load_unet(os.path.join(full, "unet"))[1]  # the EMA U-Net as a diffusers folder
-  sd, params, tokenizers, model_id = load_text_to_image(full)
+  loaded = runs.load(full)
+  (sd, params, tokenizers), model_id = loaded.model, loaded.model_id
   jax.tree.map(np.testing.assert_array_equal, exported, jax.device_get(params["unet"]))
   assert model_id.endswith("@4") and len(tokenizers) == 1 and not sd.sdxl
   _, state = _restore(_config(ldm_shapes, "tiny", **overrides), full)
@@ -99,13 +100,14 @@ def test_ldm_from_scratch_resumes_exactly_and_loads_for_sampling(tmp_path, tiny_
 
 def test_ldm_config_errors(tmp_path, tiny_sd1):
   with pytest.raises(FileNotFoundError, match=r"config.frozen.from_pipeline: .* \(no model_index.json\)"):
-    LatentExperiment(_config(ldm_shapes, "tiny", **{"frozen.from_pipeline": str(tmp_path)}))
+    Trainer.from_config(_config(ldm_shapes, "tiny", **{"frozen.from_pipeline": str(tmp_path)}))
   with pytest.raises(ValueError, match="lora.rank > 0 needs config.pretrained"):
-    LatentExperiment(_config(ldm_shapes, "tiny", **{"frozen.from_pipeline": tiny_sd1, "lora.rank": 2}))
+    Trainer.from_config(_config(ldm_shapes, "tiny", **{"frozen.from_pipeline": tiny_sd1, "lora.rank": 2}))
   with pytest.raises(ValueError, match="cross_attention_dim is 8 but the text encoder"):
-    LatentExperiment(_config(ldm_shapes, "tiny", **{"frozen.from_pipeline": tiny_sd1, "model.cross_attention_dim": 8}))
+    Trainer.from_config(_config(ldm_shapes, "tiny", **{"frozen.from_pipeline": tiny_sd1, "model.cross_attention_dim": 8}))
   with pytest.raises(ValueError, match="sample.prompts is empty"):
-    LatentExperiment(_config(ldm_shapes, "tiny", **{"frozen.from_pipeline": tiny_sd1, "sample.prompts": ()})).sample_grid()
+    task = Trainer.from_config(_config(ldm_shapes, "tiny", **{"frozen.from_pipeline": tiny_sd1, "sample.prompts": ()}))
+    task.task.sample_grid(None, task.frozen)
 
 
 def test_tiny_ldm_follows_its_captions(tmp_path, tiny_sd1):
@@ -133,7 +135,7 @@ def test_tiny_ldm_follows_its_captions(tmp_path, tiny_sd1):
                                           "train.checkpoint_every": 400, "optim.lr": 2e-3, "optim.warmup_steps": 50,
                                           "train.ema_decay": 0.99})
   run(config, str(tmp_path / "run"))
-  sd, params, tokenizers, _ = load_text_to_image(str(tmp_path / "run"))
+  sd, params, tokenizers = runs.load(str(tmp_path / "run")).model
 
   src = ShapesSource("test")
   examples = [src[i] for i in range(96)]

@@ -21,7 +21,7 @@ import pytest
 
 from conftest import ROOT, finished_checkpoints, losses
 from sdjax import checkpoint, parallel
-from sdjax.train.loop import Experiment
+from sdjax.train.trainer import Trainer
 
 TIMEOUT_S = 300  # per launch; a launch takes ~15-30 s on a 2-core machine
 FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
@@ -110,7 +110,7 @@ def restore(workdir, step):
   """The train state saved at `step`, restored onto one device of this process."""
   with open(os.path.join(workdir, "config.json")) as f:
     config = ml_collections.ConfigDict(json.load(f))
-  exp = Experiment(config, parallel.make_mesh({"data": 1}, jax.devices()[:1]))
+  exp = Trainer.from_config(config, parallel.make_mesh({"data": 1}, jax.devices()[:1]))
   ckpt = checkpoint.Checkpointer(workdir, read_only=True)
   try:
     return jax.device_get(ckpt.restore(exp.abstract_state, step))

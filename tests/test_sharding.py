@@ -11,7 +11,7 @@ from jax.sharding import PartitionSpec as P
 from conftest import ROOT
 from sdjax import checkpoint, parallel
 from sdjax.data import input_pipeline
-from sdjax.train.loop import Experiment
+from sdjax.train.trainer import Trainer
 
 
 def tiny_config(**overrides):
@@ -29,7 +29,7 @@ def tiny_config(**overrides):
 
 def run(mesh_sizes, steps=5, devices=None, **overrides):
   mesh = parallel.make_mesh(mesh_sizes, devices)
-  exp = Experiment(tiny_config(**overrides), mesh)
+  exp = Trainer.from_config(tiny_config(**overrides), mesh)
   state = exp.init_state()
   data = input_pipeline.pipeline_from_config(exp.config.data, channels=1, global_batch_size=16, seed=0, label=True)
   fn = exp.train_step(donate=False)
@@ -99,7 +99,7 @@ def test_spec_for_fsdp_picks_the_largest_dimension_that_divides():
 
 def test_adafactor_state_shardings():
   mesh = parallel.make_mesh({"data": 2, "fsdp": 4})
-  exp = Experiment(tiny_config(**{"optim.name": "adafactor", "model.block_out_channels": (128, 256)}), mesh)
+  exp = Trainer.from_config(tiny_config(**{"optim.name": "adafactor", "model.block_out_channels": (128, 256)}), mesh)
   factored = exp.abstract_state.opt_state[1][0]
   kernel = exp.abstract_state.params["down_blocks_1"]["resnets_0"]["conv1"]["kernel"]  # [3, 3, 128, 256]
   assert kernel.sharding.spec == P(None, None, None, "fsdp")
@@ -118,7 +118,7 @@ def test_checkpoint_restores_onto_another_mesh(tmp_path):
   for sizes, devices in [({"data": 1}, jax.devices()[:1]), ({"fsdp": 4}, jax.devices()[:4]),
                          ({"data": 8}, None)]:
     mesh = parallel.make_mesh(sizes, devices)
-    exp = Experiment(tiny_config(), mesh)
+    exp = Trainer.from_config(tiny_config(), mesh)
     restored = ckpt.restore(exp.abstract_state)
     for a, b, s in zip(jax.tree.leaves(s8), jax.tree.leaves(restored), jax.tree.leaves(exp.state_shardings)):
       assert b.sharding == s
@@ -139,7 +139,7 @@ def test_mesh_shapes_and_rules():
   with pytest.raises(ValueError, match="config.mesh.rules"):
     parallel.rules_from_config({"rules": (("channels_out", "model"),)})
   with pytest.raises(ValueError, match="grad_accum_steps=3"):
-    Experiment(tiny_config(**{"train.grad_accum_steps": 3}), parallel.make_mesh({"data": 8})).train_step()
+    Trainer.from_config(tiny_config(**{"train.grad_accum_steps": 3}), parallel.make_mesh({"data": 8})).train_step()
 
 
 def test_initialize_is_a_no_op_for_one_process_and_checks_its_arguments(monkeypatch):

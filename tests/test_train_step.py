@@ -8,6 +8,8 @@ from sdjax import schedules
 from sdjax.train import losses, optim, state as state_lib
 from sdjax.train.losses import LossConfig
 from sdjax.train.step import StepConfig, ema_decay, make_train_step
+from sdjax.train.tasks.diffusion import DiffusionTask
+from sdjax.train.tasks.pixel import drop_labels
 
 SCHEDULE = schedules.make_schedule("linear", 1000)
 
@@ -27,14 +29,35 @@ def batch(n=8, seed=5):
   return {"image": x, "label": jnp.arange(n) % 2}
 
 
-def cfg(**loss):
-  return StepConfig(loss=LossConfig(**{"null_class": 2, **loss}))
+class ToyTask(DiffusionTask):
+  """The diffusion task's prepare and loss (the pixel task's label dropout) around `apply`; null class 2."""
+
+  def __init__(self, apply, schedule, loss=LossConfig(), cond_drop_prob=0.1):
+    self.toy, self.schedule, self.loss, self.drop_prob = apply, schedule, loss, cond_drop_prob
+
+  def encode(self, batch, rng, frozen):
+    return batch["image"], batch["label"], rng
+
+  def drop(self, labels, drop):
+    return drop_labels(labels, drop, 2, self.drop_prob)
+
+  def apply(self, params, frozen, x, t, labels, rng):
+    return self.toy(params, x, t, labels, rng)
+
+
+def cfg(cond_drop_prob=0.1, **loss):
+  return {"loss": LossConfig(**loss), "cond_drop_prob": cond_drop_prob}
+
+
+def make_step(apply, schedule, opt, c=None, step=StepConfig()):
+  task = ToyTask(apply, schedule, **(c or cfg()))
+  return make_train_step(task.loss_fn, opt, step, prepare=task.prepare)
 
 
 def test_ema_follows_its_formula_with_warmup():
-  c = StepConfig(ema_decay=0.9, loss=LossConfig(null_class=2))
+  c = StepConfig(ema_decay=0.9)
   state, opt = toy_state()
-  step = jax.jit(make_train_step(toy_apply, SCHEDULE, opt, c))
+  step = jax.jit(make_step(toy_apply, SCHEDULE, opt, step=c))
   ema = state.params
   for i in range(4):
     new, metrics = step(state, batch())
@@ -48,23 +71,23 @@ def test_ema_follows_its_formula_with_warmup():
   np.testing.assert_allclose(ema_decay(jnp.int32(0), StepConfig(ema_decay=0.9, ema_warmup=False)), 0.9)
 
 
-def _reference_loss(params, b, rng, c: StepConfig, schedule=SCHEDULE):
+def _reference_loss(params, b, rng, c: dict, schedule=SCHEDULE):
   """The loss written out with numpy from the step's own random draws."""
   k_draw, _ = jax.random.split(rng)
-  d = losses.draw(k_draw, b["image"].shape, schedule, c.loss)
+  d = losses.draw(k_draw, b["image"].shape, schedule, c["loss"], c["cond_drop_prob"])
   t, noise = np.asarray(d.t), np.asarray(d.noise, np.float64)
   abar = np.asarray(schedule.alphas_cumprod, np.float64)[t][:, None, None, None]
   x0 = np.asarray(b["image"], np.float64)
   x_t = np.sqrt(abar) * x0 + np.sqrt(1 - abar) * noise
-  labels = np.where(np.asarray(d.drop), 2, np.asarray(b["label"])) if c.loss.cond_drop_prob > 0 else b["label"]
+  labels = np.where(np.asarray(d.drop), 2, np.asarray(b["label"])) if c["cond_drop_prob"] > 0 else b["label"]
   p = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
   pred = p["w"] * x_t + p["b"][labels][:, None, None, None] + p["c"] * (t / 1000)[:, None, None, None]
   target = {"epsilon": noise, "v_prediction": np.sqrt(abar) * noise - np.sqrt(1 - abar) * x0,
             "sample": x0}[schedule.prediction_type]
   per = ((pred - target) ** 2).mean(axis=(1, 2, 3))
   snr = abar[:, 0, 0, 0] / (1 - abar[:, 0, 0, 0])
-  if c.loss.weighting == "min_snr":
-    g = c.loss.snr_gamma
+  if c["loss"].weighting == "min_snr":
+    g = c["loss"].snr_gamma
     w = {"epsilon": np.minimum(snr, g) / snr, "v_prediction": np.minimum(snr, g) / (snr + 1),
          "sample": np.minimum(snr, g)}[schedule.prediction_type]
   else:
@@ -78,7 +101,7 @@ def test_loss_matches_a_float64_reference(prediction_type, weighting):
   schedule = schedules.make_schedule("scaled_linear", 1000, 0.00085, 0.012, prediction_type=prediction_type)
   c = cfg(weighting=weighting, snr_gamma=5.0, cond_drop_prob=0.3)
   state, opt = toy_state()
-  _, metrics = jax.jit(make_train_step(toy_apply, schedule, opt, c))(state, batch(32))
+  _, metrics = jax.jit(make_step(toy_apply, schedule, opt, c))(state, batch(32))
   rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), 0)
   ref, d = _reference_loss(state.params, batch(32), rng, c, schedule)
   np.testing.assert_allclose(float(metrics["loss"]), ref, rtol=1e-5)
@@ -95,7 +118,7 @@ def test_min_snr_weight_at_zero_terminal_snr_is_finite():
   np.testing.assert_allclose(losses.min_snr_weight(snr, 5.0, "v_prediction")[-1], 0.0)
   state, opt = toy_state()
   c = cfg(weighting="min_snr")
-  _, metrics = jax.jit(make_train_step(toy_apply, schedule, opt, c))(state, batch(64))
+  _, metrics = jax.jit(make_step(toy_apply, schedule, opt, c))(state, batch(64))
   assert np.isfinite(float(metrics["loss"])) and int(metrics["skipped"]) == 0
 
 
@@ -110,13 +133,13 @@ def test_offset_noise_shifts_each_channel_mean():
 def test_step_is_the_gradient_of_the_diffusion_loss():
   c = cfg(cond_drop_prob=0.0)
   state, opt = toy_state(lr=0.1)
-  new, metrics = jax.jit(make_train_step(toy_apply, SCHEDULE, opt, c))(state, batch())
+  new, metrics = jax.jit(make_step(toy_apply, SCHEDULE, opt, c))(state, batch())
   rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), 0)
   k_draw, k_model = jax.random.split(rng)
   b = batch()
-  d = losses.draw(k_draw, b["image"].shape, SCHEDULE, c.loss)
+  d = losses.draw(k_draw, b["image"].shape, SCHEDULE, c["loss"], c["cond_drop_prob"])
   loss, grads = jax.value_and_grad(
-      lambda p: losses.diffusion_loss(toy_apply, p, SCHEDULE, b["image"], b["label"], d, k_model, c.loss))(state.params)
+      lambda p: losses.diffusion_loss(toy_apply, p, SCHEDULE, b["image"], b["label"], d, k_model, c["loss"]))(state.params)
   np.testing.assert_allclose(metrics["loss"], loss, rtol=1e-6)
   jax.tree.map(lambda p, g, n: np.testing.assert_allclose(n, p - 0.1 * g, rtol=1e-6), state.params, grads,
                new.params)
@@ -126,8 +149,8 @@ def test_step_is_the_gradient_of_the_diffusion_loss():
 def test_gradient_accumulation_equals_the_large_batch_step(k):
   opt = optax.adamw(1e-2)
   state, _ = toy_state(opt=opt)
-  one = jax.jit(make_train_step(toy_apply, SCHEDULE, opt, cfg()))
-  acc = jax.jit(make_train_step(toy_apply, SCHEDULE, opt, StepConfig(grad_accum_steps=k, loss=LossConfig(null_class=2))))
+  one = jax.jit(make_step(toy_apply, SCHEDULE, opt, cfg()))
+  acc = jax.jit(make_step(toy_apply, SCHEDULE, opt, cfg(), step=StepConfig(grad_accum_steps=k)))
   s1, s2 = state, state
   for i in range(3):
     s1, m1 = one(s1, batch(16, seed=i))
@@ -143,7 +166,7 @@ def test_non_finite_loss_skips_the_update():
   state, opt = toy_state()
   bad = batch()
   bad["image"] = bad["image"].at[0, 0, 0, 0].set(jnp.nan)
-  new, metrics = jax.jit(make_train_step(toy_apply, SCHEDULE, opt, cfg()))(state, bad)
+  new, metrics = jax.jit(make_step(toy_apply, SCHEDULE, opt, cfg()))(state, bad)
   assert int(metrics["skipped"]) == 1 and not np.isfinite(float(metrics["loss"]))
   jax.tree.map(np.testing.assert_array_equal, new.params, state.params)
   jax.tree.map(np.testing.assert_array_equal, new.ema_params, state.ema_params)
@@ -159,9 +182,10 @@ def test_label_dropout_uses_the_null_class():
 
   state, _ = toy_state()
   b = batch(64)
-  c = LossConfig(cond_drop_prob=0.5, null_class=2)
-  d = losses.draw(jax.random.key(0), b["image"].shape, SCHEDULE, c)
-  losses.diffusion_loss(spy, state.params, SCHEDULE, b["image"], b["label"], d, jax.random.key(1), c)
+  task = ToyTask(spy, SCHEDULE, cond_drop_prob=0.5)
+  prepared, rng = task.prepare(b, jax.random.key(0), None)
+  d = prepared["draws"]
+  task.loss_fn(state.params, prepared, rng, None, state)
   jax.effects_barrier()
   labels = seen[0]
   assert set(np.unique(labels)) == {0, 1, 2}
@@ -175,7 +199,7 @@ def test_bf16_compute_keeps_float32_params_grads_and_loss():
                      t, labels, rng)
 
   state, opt = toy_state()
-  new, metrics = jax.jit(make_train_step(bf16_apply, SCHEDULE, opt, cfg()))(state, batch())
+  new, metrics = jax.jit(make_step(bf16_apply, SCHEDULE, opt, cfg()))(state, batch())
   assert metrics["loss"].dtype == jnp.float32
   assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(new.params))
   assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(new.ema_params))

@@ -13,7 +13,9 @@ from conftest import finished_checkpoints, losses
 from configs import vae_folder, vae_mnist
 from sdjax import checkpoint, convert
 from sdjax.data import input_pipeline
-from sdjax.train import autoencoder, run
+from sdjax.train import run
+from sdjax.train.tasks import autoencoder
+from sdjax.train.trainer import Trainer
 
 
 def tiny(**overrides):
@@ -58,11 +60,11 @@ def _digits(config):
 
 def _restore(workdir, step):
   """(discriminator params, exported params) of the checkpoint at `step`."""
-  exp = autoencoder.AutoencoderExperiment(tiny(gan__enabled=True))
+  exp = Trainer.from_config(tiny(gan__enabled=True))
   ckpt = checkpoint.Checkpointer(workdir, read_only=True)
   state = ckpt.restore(exp.abstract_state, step)
   ckpt.close()
-  return jax.device_get(state.disc_params), jax.device_get(exp.export_params(state))
+  return jax.device_get(state.disc_params), jax.device_get(exp.task.export_params(state))
 
 
 def test_tiny_run_learns_gan_warmup_export_and_exact_resume(tmp_path, compilation_cache):
@@ -117,14 +119,14 @@ def test_tiny_run_learns_gan_warmup_export_and_exact_resume(tmp_path, compilatio
 ])
 def test_config_errors_name_the_field(overrides, message):
   with pytest.raises(ValueError, match=message):
-    autoencoder.AutoencoderExperiment(tiny(**overrides))
+    Trainer.from_config(tiny(**overrides))
 
 
 def test_batch_and_config_file_errors():
   with pytest.raises(ValueError, match="batch_size=12 is not divisible by the 8 devices"):
-    autoencoder.AutoencoderExperiment(tiny(train__batch_size=12)).train_step()
+    Trainer.from_config(tiny(train__batch_size=12)).train_step()
   with pytest.raises(ValueError, match="config.data.path"):
-    autoencoder.AutoencoderExperiment(vae_folder.get_config("tiny"))
+    Trainer.from_config(vae_folder.get_config("tiny"))
   for module in (vae_mnist, vae_folder):
     assert module.get_config().task == "vae"
     with pytest.raises(ValueError, match="unknown variant"):

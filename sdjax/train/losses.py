@@ -28,16 +28,12 @@ class LossConfig:
   weighting: str = "none"        # none | min_snr
   snr_gamma: float = 5.0         # gamma of min-SNR weighting
   offset_noise: float = 0.0      # 0: off; ~0.05-0.1 in practice
-  cond_drop_prob: float = 0.1    # labels replaced by the null class (for classifier-free guidance)
-  null_class: int | None = None  # index of the "no class" embedding; None: no label dropout
 
   def __post_init__(self):
     if self.weighting not in WEIGHTINGS:
       raise ValueError(f"loss weighting: unknown {self.weighting!r}; expected one of {WEIGHTINGS}")
     if self.weighting == "min_snr" and not self.snr_gamma > 0:
       raise ValueError(f"loss snr_gamma must be > 0 for min_snr weighting, got {self.snr_gamma}")
-    if not 0.0 <= self.cond_drop_prob <= 1.0:
-      raise ValueError(f"cond_drop_prob must be in [0, 1], got {self.cond_drop_prob}")
 
 
 class Draws(NamedTuple):
@@ -47,7 +43,11 @@ class Draws(NamedTuple):
   drop: jax.Array     # bool [B], True: condition replaced by the null condition
 
 
-def draw(rng: jax.Array, x0_shape: tuple[int, ...], schedule: Schedule, cfg: LossConfig) -> Draws:
+def draw(rng: jax.Array, x0_shape: tuple[int, ...], schedule: Schedule, cfg: LossConfig,
+         drop_prob: float = 0.0) -> Draws:
+  """Timesteps, noise and condition dropout (probability `drop_prob`) for a batch of shape `x0_shape`."""
+  if not 0.0 <= drop_prob <= 1.0:
+    raise ValueError(f"cond_drop_prob must be in [0, 1], got {drop_prob}")
   k_t, k_noise, k_offset, k_drop = jax.random.split(rng, 4)
   b = x0_shape[0]
   t = jax.random.randint(k_t, (b,), 0, schedule.num_train_timesteps)
@@ -55,7 +55,7 @@ def draw(rng: jax.Array, x0_shape: tuple[int, ...], schedule: Schedule, cfg: Los
   if cfg.offset_noise:
     offset = jax.random.normal(k_offset, (b,) + (1,) * (len(x0_shape) - 2) + x0_shape[-1:], jnp.float32)
     noise = noise + cfg.offset_noise * offset
-  drop = jax.random.bernoulli(k_drop, cfg.cond_drop_prob, (b,))
+  drop = jax.random.bernoulli(k_drop, drop_prob, (b,))
   return Draws(t, noise, drop)
 
 
@@ -76,16 +76,15 @@ def example_weights(schedule: Schedule, t: jax.Array, cfg: LossConfig) -> jax.Ar
 
 
 def diffusion_loss(apply_fn: Callable[..., jax.Array], params: Any, schedule: Schedule, x0: jax.Array,
-                   labels: jax.Array | None, draws: Draws, rng: jax.Array, cfg: LossConfig) -> jax.Array:
+                   cond: Any, draws: Draws, rng: jax.Array, cfg: LossConfig) -> jax.Array:
   """Weighted mean squared error to the schedule's training target (Ho et al. 2020, eq. 14), in float32.
 
-  apply_fn(params, x_t, t, labels, rng) -> prediction; `rng` is for the model's own randomness (dropout).
+  apply_fn(params, x_t, t, cond, rng) -> prediction; `cond` is the conditioning as the task made it (class
+  labels after dropout, text embeddings, ...); `rng` is for the model's own randomness (dropout).
   """
   x0 = x0.astype(jnp.float32)
   x_t = schedules.add_noise(schedule, x0, draws.noise, draws.t)
-  if labels is not None and cfg.null_class is not None and cfg.cond_drop_prob > 0:
-    labels = jnp.where(draws.drop, cfg.null_class, labels)
-  pred = apply_fn(params, x_t, draws.t.astype(jnp.float32), labels, rng)
+  pred = apply_fn(params, x_t, draws.t.astype(jnp.float32), cond, rng)
   target = schedules.training_target(schedule, x0, draws.noise, draws.t)
   per_example = jnp.mean(jnp.square(pred.astype(jnp.float32) - target), axis=tuple(range(1, x0.ndim)))
   return jnp.mean(example_weights(schedule, draws.t, cfg) * per_example)

@@ -28,13 +28,12 @@ import optax
 from flax import linen as nn, struct
 from jax.experimental import multihost_utils
 
-from sdjax import checkpoint, convert, parallel
+from sdjax import convert, parallel
 from sdjax.data import input_pipeline
 from sdjax.models import layers
 from sdjax.models.vae import AutoencoderKL, VAEConfig, sample_latent
-from sdjax.train import optim
-from sdjax.train.loop import SampleGrid, check_batch_size
-from sdjax.train.step import StepConfig, ema_decay
+from sdjax.train import task as task_lib
+from sdjax.train.step import apply_update
 
 RECON_LOSSES = ("l1", "l2")
 
@@ -142,117 +141,88 @@ def vae_config(config: ml_collections.ConfigDict) -> VAEConfig:
   return cfg
 
 
-def make_train_step(vae: AutoencoderKL, disc: PatchDiscriminator, optimizer: optax.GradientTransformation,
-                    disc_optimizer: optax.GradientTransformation, cfg: AEConfig, ema: StepConfig,
-                    lr_schedule: optax.Schedule | None = None):
-  """train_step(state, batch) -> (state, metrics); batch = {"image": float [B, H, W, C] in [-1, 1]}.
+@task_lib.register("vae")
+class Autoencoder(task_lib.Task):
+  """config sections: data, vae (VAEConfig), loss, gan, train.ema_decay, sample.num_images, export."""
 
-  D is updated on the same batch with the reconstructions of the params before this step's update
-  (as LDM's alternating optimizers). A non-finite loss or gradient leaves everything but the step unchanged.
-  """
-
-  def vae_loss(params, disc_params, x, rng, adv_weight):
-    mean, logvar = vae.apply({"params": params}, x, method="encode")              # [B, h, w, c]
-    recon = vae.apply({"params": params}, sample_latent(mean, logvar, rng), method="decode")  # [B, H, W, C]
-    rec, kl = recon_loss(x, recon, cfg.recon), kl_loss(mean, logvar, math.prod(x.shape[1:]))
-    g_adv = generator_loss(disc.apply({"params": disc_params}, recon)) if cfg.gan else jnp.float32(0)
-    loss = rec + cfg.kl_weight * kl + adv_weight * g_adv
-    return loss, ({"recon": rec, "kl": kl, "g_adv": g_adv}, recon)
-
-  def disc_update(state, x, recon):
-    def d_loss(dp):
-      real, fake = disc.apply({"params": dp}, x), disc.apply({"params": dp}, recon)
-      return hinge_d_loss(real, fake), (jnp.mean(real), jnp.mean(fake))
-
-    (loss, (real, fake)), grads = jax.value_and_grad(d_loss, has_aux=True)(state.disc_params)
-    updates, opt_state = disc_optimizer.update(grads, state.disc_opt_state, state.disc_params)
-    return optax.apply_updates(state.disc_params, updates), opt_state, {"d_loss": loss, "d_real": real,
-                                                                         "d_fake": fake}
-
-  def train_step(state: AEState, batch: dict[str, jax.Array]):
-    rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-    x = batch["image"].astype(jnp.float32)
-    gan_on = jnp.logical_and(cfg.gan, state.step >= cfg.gan_start_step)
-    adv_weight = jnp.where(gan_on, jnp.float32(cfg.gan_weight), jnp.float32(0))
-    (loss, (m, recon)), grads = jax.value_and_grad(vae_loss, has_aux=True)(state.params, state.disc_params, x,
-                                                                           rng, adv_weight)
-    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    decay = ema_decay(state.step, ema)
-    ema_params = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema_params, params)
-    grad_norm = optax.tree.norm(grads)
-    ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-
-    off = (state.disc_params, state.disc_opt_state, {k: jnp.float32(0) for k in ("d_loss", "d_real", "d_fake")})
-    disc_params, disc_opt_state, d_metrics = off if not cfg.gan else jax.lax.cond(
-        gan_on & ok, lambda: disc_update(state, x, jax.lax.stop_gradient(recon)), lambda: off)
-    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
-    new_state = state.replace(step=state.step + 1, params=keep(params, state.params),
-                              opt_state=keep(opt_state, state.opt_state),
-                              ema_params=keep(ema_params, state.ema_params), disc_params=disc_params,
-                              disc_opt_state=disc_opt_state)
-    metrics = {"loss": loss, **m, **d_metrics, "grad_norm": grad_norm, "skipped": 1 - ok.astype(jnp.int32)}
-    if lr_schedule is not None:
-      metrics["lr"] = lr_schedule(state.step)
-    return new_state, metrics
-
-  return train_step
-
-
-class AutoencoderExperiment:
-  """Model, discriminator, optimizers and sharded abstract state from a config (no arrays materialised)."""
-
-  def __init__(self, config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | None = None):
+  def __init__(self, config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
     check_config(config)
-    self.config = config
+    super().__init__(config, mesh)
     self.vae_config = vae_config(config)
     self.vae = AutoencoderKL(self.vae_config)
     g = config.gan
     self.disc = PatchDiscriminator(int(g.disc_channels), int(g.disc_layers))
     self.loss = AEConfig(recon=config.loss.recon, kl_weight=float(config.loss.kl_weight), gan=bool(g.enabled),
                          gan_start_step=int(g.start_step), gan_weight=float(g.weight))
-    self.ema = StepConfig(ema_decay=float(config.train.ema_decay),
-                          ema_warmup=bool(config.train.get("ema_warmup", True)))
-    self.optimizer, self.lr_schedule = optim.make_optimizer(config.optim, int(config.train.num_steps))
+    self.ema_decay = float(config.train.ema_decay)
     self.disc_optimizer = optax.adam(float(g.lr), b1=float(g.b1), b2=float(g.b2))
     size = input_pipeline.image_size(config.data)
     self.image_shape = (size, size, self.vae_config.in_channels)
-    self.mesh = mesh if mesh is not None else parallel.mesh_from_config(config.mesh)
-    rules = parallel.rules_from_config(config.mesh)
-    min_size = int(config.mesh.get("fsdp_min_size", parallel.FSDP_MIN_SIZE))
+    self.num_images = int(config.sample.num_images)
+    self.scaling_batches = int(config.export.scaling_batches)
 
-    boxed = jax.eval_shape(self._init_params, jax.random.key(0))
-    abstract = jax.eval_shape(lambda p: self._create(*p, 0), nn.meta.unbox(boxed))
-    shardings = parallel.state_shardings(abstract, boxed[0], self.mesh, rules, min_size)
-    disc = parallel.state_shardings((abstract.disc_params, abstract.disc_opt_state), boxed[1], self.mesh, rules,
-                                    min_size)
-    self.state_shardings = shardings.replace(disc_params=disc[0], disc_opt_state=disc[1])
-    self.abstract_state = checkpoint.abstract_with_shardings(abstract, self.state_shardings)
-    self.batch_sharding = parallel.batch_sharding(self.mesh)
-    self.replicated = parallel.replicated(self.mesh)
+  # --- state: the autoencoder's params (trained by the core step) and the discriminator's ----------------
 
-  def _init_params(self, rng):
+  def init(self, rng, frozen):
     x = jnp.zeros((1,) + self.image_shape, jnp.float32)
     return (self.vae.init(rng, x)["params"], self.disc.init(jax.random.fold_in(rng, 1), x)["params"])
 
-  def _create(self, params, disc_params, seed: int) -> AEState:
-    return AEState(step=jnp.zeros((), jnp.int32), params=params, opt_state=self.optimizer.init(params),
+  def create_state(self, params, optimizer, seed) -> AEState:
+    params, disc_params = params
+    return AEState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params),
                    ema_params=jax.tree.map(jnp.copy, params), disc_params=disc_params,
                    disc_opt_state=self.disc_optimizer.init(disc_params),
                    rng=jax.random.key_data(jax.random.key(seed)))
 
-  def init_state(self) -> AEState:
-    seed = int(self.config.seed)
-    init = jax.jit(lambda rng: self._create(*nn.meta.unbox(self._init_params(rng)), seed),
-                   out_shardings=self.state_shardings)
-    return init(jax.random.key(seed))
+  def state_shardings(self, abstract, boxed, shard):
+    """The autoencoder's and the discriminator's leaves sharded by their own logical names."""
+    vae = shard(abstract, boxed[0])
+    disc = shard((abstract.disc_params, abstract.disc_opt_state), boxed[1])
+    return vae.replace(disc_params=disc[0], disc_opt_state=disc[1])
 
-  def train_step(self, *, donate: bool = True):
-    check_batch_size(self.config, self.mesh)
-    fn = make_train_step(self.vae, self.disc, self.optimizer, self.disc_optimizer, self.loss, self.ema,
-                         self.lr_schedule)
-    return jax.jit(fn, in_shardings=(self.state_shardings, self.batch_sharding),
-                   out_shardings=(self.state_shardings, self.replicated), donate_argnums=(0,) if donate else ())
+  # --- the step ------------------------------------------------------------------------------------------
+
+  def loss_fn(self, params, batch, rng, frozen, state):
+    """recon + kl_weight * kl + [step >= gan.start_step] * gan.weight * g_adv; outputs: the reconstructions."""
+    cfg = self.loss
+    x = batch["image"].astype(jnp.float32)
+    gan_on = jnp.logical_and(cfg.gan, state.step >= cfg.gan_start_step)
+    adv_weight = jnp.where(gan_on, jnp.float32(cfg.gan_weight), jnp.float32(0))
+    mean, logvar = self.vae.apply({"params": params}, x, method="encode")              # [B, h, w, c]
+    recon = self.vae.apply({"params": params}, sample_latent(mean, logvar, rng), method="decode")  # [B, H, W, C]
+    rec, kl = recon_loss(x, recon, cfg.recon), kl_loss(mean, logvar, math.prod(x.shape[1:]))
+    g_adv = generator_loss(self.disc.apply({"params": state.disc_params}, recon)) if cfg.gan else jnp.float32(0)
+    loss = rec + cfg.kl_weight * kl + adv_weight * g_adv
+    return loss, {"recon": rec, "kl": kl, "g_adv": g_adv}, recon
+
+  def after_update(self, old, new, batch, recon, rng, ok):
+    """D's update on the same batch with the reconstructions of the params before this step's update (as
+    LDM's alternating optimizers), once the GAN is on and only if the autoencoder's update was kept."""
+    cfg = self.loss
+    off = {k: jnp.float32(0) for k in ("d_loss", "d_real", "d_fake")}
+    if not cfg.gan:
+      return new, off
+    x, recon = batch["image"].astype(jnp.float32), jax.lax.stop_gradient(recon)
+
+    def d_loss(dp):
+      real, fake = self.disc.apply({"params": dp}, x), self.disc.apply({"params": dp}, recon)
+      return hinge_d_loss(real, fake), (jnp.mean(real), jnp.mean(fake))
+
+    def update():
+      (loss, (real, fake)), grads = jax.value_and_grad(d_loss, has_aux=True)(old.disc_params)
+      state, _ = apply_update(new, grads, loss, self.disc_optimizer, params="disc_params",
+                              opt_state="disc_opt_state", ema_params=None)
+      return state, {"d_loss": loss, "d_real": real, "d_fake": fake}
+
+    gan_on = old.step >= cfg.gan_start_step
+    return jax.lax.cond(gan_on & ok, update, lambda: (new, off))
+
+  # --- data, grids, export, inference --------------------------------------------------------------------
+
+  def input_pipeline(self, process_index, process_count):
+    return input_pipeline.pipeline_from_config(
+        self.config.data, channels=self.vae_config.in_channels, global_batch_size=int(self.config.train.batch_size),
+        seed=int(self.config.seed), label=False, process_index=process_index, process_count=process_count)
 
   def autoencode_fn(self):
     """jitted (params, images) -> (posterior means, their decodings): for grids and the exported scale."""
@@ -264,34 +234,24 @@ class AutoencoderExperiment:
     return jax.jit(autoencode)
 
   def export_params(self, state: AEState):
-    return state.ema_params if self.ema.ema_decay > 0 else state.params
+    return state.ema_params if self.ema_decay > 0 else state.params
 
-
-  # --- the driver (sdjax.train.loop.train) hooks ---------------------------------------------------------
-
-  frozen = None  # nothing frozen: the step is (state, batch)
-
-  def input_pipeline(self, process_index: int, process_count: int):
-    self._data = input_pipeline.pipeline_from_config(
-        self.config.data, channels=self.vae_config.in_channels, global_batch_size=int(self.config.train.batch_size),
-        seed=int(self.config.seed), label=False, process_index=process_index, process_count=process_count)
-    return self._data
-
-  def sample_grid(self):
+  def sample_grid(self, data, frozen):
     """Originals (first row) and reconstructions (second) of the first images of step 0's batch, the same on
     every resume."""
-    n = int(self.config.sample.num_images)
-    val = images_at(self._data, 0, self.batch_sharding)
+    n = self.num_images
+    val = images_at(data, 0, parallel.batch_sharding(self.mesh))
     autoencode = self.autoencode_fn()
     fn = jax.jit(lambda params, x: jnp.concatenate([x[:n], autoencode(params, x)[1][:n]]))
-    return SampleGrid(fn, (val,), n, {"rows": "originals, reconstructions"})
+    return task_lib.SampleGrid(fn, (val,), n, {"rows": "originals, reconstructions"})
 
-  def export(self, state: AEState, workdir: str, *, write: bool = True) -> dict[str, Any]:
+  def export(self, state, workdir, data, *, write):
     """Write `workdir/vae` (diffusers AutoencoderKL, float32) with scaling_factor = 1 / std of the posterior
     means of the first export.scaling_batches training batches (SD's recipe: unit-variance latents)."""
     params, autoencode = self.export_params(state), self.autoencode_fn()
-    means = [multihost_utils.process_allgather(autoencode(params, images_at(self._data, i, self.batch_sharding))[0],
-                                               tiled=True) for i in range(int(self.config.export.scaling_batches))]
+    sharding = parallel.batch_sharding(self.mesh)
+    means = [multihost_utils.process_allgather(autoencode(params, images_at(data, i, sharding))[0], tiled=True)
+             for i in range(self.scaling_batches)]
     std = float(np.std(np.asarray(means, np.float64)))
     host_params = multihost_utils.process_allgather(params, tiled=True)  # every process joins
     folder = os.path.join(workdir, "vae")
@@ -300,13 +260,11 @@ class AutoencoderExperiment:
                              host_params)
     return {"scaling_factor": 1.0 / std, "latent_std": std, "exported": folder}
 
+  def inference(self, state, frozen):
+    """(AutoencoderKL module, its params: the EMA's, or the params when train.ema_decay = 0)."""
+    return self.vae, self.export_params(state)
+
 
 def images_at(data, step: int, sharding) -> jax.Array:
   """The global batch of images the pipeline gives at `step` (random access: the same on every resume)."""
   return parallel.global_batch({"image": data.batch(step)["image"]}, sharding)["image"]
-
-
-def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  """Train (or resume) the autoencoder of `config` in `workdir` with the shared driver; returns its summary."""
-  from sdjax.train import loop
-  return loop.train(config, workdir)

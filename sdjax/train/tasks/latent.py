@@ -17,15 +17,14 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from flax import linen as nn
+from jax.experimental import multihost_utils
 
-from sdjax import checkpoint, convert, lora as lora_lib, parallel, pipelines, samplers, schedules
+from sdjax import convert, lora as lora_lib, parallel, pipelines, schedules
 from sdjax.data import input_pipeline
 from sdjax.models import UNet, UNetConfig
 from sdjax.models import vae as vae_lib
-from sdjax.train import optim, state as state_lib
-from sdjax.train.loop import SampleGrid, check_batch_size, step_config
-from sdjax.train.step import make_train_step
+from sdjax.train import task as task_lib
+from sdjax.train.tasks.diffusion import DiffusionTask, schedule_from
 
 
 def _path(value: str, base: str, sub: str, field: str) -> str:
@@ -41,11 +40,12 @@ def _path(value: str, base: str, sub: str, field: str) -> str:
   return path
 
 
-class LatentExperiment:
-  """Everything a latent-diffusion run derives from its config; the same interface as loop.Experiment."""
+@task_lib.register("ldm")
+class LatentDiffusion(DiffusionTask):
+  """config sections: data (captions), pretrained, frozen, model (UNetConfig; from scratch), lora, diffusion,
+  loss, sample (prompts)."""
 
-  def __init__(self, config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | None = None):
-    self.config = config
+  def __init__(self, config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
     input_pipeline.check_config(config.data)
     pretrained = os.path.expanduser(config.get("pretrained") or "")
     fc = config.get("frozen") or {}
@@ -87,44 +87,29 @@ class LatentExperiment:
     convert.diffusers.check_compatible(models, "config (U-Net, VAE, text encoders)")
 
     if config.get("diffusion"):
-      try:
-        self.schedule = schedules.from_config(config.diffusion.to_dict())
-      except ValueError as e:
-        raise ValueError(f"config.diffusion: {e}") from e
+      self.schedule = schedule_from(config)
     elif pretrained:
       with open(os.path.join(pretrained, "scheduler", "scheduler_config.json")) as f:
         self.schedule = schedules.from_diffusers_config(json.load(f))
     else:
       raise ValueError("config.diffusion is missing (and there is no config.pretrained scheduler to use)")
-    samplers.get(config.sample.sampler)
+    super().__init__(config, mesh)
     self.sd = pipelines.StableDiffusion(self.unet, self.vae, tuple(e[0] for e in encoders), self.schedule,
                                         force_zeros_for_empty_prompt=len(encoders) == 2)
 
-    self.optimizer, self.lr_schedule = optim.make_optimizer(config.optim, int(config.train.num_steps))
-    self.step_config = step_config(config, None)
     if config.data.get("source") != "latents":
       size = input_pipeline.image_size(config.data)
       self.image_shape = (size, size, self.vae.config.in_channels)
       self.latent_shape = self.sd.latent_shape(size, size)
     else:
       self.image_shape = self.latent_shape = None  # from the cache
-    self.mesh = mesh if mesh is not None else parallel.mesh_from_config(config.mesh)
-    self.rules = parallel.rules_from_config(config.mesh)
     fsdp_min = int(config.mesh.get("fsdp_min_size", parallel.FSDP_MIN_SIZE))
-
     frozen = {"vae": vae_params, "text": tuple(e[1] for e in encoders)}
     if self.lora is not None:
       frozen["unet"] = base_unet
-    self.frozen_shardings = pipelines.param_shardings(frozen, self.mesh, fsdp_min)
-    self.frozen = jax.device_put(frozen, self.frozen_shardings)
+    shardings = pipelines.param_shardings(frozen, mesh, fsdp_min)
+    self._frozen = task_lib.Frozen(jax.device_put(frozen, shardings), shardings)
     self._pretrained_unet = base_unet if self.lora is None else None
-
-    boxed = jax.eval_shape(self._init_params, jax.random.key(0))
-    abstract = jax.eval_shape(lambda p: state_lib.create(p, self.optimizer, 0), nn.meta.unbox(boxed))
-    self.state_shardings = parallel.state_shardings(abstract, boxed, self.mesh, self.rules, fsdp_min)
-    self.abstract_state = checkpoint.abstract_with_shardings(abstract, self.state_shardings)
-    self.batch_sharding = parallel.batch_sharding(self.mesh)
-    self.replicated = parallel.replicated(self.mesh)
 
   # --- params ---------------------------------------------------------------------------------------
 
@@ -139,28 +124,23 @@ class LatentExperiment:
       added = {"text_embeds": jnp.zeros((1, pooled)), "time_ids": jnp.zeros((1, 6))}
     return self.unet.init(rng, x, jnp.zeros((1,), jnp.float32), ctx, added_cond=added)["params"]
 
-  def _init_params(self, rng):
+  def frozen(self) -> task_lib.Frozen:
+    """The VAE's and text encoders' params (and a LoRA's base U-Net), on the mesh."""
+    return self._frozen
+
+  def init(self, rng, frozen):
     """The trainable params: a LoRA tree, or the U-Net (logically-partitioned boxes for shardings)."""
     if self.lora is not None:
-      return lora_lib.init(self.frozen["unet"], self.lora, rng)
+      return lora_lib.init(frozen["unet"], self.lora, rng)
     return self._boxed_unet(rng)
+
+  def initial_params(self):
+    """Full fine-tuning starts from the checkpoint's U-Net."""
+    return self._pretrained_unet
 
   def unet_params(self, params: Any, frozen: Any) -> Any:
     """The U-Net's params from the trainable ones (LoRA merged into the frozen base)."""
     return lora_lib.merge(frozen["unet"], params, self.lora) if self.lora is not None else params
-
-  def init_state(self) -> state_lib.TrainState:
-    seed = int(self.config.seed)
-    if self.lora is None and self._pretrained_unet is not None:  # full fine-tuning: start from the checkpoint
-      init = jax.jit(lambda p: state_lib.create(p, self.optimizer, seed), out_shardings=self.state_shardings)
-      return init(self._pretrained_unet)
-    if self.lora is not None:
-      init = jax.jit(lambda rng, base: state_lib.create(lora_lib.init(base, self.lora, rng), self.optimizer, seed),
-                     out_shardings=self.state_shardings)
-      return init(jax.random.key(seed), self.frozen["unet"])
-    init = jax.jit(lambda rng: state_lib.create(nn.meta.unbox(self._boxed_unet(rng)), self.optimizer, seed),
-                   out_shardings=self.state_shardings)
-    return init(jax.random.key(seed))
 
   # --- data and the train step ----------------------------------------------------------------------
 
@@ -173,13 +153,15 @@ class LatentExperiment:
         data, channels=self.vae.config.in_channels, global_batch_size=int(self.config.train.batch_size),
         seed=int(self.config.seed), label=False, process_index=process_index, process_count=process_count)
 
-  def _prepare(self, frozen, batch, rng):
-    """(diffusion-space latents, U-Net conditioning) of a batch, with the frozen VAE and text encoders."""
+  def encode(self, batch, rng, frozen):
+    """(diffusion-space latents, U-Net conditioning, the model's key) of a batch, with the frozen VAE and text
+    encoders."""
+    rng, k_encode = jax.random.split(rng)
     if "latents" in batch:
       x0 = batch["latents"]
     else:
       mean, logvar = self.vae.apply({"params": frozen["vae"]}, batch["image"], method="encode")
-      x0 = vae_lib.scale_latents(vae_lib.sample_latent(mean, logvar, rng), self.vae.config)
+      x0 = vae_lib.scale_latents(vae_lib.sample_latent(mean, logvar, k_encode), self.vae.config)
     if "prompt_embeds" in batch:
       cond = {"context": batch["prompt_embeds"].astype(jnp.float32)}
       if "pooled_prompt_embeds" in batch:
@@ -189,25 +171,17 @@ class LatentExperiment:
       cond = pipelines.encode_prompt(self.sd.text_encoders, frozen["text"], ids)
     if self.sd.sdxl:
       cond["time_ids"] = batch["time_ids"].astype(jnp.float32)
-    return x0, cond
+    return x0, cond, rng
 
-  def _apply(self, params, frozen, x, t, cond, rng):
+  def apply(self, params, frozen, x, t, cond, rng):
     added = {"text_embeds": cond["pooled"], "time_ids": cond["time_ids"]} if self.sd.sdxl else None
     return self.unet.apply({"params": self.unet_params(params, frozen)}, x, t, cond["context"], added_cond=added,
                            train=True, rngs={"dropout": rng})
 
-  def train_step(self, *, donate: bool = True):
-    check_batch_size(self.config, self.mesh, self.step_config.grad_accum_steps)
-    fn = make_train_step(self._apply, self.schedule, self.optimizer, self.step_config, self.lr_schedule,
-                         prepare=self._prepare)
-    return jax.jit(fn, in_shardings=(self.state_shardings, self.batch_sharding, self.frozen_shardings),
-                   out_shardings=(self.state_shardings, self.replicated), donate_argnums=(0,) if donate else ())
-
-  def export(self, state: state_lib.TrainState, workdir: str, *, write: bool = True) -> dict[str, str]:
+  def export(self, state, workdir, data, *, write):
     """Write the EMA weights in diffusers' layout: a LoRA as `<workdir>/lora/pytorch_lora_weights.safetensors`
     (diffusers' `pipe.load_lora_weights` reads it), else the U-Net as a `<workdir>/unet` folder (drop it into a
     copy of the base pipeline folder). Every process joins the gather; only `write` ones write."""
-    from jax.experimental import multihost_utils
     ema = multihost_utils.process_allgather(state.ema_params, tiled=True)
     if self.lora is not None:
       folder = os.path.join(workdir, "lora")
@@ -229,7 +203,7 @@ class LatentExperiment:
     """pipelines' params {"unet", "vae", "text_encoders"} from trainable + frozen params."""
     return {"unet": self.unet_params(params, frozen), "vae": frozen["vae"], "text_encoders": frozen["text"]}
 
-  def sample_grid(self) -> SampleGrid:
+  def sample_grid(self, data, frozen) -> task_lib.SampleGrid:
     """The validation grid: config.sample.prompts (one row each) x sample.per_class images."""
     sc = self.config.sample
     prompts = list(sc.get("prompts") or ())
@@ -250,7 +224,8 @@ class LatentExperiment:
         time_ids=np.stack([pipelines.micro_conditioning(size, size)] * n) if self.sd.sdxl else None,
         zero_negative=np.ones((n,), bool) if self.sd.sdxl and guidance > 1 else None)
     keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(int(self.config.seed) + 1), i))(jnp.arange(n))
-    rows = self.batch_sharding if n % parallel.batch_devices(self.mesh) == 0 else self.replicated
+    rows = parallel.batch_sharding(self.mesh) if n % parallel.batch_devices(self.mesh) == 0 else \
+        parallel.replicated(self.mesh)
     prompt, keys = jax.device_put((prompt, keys), rows)
     sampler, steps = sc.sampler, int(sc.num_steps)
 
@@ -258,32 +233,9 @@ class LatentExperiment:
       return pipelines.txt2img(self.sd, self.full_params(params, frozen), prompt, keys, height=size, width=size,
                                sampler=sampler, num_steps=steps)
 
-    return SampleGrid(jax.jit(fn), (self.frozen, prompt, keys), per,
+    return task_lib.SampleGrid(jax.jit(fn), (frozen, prompt, keys), per,
                       {"sampler": sampler, "steps": steps, "guidance_scale": guidance, "prompts": " | ".join(prompts)})
 
-
-def load_text_to_image(workdir: str, step: int | None = None):
-  """(StableDiffusion, params, tokenizers, model id) from a latent-diffusion run's latest checkpoint (EMA
-  params; a LoRA merged into its base)."""
-  config_path = os.path.join(workdir, "config.json")
-  if not os.path.exists(config_path):
-    raise FileNotFoundError(f"{workdir} is not an sdjax training run (no config.json)")
-  with open(config_path) as f:
-    config = ml_collections.ConfigDict(json.load(f))
-  if config.get("task") != "ldm":
-    raise ValueError(f"{workdir} is a {config.get('task', 'diffusion')!r} run, not a text-to-image ('ldm') run")
-  try:
-    mesh = parallel.mesh_from_config(config.mesh)
-  except ValueError:
-    mesh = parallel.make_mesh({"data": -1})
-  exp = LatentExperiment(config, mesh)
-  ckpt = checkpoint.Checkpointer(workdir, read_only=True)
-  try:
-    step = ckpt.latest_step() if step is None else step
-    if step is None:
-      raise FileNotFoundError(f"no checkpoint in {ckpt.directory}; train first: python train.py --workdir {workdir}")
-    state = ckpt.restore(exp.abstract_state, step)
-  finally:
-    ckpt.close()
-  params = exp.full_params(state.ema_params, exp.frozen)
-  return exp.sd, params, exp.tokenizers(), f"{os.path.abspath(workdir)}@{step}"
+  def inference(self, state, frozen) -> pipelines.TextToImageModel:
+    """The EMA params (a LoRA merged into its base) as a text-to-image model."""
+    return pipelines.TextToImageModel(self.sd, self.full_params(state.ema_params, frozen), self.tokenizers())

@@ -1,0 +1,250 @@
+"""The one training driver: config -> task -> sharded state -> jitted steps, checkpoints, metrics, samples, export.
+
+It knows no task: `task.make(config, mesh)` builds the one `config.task` names (sdjax.train.task).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import time
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from flax import linen as nn
+from jax.experimental import multihost_utils
+from tqdm.auto import tqdm
+
+from sdjax import checkpoint, io, parallel, preemption
+from sdjax.train import optim, task as task_lib
+from sdjax.train.metrics import MetricsWriter
+from sdjax.train.step import StepConfig, make_train_step
+
+log = logging.getLogger("sdjax")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  """config.train (and config.seed), parsed and checked once."""
+  seed: int
+  batch_size: int
+  num_steps: int
+  grad_accum_steps: int = 1
+  ema_decay: float = 0.999
+  ema_warmup: bool = True
+  log_every: int = 50
+  checkpoint_every: int = 500
+  keep_checkpoints: int = 3
+  sample_every: int = 0          # 0: only at the end
+
+  @classmethod
+  def from_config(cls, config: ml_collections.ConfigDict) -> "TrainConfig":
+    tc = config.train
+    get = lambda name: tc.get(name, getattr(cls, name, None))
+    try:
+      c = cls(seed=int(config.seed), batch_size=int(tc.batch_size), num_steps=int(tc.num_steps),
+              grad_accum_steps=int(get("grad_accum_steps")), ema_decay=float(tc.ema_decay),
+              ema_warmup=bool(get("ema_warmup")), log_every=int(tc.log_every),
+              checkpoint_every=int(tc.checkpoint_every), keep_checkpoints=int(tc.keep_checkpoints),
+              sample_every=int(tc.sample_every or 0))
+    except (TypeError, ValueError) as e:
+      raise ValueError(f"config.train: {e}") from e
+    for field in ("batch_size", "log_every", "checkpoint_every", "keep_checkpoints", "grad_accum_steps"):
+      if getattr(c, field) < 1:
+        raise ValueError(f"config.train.{field} must be >= 1, got {getattr(c, field)}")
+    for field in ("num_steps", "sample_every"):
+      if getattr(c, field) < 0:
+        raise ValueError(f"config.train.{field} must be >= 0, got {getattr(c, field)}")
+    if not 0.0 <= c.ema_decay < 1.0:
+      raise ValueError(f"config.train.ema_decay must be in [0, 1), got {c.ema_decay}")
+    return c
+
+  @property
+  def step(self) -> StepConfig:
+    return StepConfig(ema_decay=self.ema_decay, ema_warmup=self.ema_warmup, grad_accum_steps=self.grad_accum_steps)
+
+
+def check_batch_size(batch_size: int, mesh: jax.sharding.Mesh, grad_accum_steps: int = 1) -> None:
+  """config.train.batch_size splits evenly over the mesh's batch devices (times the micro-batches)."""
+  n, k = parallel.batch_devices(mesh), grad_accum_steps
+  if batch_size % (n * k):
+    accum = f" times train.grad_accum_steps={k}" if k > 1 else ""
+    raise ValueError(f"config.train.batch_size={batch_size} is not divisible by the {n} devices of "
+                     f"the mesh's data x fsdp axes{accum}")
+
+
+class Trainer:
+  """A task on a mesh: optimizer, sharded abstract state, frozen params, the jitted init and train step.
+
+  Nothing is materialised but the frozen params: shapes first (eval_shape), shardings from logical names.
+  """
+
+  def __init__(self, task: task_lib.Task, config: ml_collections.ConfigDict):
+    self.task, self.config, self.mesh = task, config, task.mesh
+    self.train_config = TrainConfig.from_config(config)
+    self.optimizer, self.lr_schedule = optim.make_optimizer(optim.OptimConfig.from_config(config.optim),
+                                                            self.train_config.num_steps)
+    frozen = task.frozen()
+    self.frozen, self.frozen_shardings = (frozen.params, frozen.shardings) if frozen else (None, None)
+    rules = parallel.rules_from_config(config.mesh)
+    fsdp_min = int(config.mesh.get("fsdp_min_size", parallel.FSDP_MIN_SIZE))
+    shard = lambda abstract, boxed: parallel.state_shardings(abstract, boxed, self.mesh, rules, fsdp_min)
+
+    boxed = jax.eval_shape(task.init, jax.random.key(0), self.frozen)
+    abstract = jax.eval_shape(lambda p: task.create_state(p, self.optimizer, 0), nn.meta.unbox(boxed))
+    self.state_shardings = task.state_shardings(abstract, boxed, shard)
+    self.abstract_state = checkpoint.abstract_with_shardings(abstract, self.state_shardings)
+    self.batch_sharding = parallel.batch_sharding(self.mesh)
+    self.replicated = parallel.replicated(self.mesh)
+
+  @classmethod
+  def from_config(cls, config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | None = None) -> "Trainer":
+    mesh = mesh if mesh is not None else parallel.mesh_from_config(config.mesh)
+    return cls(task_lib.make(config, mesh), config)
+
+  def init_state(self) -> Any:
+    seed, task = self.train_config.seed, self.task
+    initial = task.initial_params()
+    if initial is not None:  # e.g. full fine-tuning: start from the checkpoint's params
+      init = jax.jit(lambda p: task.create_state(p, self.optimizer, seed), out_shardings=self.state_shardings)
+      return init(initial)
+    init = jax.jit(lambda rng, frozen: task.create_state(nn.meta.unbox(task.init(rng, frozen)), self.optimizer, seed),
+                   out_shardings=self.state_shardings)
+    return init(jax.random.key(seed), self.frozen)
+
+  @property
+  def frozen_args(self) -> tuple:
+    """The train step's arguments after (state, batch): (frozen params,), or () for a task with none."""
+    return () if self.frozen is None else (self.frozen,)
+
+  def train_step(self, *, donate: bool = True):
+    """The jitted step(state, batch, *frozen_args) with explicit in/out shardings (state donated unless not
+    `donate`)."""
+    tc, task = self.train_config, self.task
+    check_batch_size(tc.batch_size, self.mesh, tc.grad_accum_steps)
+    fn = make_train_step(task.loss_fn, self.optimizer, tc.step, self.lr_schedule, prepare=task.prepare,
+                         after_update=task.after_update)
+    frozen = () if self.frozen is None else (self.frozen_shardings,)
+    return jax.jit(fn, in_shardings=(self.state_shardings, self.batch_sharding, *frozen),
+                   out_shardings=(self.state_shardings, self.replicated), donate_argnums=(0,) if donate else ())
+
+
+def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Train (or resume) `config` in `workdir`; returns a summary dict (also written to summary.json)."""
+  trainer = Trainer.from_config(config)
+  task, tc, frozen = trainer.task, trainer.train_config, trainer.frozen_args
+  train_step = trainer.train_step()
+  lead = jax.process_index() == 0
+  os.makedirs(workdir, exist_ok=True)
+  if lead:
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+
+  data = task.input_pipeline(jax.process_index(), jax.process_count())
+  num_steps = tc.num_steps
+  ckpt = checkpoint.Checkpointer(workdir, keep=tc.keep_checkpoints)
+  start = ckpt.latest_step()
+  if start is not None and start >= num_steps:
+    ckpt.close()
+    log.warning("%s already holds a checkpoint at step %d >= train.num_steps=%d: nothing to do",
+                ckpt.directory, start, num_steps)
+    return {"start_step": start, "final_step": start, "steps_run": 0}
+  if start is None:
+    state = trainer.init_state()
+    start, batches = 0, data.iterator(0)
+  else:
+    state = ckpt.restore(trainer.abstract_state)
+    batches = data.iterator(start, ckpt.restore_data_state(start))
+    log.info("resumed from %s at step %d", ckpt.directory, start)
+  metrics = MetricsWriter(workdir, active=lead, resume_step=start if start else None)
+
+  summary: dict[str, Any] = {"start_step": start, "num_devices": jax.device_count(),
+                             "mesh": dict(trainer.mesh.shape)}
+  t0 = time.perf_counter()
+  first = parallel.global_batch(next(batches), trainer.batch_sharding)
+  compiled_step = train_step.lower(state, first, *frozen).compile()
+  summary["train_step_compile_s"] = time.perf_counter() - t0
+
+  grid = task.sample_grid(data, trainer.frozen)
+  compiled_sampler = None
+
+  def write_samples(step: int) -> None:
+    nonlocal compiled_sampler
+    if grid is None:
+      return
+    if compiled_sampler is None:
+      t = time.perf_counter()
+      compiled_sampler = grid.fn.lower(state.ema_params, *grid.args).compile()
+      summary["sampler_compile_s"] = time.perf_counter() - t
+    # Every process joins the gather (the grid is split over the mesh, which spans all processes).
+    imgs = multihost_utils.process_allgather(compiled_sampler(state.ema_params, *grid.args), tiled=True)
+    if lead:
+      image = io.make_grid(io.to_uint8(imgs), nrow=grid.nrow)
+      os.makedirs(os.path.join(workdir, "samples"), exist_ok=True)
+      io.save_png(os.path.join(workdir, "samples", f"step_{step:07d}.png"), image, {"step": step, **grid.meta})
+      metrics.image("samples", step, image)
+
+  pbar = tqdm(total=num_steps, initial=start, disable=not lead, dynamic_ncols=True, desc="train")
+  pending: list[dict[str, jax.Array]] = []
+  window_start, window_steps = time.perf_counter(), 0
+  train_start, step = time.perf_counter(), start
+  last_saved = start if start else None
+  term = preemption.OnSigterm(single_process_only=True)
+  try:
+    term.__enter__()
+    batch = first
+    for step in range(start, num_steps):
+      if batch is None:
+        batch = parallel.global_batch(next(batches), trainer.batch_sharding)
+      state, m = compiled_step(state, batch, *frozen)
+      batch = None
+      pending.append(m)
+      window_steps += 1
+      done = step + 1
+      if done % tc.log_every == 0 or done == num_steps:
+        values = jax.device_get(pending)
+        elapsed = time.perf_counter() - window_start
+        record = {k: float(np.mean([v[k] for v in values])) for k in values[0]}
+        record["skipped"] = float(np.sum([v["skipped"] for v in values]))
+        record["steps_per_s"] = window_steps / elapsed
+        record["images_per_s"] = window_steps * tc.batch_size / elapsed
+        if not np.isfinite(record["loss"]):
+          log.warning("non-finite loss at step %d (the update was skipped)", done)
+        metrics.write(done, record)
+        # The bar moves when results arrive (at log steps), not when steps are dispatched.
+        pbar.set_postfix(loss=f"{record['loss']:.4f}", steps_s=f"{record['steps_per_s']:.2f}")
+        pbar.update(window_steps)
+        pending, window_start, window_steps = [], time.perf_counter(), 0
+      if done % tc.checkpoint_every == 0 or done == num_steps:
+        ckpt.save(done, state, batches.state())
+        last_saved = done
+      if (tc.sample_every and done % tc.sample_every == 0) or done == num_steps:
+        write_samples(done)
+      # One process: our SIGTERM handler. Several: jax's preemption sync point (the coordination service
+      # catches SIGTERM and all processes agree on the step), so every process saves the same step.
+      if term.requested if jax.process_count() == 1 else ckpt.reached_preemption(done):
+        log.warning("preemption notice: saving a checkpoint at step %d and exiting", done)
+        if last_saved != done:
+          ckpt.save(done, state, batches.state(), force=True)
+        summary["preempted"] = True
+        break
+  finally:
+    batches.close()
+    pbar.close()
+    term.__exit__(None, None, None)
+    ckpt.close()
+    metrics.close()
+
+  steps_run = step + 1 - start if num_steps > start else 0
+  wall = time.perf_counter() - train_start
+  summary.update({"final_step": int(jax.device_get(state.step)), "steps_run": steps_run,
+                  "train_wall_s": wall})
+  if summary["final_step"] >= num_steps:  # finished: portable weights (diffusers layouts)
+    summary.update(task.export(state, workdir, data, write=lead))
+  if lead:
+    with open(os.path.join(workdir, "summary.json"), "w") as f:
+      json.dump(summary, f, indent=2)
+  return summary
