@@ -25,9 +25,9 @@ untimed one): reading and msgpack-decoding the record, then `preprocess.process_
 tokenization), stacking a batch and `parallel.global_batch` (placing it on the devices), per image; "serial
 images/s" is one thread doing read + transform + stack + place.
 
-train: configs/default.py's jitted train step (`sdjax.train.loop.Experiment`, batch 64) fed from batches
+train: configs/default.py's jitted train step (`sdjax.train.trainer.Trainer`, batch 64) fed from batches
 built and placed on the devices beforehand ("in memory") or from the real loader, `next(iterator)` +
-`parallel.global_batch` every step as `sdjax.train.loop.train` does. Two timings each: the median
+`parallel.global_batch` every step as `sdjax.train.trainer.train` does. Two timings each: the median
 of --steps steps with `block_until_ready` after every step (so a batch's host-side cost is on the critical
 path), and the loop as `train` runs it (no sync per step; total wall time / steps). --rounds rounds
 alternate the two feeds so that load from other processes hits both alike.
@@ -294,12 +294,12 @@ def loader_tables(args, datasets: list[dict]) -> str:
 
 def time_default_job(args) -> str:
   from configs.default import get_config
-  from sdjax.train.loop import Experiment
+  from sdjax.train.trainer import Trainer
 
   config = get_config("tiny" if args.quick else None)
-  exp = Experiment(config)
+  exp = Trainer.from_config(config)
   batch_size = int(config.train.batch_size)
-  data = input_pipeline.pipeline_from_config(config.data, channels=exp.model_config.in_channels,
+  data = input_pipeline.pipeline_from_config(config.data, channels=exp.task.model_config.in_channels,
                                              global_batch_size=batch_size, seed=int(config.seed), label=True)
   in_memory = [parallel.global_batch(data.batch(s), exp.batch_sharding) for s in range(args.steps)]
   jax.block_until_ready(in_memory)

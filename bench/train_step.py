@@ -5,7 +5,7 @@
   python bench/train_step.py --mode memory --models sd1 --devices 8 64 --meshes fsdp
   python bench/train_step.py --quick                     # seconds: tiny configs, 8 fake devices
 
-cpu: configs/default.py through `sdjax.train.loop.Experiment` (the jitted step `train.py` runs) on the real
+cpu: configs/default.py through `sdjax.train.trainer.Trainer` (the jitted step `train.py` runs) on the real
 MNIST batches: `lower().compile()` time, then the median of --runs steps after --warmup steps
 (`block_until_ready` on each). Rows: the default config, train.grad_accum_steps=4, model.dtype=bfloat16.
 
@@ -87,16 +87,16 @@ def table(headers: list[str], rows: list[list]) -> str:
 # --- cpu mode: the default job's step on this machine -------------------------------------------------
 
 def time_default_step(variant: str | None, overrides: dict, runs: int, warmup: int) -> dict:
-  """Compile time and median step time of configs/default.py[:variant] (with `overrides`) via Experiment."""
+  """Compile time and median step time of configs/default.py[:variant] (with `overrides`) via Trainer."""
   from configs.default import get_config
   from sdjax.data import input_pipeline
-  from sdjax.train.loop import Experiment
+  from sdjax.train.trainer import Trainer
   config = get_config(variant)
   for key, value in overrides.items():
     section, name = key.split(".")
     config[section][name] = value
-  exp = Experiment(config)
-  data = input_pipeline.pipeline_from_config(config.data, channels=exp.model_config.in_channels,
+  exp = Trainer.from_config(config)
+  data = input_pipeline.pipeline_from_config(config.data, channels=exp.task.model_config.in_channels,
                                              global_batch_size=int(config.train.batch_size), seed=0, label=True)
   batches = [parallel.global_batch(data.batch(s), exp.batch_sharding) for s in range(runs + warmup)]
   state = exp.init_state()

@@ -1,8 +1,16 @@
-"""The built-in training tasks; importing this package registers them (sdjax.train.task.TASKS):
+"""The built-in training tasks. Importing this package imports every module in it, and each registers its task
+(sdjax.train.task.register), so adding a task here is adding one file:
 
   diffusion  pixel-space class-conditional / unconditional U-Net (pixel.py; the default job)
   ldm        text-conditioned latent diffusion from a frozen VAE and text encoder(s), trained from scratch or
              fine-tuned from a diffusers checkpoint, fully or with LoRA (latent.py)
   vae        an AutoencoderKL: reconstruction + KL, optional patch-GAN (autoencoder.py)
+
+diffusion.py holds what the two diffusion tasks share. Tasks outside sdjax register themselves when their
+module is imported (e.g. by the config file that names them).
 """
-from sdjax.train.tasks import autoencoder, latent, pixel  # noqa: F401  (registration)
+import importlib
+import pkgutil
+
+for _info in pkgutil.iter_modules(__path__):
+  importlib.import_module(f"{__name__}.{_info.name}")
