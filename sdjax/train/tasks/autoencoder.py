@@ -221,8 +221,8 @@ class Autoencoder(task_lib.Task):
 
   def input_pipeline(self, process_index, process_count):
     return input_pipeline.pipeline_from_config(
-        self.config.data, channels=self.vae_config.in_channels, global_batch_size=int(self.config.train.batch_size),
-        seed=int(self.config.seed), label=False, process_index=process_index, process_count=process_count)
+        self.config.data, channels=self.vae_config.in_channels, global_batch_size=self.config.train.batch_size,
+        seed=self.config.seed, label=False, process_index=process_index, process_count=process_count)
 
   def autoencode_fn(self):
     """jitted (params, images) -> (posterior means, their decodings): for grids and the exported scale."""

@@ -150,8 +150,8 @@ class LatentDiffusion(DiffusionTask):
     data["tokenizer_2"] = self.tokenizer_paths[1] if len(self.tokenizer_paths) > 1 else ""
     data["micro_conditioning"] = self.sd.sdxl or bool(data.get("micro_conditioning"))
     return input_pipeline.pipeline_from_config(
-        data, channels=self.vae.config.in_channels, global_batch_size=int(self.config.train.batch_size),
-        seed=int(self.config.seed), label=False, process_index=process_index, process_count=process_count)
+        data, channels=self.vae.config.in_channels, global_batch_size=self.config.train.batch_size,
+        seed=self.config.seed, label=False, process_index=process_index, process_count=process_count)
 
   def encode(self, batch, rng, frozen):
     """(diffusion-space latents, U-Net conditioning, the model's key) of a batch, with the frozen VAE and text
@@ -223,7 +223,7 @@ class LatentDiffusion(DiffusionTask):
         guidance_scale=np.full((n,), guidance, np.float32) if guidance > 1 else None,
         time_ids=np.stack([pipelines.micro_conditioning(size, size)] * n) if self.sd.sdxl else None,
         zero_negative=np.ones((n,), bool) if self.sd.sdxl and guidance > 1 else None)
-    keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(int(self.config.seed) + 1), i))(jnp.arange(n))
+    keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(self.config.seed + 1), i))(jnp.arange(n))
     rows = parallel.batch_sharding(self.mesh) if n % parallel.batch_devices(self.mesh) == 0 else \
         parallel.replicated(self.mesh)
     prompt, keys = jax.device_put((prompt, keys), rows)

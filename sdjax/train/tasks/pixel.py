@@ -61,7 +61,7 @@ class PixelDiffusion(DiffusionTask):
   def input_pipeline(self, process_index, process_count):
     return input_pipeline.pipeline_from_config(
         self.config.data, channels=self.model_config.in_channels,
-        global_batch_size=int(self.config.train.batch_size), seed=int(self.config.seed),
+        global_batch_size=self.config.train.batch_size, seed=self.config.seed,
         label=self.model_config.num_class_embeds is not None, process_index=process_index,
         process_count=process_count)
 
@@ -80,7 +80,7 @@ class PixelDiffusion(DiffusionTask):
     n = len(labels)
     sharding = parallel.batch_sharding(self.mesh) if n % parallel.batch_devices(self.mesh) == 0 else \
         parallel.replicated(self.mesh)
-    args = (jax.device_put(labels, sharding), np.int32(int(self.config.seed) + 1),
+    args = (jax.device_put(labels, sharding), np.int32(self.config.seed + 1),
             jax.device_put(np.arange(n, dtype=np.int32), sharding))
     fn = pipelines.class_conditional_fn(self.model, self.schedule, self.image_shape, sampler=self.grid_sampler,
                                         num_steps=self.grid_steps, guidance_scale=self.grid_guidance)
