@@ -1,8 +1,8 @@
 """SIGTERM (a preemption notice) handling, written once for every long-running entry point.
 
-  with OnSigterm(single_process_only=True) as term:                # training: note it and stop at the next step boundary
+  with OnSigterm(single_process_only=True) as term:  # training: note it, stop at the next step boundary
     ...; if term.requested: save and exit
-  with OnSigterm(raise_=Interrupted):        # sampling jobs: stop now (every file on disk is complete)
+  with OnSigterm(raise_=Interrupted):                 # sampling jobs: stop now (every file on disk is complete)
     ...
 
 The handler is installed only from the main thread (Python allows signal handlers there alone); with

@@ -192,51 +192,49 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   window_start, window_steps = time.perf_counter(), 0
   train_start, step = time.perf_counter(), start
   last_saved = start if start else None
-  term = preemption.OnSigterm(single_process_only=True)
-  try:
-    term.__enter__()
-    batch = first
-    for step in range(start, num_steps):
-      if batch is None:
-        batch = parallel.global_batch(next(batches), trainer.batch_sharding)
-      state, m = compiled_step(state, batch, *frozen)
-      batch = None
-      pending.append(m)
-      window_steps += 1
-      done = step + 1
-      if done % tc.log_every == 0 or done == num_steps:
-        values = jax.device_get(pending)
-        elapsed = time.perf_counter() - window_start
-        record = {k: float(np.mean([v[k] for v in values])) for k in values[0]}
-        record["skipped"] = float(np.sum([v["skipped"] for v in values]))
-        record["steps_per_s"] = window_steps / elapsed
-        record["images_per_s"] = window_steps * tc.batch_size / elapsed
-        if not np.isfinite(record["loss"]):
-          log.warning("non-finite loss at step %d (the update was skipped)", done)
-        metrics.write(done, record)
-        # The bar moves when results arrive (at log steps), not when steps are dispatched.
-        pbar.set_postfix(loss=f"{record['loss']:.4f}", steps_s=f"{record['steps_per_s']:.2f}")
-        pbar.update(window_steps)
-        pending, window_start, window_steps = [], time.perf_counter(), 0
-      if done % tc.checkpoint_every == 0 or done == num_steps:
-        ckpt.save(done, state, batches.state())
-        last_saved = done
-      if (tc.sample_every and done % tc.sample_every == 0) or done == num_steps:
-        write_samples(done)
-      # One process: our SIGTERM handler. Several: jax's preemption sync point (the coordination service
-      # catches SIGTERM and all processes agree on the step), so every process saves the same step.
-      if term.requested if jax.process_count() == 1 else ckpt.reached_preemption(done):
-        log.warning("preemption notice: saving a checkpoint at step %d and exiting", done)
-        if last_saved != done:
-          ckpt.save(done, state, batches.state(), force=True)
-        summary["preempted"] = True
-        break
-  finally:
-    batches.close()
-    pbar.close()
-    term.__exit__(None, None, None)
-    ckpt.close()
-    metrics.close()
+  with preemption.OnSigterm(single_process_only=True) as term:
+    try:
+      batch = first
+      for step in range(start, num_steps):
+        if batch is None:
+          batch = parallel.global_batch(next(batches), trainer.batch_sharding)
+        state, m = compiled_step(state, batch, *frozen)
+        batch = None
+        pending.append(m)
+        window_steps += 1
+        done = step + 1
+        if done % tc.log_every == 0 or done == num_steps:
+          values = jax.device_get(pending)
+          elapsed = time.perf_counter() - window_start
+          record = {k: float(np.mean([v[k] for v in values])) for k in values[0]}
+          record["skipped"] = float(np.sum([v["skipped"] for v in values]))
+          record["steps_per_s"] = window_steps / elapsed
+          record["images_per_s"] = window_steps * tc.batch_size / elapsed
+          if not np.isfinite(record["loss"]):
+            log.warning("non-finite loss at step %d (the update was skipped)", done)
+          metrics.write(done, record)
+          # The bar moves when results arrive (at log steps), not when steps are dispatched.
+          pbar.set_postfix(loss=f"{record['loss']:.4f}", steps_s=f"{record['steps_per_s']:.2f}")
+          pbar.update(window_steps)
+          pending, window_start, window_steps = [], time.perf_counter(), 0
+        if done % tc.checkpoint_every == 0 or done == num_steps:
+          ckpt.save(done, state, batches.state())
+          last_saved = done
+        if (tc.sample_every and done % tc.sample_every == 0) or done == num_steps:
+          write_samples(done)
+        # One process: our SIGTERM handler. Several: jax's preemption sync point (the coordination service
+        # catches SIGTERM and all processes agree on the step), so every process saves the same step.
+        if term.requested if jax.process_count() == 1 else ckpt.reached_preemption(done):
+          log.warning("preemption notice: saving a checkpoint at step %d and exiting", done)
+          if last_saved != done:
+            ckpt.save(done, state, batches.state(), force=True)
+          summary["preempted"] = True
+          break
+    finally:
+      batches.close()
+      pbar.close()
+      ckpt.close()
+      metrics.close()
 
   steps_run = step + 1 - start if num_steps > start else 0
   wall = time.perf_counter() - train_start
