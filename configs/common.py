@@ -198,6 +198,7 @@ def train(*, denoiser: bool = True, **overrides) -> ml_collections.ConfigDict:
   c.ema_warmup = True         # decay min(ema_decay, (1 + step) / (10 + step))
   if denoiser:
     c.cond_drop_prob = 0.1    # null class label with this probability; text: 0.0 (data.caption_dropout)
+    c.allow_diffusion_change = False  # resume a run whose config.diffusion this config changes (refused otherwise)
   c.log_every = 50
   c.checkpoint_every = 600
   c.keep_checkpoints = 3

@@ -20,7 +20,7 @@ class MetricsWriter:
     self.tb = None
     if not active:
       return
-    if resume_step is not None:
+    if resume_step is not None:  # 0: a fresh start, which drops what a run killed before its first checkpoint logged
       self._truncate_after(resume_step)
     from tensorboardX import SummaryWriter
     self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"))

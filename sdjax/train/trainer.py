@@ -132,6 +132,22 @@ class Trainer:
                    out_shardings=(self.state_shardings, self.replicated), donate_argnums=(0,) if donate else ())
 
 
+def check_resume(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """Refuse to resume a run whose diffusion (config.diffusion: schedule, prediction type, ...) this config changes,
+  unless config.train.allow_diffusion_change; the fields are named."""
+  path = os.path.join(workdir, "config.json")
+  if not os.path.isfile(path) or config.train.get("allow_diffusion_change", False):
+    return
+  with open(path) as f:
+    before = json.load(f).get("diffusion") or {}
+  now = json.loads(config.to_json_best_effort()).get("diffusion") or {}
+  changed = [f"config.diffusion.{k}: {before.get(k)!r} in the run, {now.get(k)!r} now"
+             for k in sorted(set(before) | set(now)) if before.get(k) != now.get(k)]
+  if changed:
+    raise ValueError(f"{workdir} was trained with another diffusion ({'; '.join(changed)}); resuming would continue "
+                     f"a different model. Use a new --workdir, or set config.train.allow_diffusion_change=True")
+
+
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Train (or resume) `config` in `workdir`; returns a summary dict (also written to summary.json)."""
   trainer = Trainer.from_config(config)
@@ -139,9 +155,6 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   train_step = trainer.train_step()
   lead = jax.process_index() == 0
   os.makedirs(workdir, exist_ok=True)
-  if lead:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=2, sort_keys=True))
 
   data = task.input_pipeline(jax.process_index(), jax.process_count())
   num_steps = tc.num_steps
@@ -152,14 +165,25 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     log.warning("%s already holds a checkpoint at step %d >= train.num_steps=%d: nothing to do",
                 ckpt.directory, start, num_steps)
     return {"start_step": start, "final_step": start, "steps_run": 0}
-  if start is None:
-    state = trainer.init_state()
-    start, batches = 0, data.iterator(0)
-  else:
-    state = ckpt.restore(trainer.abstract_state)
-    batches = data.iterator(start, ckpt.restore_data_state(start))
-    log.info("resumed from %s at step %d", ckpt.directory, start)
-  metrics = MetricsWriter(workdir, active=lead, resume_step=start if start else None)
+  try:
+    if start is None:
+      state = trainer.init_state()
+      start, batches = 0, data.iterator(0)
+    else:
+      check_resume(config, workdir)
+      state = ckpt.restore(trainer.abstract_state)
+      batches = data.iterator(start, ckpt.restore_data_state(start))
+      log.info("resumed from %s at step %d", ckpt.directory, start)
+  except BaseException:
+    ckpt.close()
+    raise
+  # The run's record changes only once the checkpoint was restored and matched this config.
+  if lead:
+    path = os.path.join(workdir, "config.json")
+    with open(path + ".tmp", "w") as f:
+      f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+    os.replace(path + ".tmp", path)
+  metrics = MetricsWriter(workdir, active=lead, resume_step=start)  # drops records after `start`
 
   summary: dict[str, Any] = {"start_step": start, "num_devices": jax.device_count(),
                              "mesh": dict(trainer.mesh.shape)}

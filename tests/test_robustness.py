@@ -1,0 +1,72 @@
+"""Bad input and interrupted runs never lose a run's record (issue 15; more cases to come)."""
+import json
+import os
+
+import pytest
+
+from conftest import ROOT
+from sdjax.train import run
+from sdjax.train.trainer import Trainer
+
+
+def _tiny(**overrides):
+  import importlib.util
+  spec = importlib.util.spec_from_file_location("default_config", os.path.join(ROOT, "configs", "default.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  c = module.get_config("tiny").unlock()
+  for key, value in overrides.items():
+    section, name = key.split(".")
+    c[section][name] = value
+  return c.lock()
+
+
+def _steps(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(line)["step"] for line in f]
+
+
+def test_refused_resumes_keep_the_runs_record_and_stale_metrics_are_dropped(tmp_path, compilation_cache):
+  w = str(tmp_path / "run")
+  os.makedirs(w)
+  # A run killed (kill -9) before its first checkpoint left records behind; the fresh start drops them.
+  with open(os.path.join(w, "metrics.jsonl"), "w") as f:
+    f.writelines(json.dumps({"step": s, "loss": 1.0}) + "\n" for s in (2, 4))
+  run(_tiny(), w)
+  assert _steps(w) == [2, 4, 6]
+  with open(os.path.join(w, "config.json")) as f:
+    record = f.read()
+
+  # Another model: with the same num_steps nothing is left to do; with more, the checkpoint refuses it. Either
+  # way config.json, the run's record, is not touched.
+  other = {"model.block_out_channels": (16, 32)}
+  assert run(_tiny(**other), w)["steps_run"] == 0
+  with pytest.raises(ValueError, match="does not match the model of this config"):
+    run(_tiny(**other, **{"train.num_steps": 8}), w)
+  with open(os.path.join(w, "config.json")) as f:
+    assert f.read() == record
+  # Another diffusion: refused naming the fields, unless explicitly allowed.
+  changed = {"diffusion.prediction_type": "v_prediction", "diffusion.num_train_timesteps": 500, "train.num_steps": 8}
+  with pytest.raises(ValueError, match=r"config.diffusion.num_train_timesteps: 1000 in the run, 500 now; "
+                                       r"config.diffusion.prediction_type: 'epsilon' in the run, 'v_prediction' now"):
+    run(_tiny(**changed), w)
+  with open(os.path.join(w, "config.json")) as f:
+    assert f.read() == record
+  assert run(_tiny(**changed, **{"train.allow_diffusion_change": True}), w)["start_step"] == 6
+  with open(os.path.join(w, "config.json")) as f:
+    assert json.load(f)["diffusion"]["prediction_type"] == "v_prediction"
+  assert _steps(w) == [2, 4, 6, 8]
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("train.batch_size", 0, "config.train.batch_size must be >= 1, got 0"),
+    ("train.batch_size", -8, "config.train.batch_size must be >= 1, got -8"),
+    ("train.log_every", 0, "config.train.log_every must be >= 1, got 0"),
+    ("train.checkpoint_every", 0, "config.train.checkpoint_every must be >= 1, got 0"),
+    ("train.num_steps", -1, "config.train.num_steps must be >= 0, got -1"),
+    ("train.ema_decay", 1.0, r"config.train.ema_decay must be in \[0, 1\), got 1.0"),
+    ("optim.lr", -1e-3, "config.optim.lr must be >= 0"),
+])
+def test_bad_training_values_are_named_before_anything_runs(field, value, message):
+  with pytest.raises(ValueError, match=message):
+    Trainer.from_config(_tiny(**{field: value}))
