@@ -41,6 +41,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   from sdjax import parallel
+  from sdjax.lock import LockedError
   from sdjax.train import run
   try:
     parallel.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
@@ -50,7 +51,7 @@ def main(argv):
   workdir = FLAGS.workdir or default_workdir(config_arg)
   try:
     summary = run(FLAGS.config, workdir)
-  except (ValueError, FileNotFoundError) as e:
+  except (ValueError, FileNotFoundError, FloatingPointError, LockedError) as e:
     sys.exit(f"error: {e}")
   print(f"done: step {summary['final_step']} in {workdir}")
 

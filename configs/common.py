@@ -199,6 +199,7 @@ def train(*, denoiser: bool = True, **overrides) -> ml_collections.ConfigDict:
   if denoiser:
     c.cond_drop_prob = 0.1    # null class label with this probability; text: 0.0 (data.caption_dropout)
     c.allow_diffusion_change = False  # resume a run whose config.diffusion this config changes (refused otherwise)
+  c.max_skipped_steps = 100   # stop with an error after this many consecutive non-finite steps; 0: never
   c.log_every = 50
   c.checkpoint_every = 600
   c.keep_checkpoints = 3

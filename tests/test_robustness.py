@@ -70,3 +70,41 @@ def test_refused_resumes_keep_the_runs_record_and_stale_metrics_are_dropped(tmp_
 def test_bad_training_values_are_named_before_anything_runs(field, value, message):
   with pytest.raises(ValueError, match=message):
     Trainer.from_config(_tiny(**{field: value}))
+
+
+def test_a_second_process_on_a_workdir_is_refused_and_a_dead_owner_leaves_no_stale_lock(tmp_path):
+  import subprocess
+  import sys
+  import textwrap
+  from sdjax.lock import LockedError, WorkdirLock
+  w = str(tmp_path / "run")
+  os.makedirs(w)
+  holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+      import sys, time
+      sys.path.insert(0, {ROOT!r})
+      from sdjax.lock import WorkdirLock
+      WorkdirLock({w!r}).acquire()
+      print("locked", flush=True)
+      time.sleep(120)
+      """)], stdout=subprocess.PIPE, text=True)
+  try:
+    assert holder.stdout.readline().strip() == "locked"
+    with pytest.raises(LockedError, match=rf"is in use by another training run \(pid {holder.pid} on "):
+      run(_tiny(), w)  # refused before anything is built or written
+    assert sorted(os.listdir(w)) == [".lock"]
+  finally:
+    holder.kill()  # as kill -9: no clean-up ran
+    holder.wait()
+  with WorkdirLock(w):  # the dead owner's lock is gone with it
+    with pytest.raises(LockedError):
+      WorkdirLock(w).acquire()  # one holder at a time, also within a process
+  WorkdirLock(w).acquire().release()
+
+
+def test_a_run_whose_steps_all_fail_stops_with_an_error(tmp_path):
+  w = str(tmp_path / "run")
+  with pytest.raises(FloatingPointError, match=r"the last [2-6] steps \(to step [46]\) were all skipped.*"
+                                               r"config.train.max_skipped_steps=2"):
+    run(_tiny(**{"optim.lr": 1e12, "optim.warmup_steps": 0, "optim.grad_clip": 0.0, "train.max_skipped_steps": 2,
+                 "train.num_steps": 12}), w)
+  assert max(_steps(w)) < 12

@@ -19,6 +19,7 @@ from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
 from sdjax import checkpoint, io, parallel, preemption
+from sdjax.lock import WorkdirLock
 from sdjax.train import optim, task as task_lib
 from sdjax.train.metrics import MetricsWriter
 from sdjax.train.step import StepConfig, make_train_step
@@ -39,6 +40,7 @@ class TrainConfig:
   checkpoint_every: int = 500
   keep_checkpoints: int = 3
   sample_every: int = 0          # 0: only at the end
+  max_skipped_steps: int = 100   # stop after this many consecutive non-finite steps; 0: never
 
   @classmethod
   def from_config(cls, config: ml_collections.ConfigDict) -> "TrainConfig":
@@ -49,13 +51,13 @@ class TrainConfig:
               grad_accum_steps=int(get("grad_accum_steps")), ema_decay=float(tc.ema_decay),
               ema_warmup=bool(get("ema_warmup")), log_every=int(tc.log_every),
               checkpoint_every=int(tc.checkpoint_every), keep_checkpoints=int(tc.keep_checkpoints),
-              sample_every=int(tc.sample_every or 0))
+              sample_every=int(tc.sample_every or 0), max_skipped_steps=int(get("max_skipped_steps")))
     except (TypeError, ValueError) as e:
       raise ValueError(f"config.train: {e}") from e
     for field in ("batch_size", "log_every", "checkpoint_every", "keep_checkpoints", "grad_accum_steps"):
       if getattr(c, field) < 1:
         raise ValueError(f"config.train.{field} must be >= 1, got {getattr(c, field)}")
-    for field in ("num_steps", "sample_every"):
+    for field in ("num_steps", "sample_every", "max_skipped_steps"):
       if getattr(c, field) < 0:
         raise ValueError(f"config.train.{field} must be >= 0, got {getattr(c, field)}")
     if not 0.0 <= c.ema_decay < 1.0:
@@ -149,12 +151,25 @@ def check_resume(config: ml_collections.ConfigDict, workdir: str) -> None:
 
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  """Train (or resume) `config` in `workdir`; returns a summary dict (also written to summary.json)."""
+  """Train (or resume) `config` in `workdir`; returns a summary dict (also written to summary.json).
+
+  One run per workdir: a second process is refused (lock.LockedError) before it touches anything."""
+  os.makedirs(workdir, exist_ok=True)
+  lock = WorkdirLock(workdir, "training run") if jax.process_index() == 0 else None
+  if lock is not None:
+    lock.acquire()
+  try:
+    return _train(config, workdir)
+  finally:
+    if lock is not None:
+      lock.release()
+
+
+def _train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   trainer = Trainer.from_config(config)
   task, tc, frozen = trainer.task, trainer.train_config, trainer.frozen_args
   train_step = trainer.train_step()
   lead = jax.process_index() == 0
-  os.makedirs(workdir, exist_ok=True)
 
   data = task.input_pipeline(jax.process_index(), jax.process_count())
   num_steps = tc.num_steps
@@ -216,6 +231,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   window_start, window_steps = time.perf_counter(), 0
   train_start, step = time.perf_counter(), start
   last_saved = start if start else None
+  skipped_run = 0  # consecutive skipped steps, as of the last log step
   with preemption.OnSigterm(single_process_only=True) as term:
     try:
       batch = first
@@ -229,6 +245,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         done = step + 1
         if done % tc.log_every == 0 or done == num_steps:
           values = jax.device_get(pending)
+          for v in values:
+            skipped_run = skipped_run + 1 if v["skipped"] else 0
           elapsed = time.perf_counter() - window_start
           record = {k: float(np.mean([v[k] for v in values])) for k in values[0]}
           record["skipped"] = float(np.sum([v["skipped"] for v in values]))
@@ -237,6 +255,12 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
           if not np.isfinite(record["loss"]):
             log.warning("non-finite loss at step %d (the update was skipped)", done)
           metrics.write(done, record)
+          if tc.max_skipped_steps and skipped_run >= tc.max_skipped_steps:
+            raise FloatingPointError(
+                f"the last {skipped_run} steps (to step {done}) were all skipped: non-finite loss or gradients "
+                f"(config.train.max_skipped_steps={tc.max_skipped_steps}). Stopped without saving them; the "
+                f"last checkpoint is step {last_saved or 'none'}. A lower config.optim.lr or gradient clipping "
+                f"may help")
           # The bar moves when results arrive (at log steps), not when steps are dispatched.
           pbar.set_postfix(loss=f"{record['loss']:.4f}", steps_s=f"{record['steps_per_s']:.2f}")
           pbar.update(window_steps)
