@@ -17,6 +17,10 @@ class NoCheckpointError(FileNotFoundError):
   pass
 
 
+class CorruptCheckpointError(ValueError):
+  """A checkpoint whose files cannot be read (truncated, missing, garbled)."""
+
+
 class Checkpointer:
   """Saves and restores the train state (and the data iterator's state) under `<workdir>/checkpoints`."""
 
@@ -60,7 +64,25 @@ class Checkpointer:
       restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
     except (ValueError, KeyError, TypeError) as e:
       raise ValueError(f"checkpoint {self.directory}/{step} does not match the model of this config: {e}") from e
+    except Exception as e:  # noqa: BLE001  (tensorstore raises plain Exceptions for unreadable files)
+      first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+      raise CorruptCheckpointError(f"checkpoint {self.directory}/{step} cannot be read: {first[:300]}") from e
     return restored["state"]
+
+  def restore_intact(self, abstract_state: Any) -> tuple[int, Any, list[tuple[int, str]]]:
+    """(step, state, broken) of the newest checkpoint that can be read; `broken` lists the newer ones that
+    cannot, with why. A checkpoint that does not match the model raises at once (that is the config's fault,
+    not the files'); when none can be read, CorruptCheckpointError names them all."""
+    broken = []
+    for step in sorted(self.all_steps(), reverse=True):
+      try:
+        return step, self.restore(abstract_state, step), broken
+      except CorruptCheckpointError as e:
+        broken.append((step, str(e)))
+    if not broken:
+      raise NoCheckpointError(f"no checkpoint found in {self.directory}")
+    raise CorruptCheckpointError("no checkpoint in {} can be read: {}".format(
+        self.directory, "; ".join(why for _, why in broken)))
 
   def restore_data_state(self, step: int | None = None) -> dict[str, Any] | None:
     """The data iterator's state saved with `step`, or None for checkpoints written without one."""
@@ -80,6 +102,22 @@ class Checkpointer:
   def close(self) -> None:
     self.manager.wait_until_finished()
     self.manager.close()
+
+
+def set_aside(workdir: str, steps: list[int]) -> list[str]:
+  """Move unreadable checkpoints out of the way, to `<workdir>/checkpoints_broken/<step>` (kept, not deleted), so
+  that a resumed run can write those steps again. Returns the new paths."""
+  moved = []
+  for step in steps:
+    src = os.path.join(workdir, "checkpoints", str(step))
+    dst = os.path.join(workdir, "checkpoints_broken", str(step))
+    n = 1
+    while os.path.exists(dst):
+      dst, n = os.path.join(workdir, "checkpoints_broken", f"{step}.{n}"), n + 1
+    os.makedirs(os.path.dirname(dst), exist_ok=True)
+    os.replace(src, dst)
+    moved.append(dst)
+  return moved
 
 
 def abstract_with_shardings(abstract: Any, shardings: Any) -> Any:

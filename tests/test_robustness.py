@@ -2,6 +2,7 @@
 import json
 import os
 
+import numpy as np
 import pytest
 
 from conftest import ROOT
@@ -108,3 +109,35 @@ def test_a_run_whose_steps_all_fail_stops_with_an_error(tmp_path):
     run(_tiny(**{"optim.lr": 1e12, "optim.warmup_steps": 0, "optim.grad_clip": 0.0, "train.max_skipped_steps": 2,
                  "train.num_steps": 12}), w)
   assert max(_steps(w)) < 12
+
+
+def _truncate_arrays(workdir, step):
+  d = os.path.join(workdir, "checkpoints", str(step), "state")
+  for folder, _, names in os.walk(d):
+    if os.path.basename(folder) == "d" and "ocdbt" in folder:  # the array data files
+      for name in names:
+        os.truncate(os.path.join(folder, name), 100)
+
+
+def test_a_truncated_newest_checkpoint_falls_back_to_the_newest_intact_one(tmp_path, compilation_cache, caplog):
+  from sdjax.checkpoint import CorruptCheckpointError
+  w = str(tmp_path / "run")
+  const = {"optim.schedule": "constant"}             # the same learning rates whatever num_steps is
+  run(_tiny(**const), w)                            # checkpoints at 3 and 6
+  with open(os.path.join(w, "metrics.jsonl")) as f:
+    first = {r["step"]: r["loss"] for r in map(json.loads, f)}
+  _truncate_arrays(w, 6)
+  summary = run(_tiny(**const, **{"train.num_steps": 9}), w)
+  assert summary["start_step"] == 3 and summary["final_step"] == 9
+  assert any("cannot be read" in r.message and "resuming from step 3" in r.message for r in caplog.records)
+  assert os.path.isdir(os.path.join(w, "checkpoints_broken", "6"))  # kept, out of the way
+  with open(os.path.join(w, "metrics.jsonl")) as f:
+    again = {r["step"]: r["loss"] for r in map(json.loads, f)}
+  assert sorted(again) == [2, 4, 6, 8, 9]
+  # The same trajectory (the record at 4 averages steps 3-4 in the first run, step 4 alone after the resume).
+  np.testing.assert_allclose(again[6], first[6], rtol=1e-6)
+
+  for step in os.listdir(os.path.join(w, "checkpoints")):
+    _truncate_arrays(w, step)
+  with pytest.raises(CorruptCheckpointError, match=r"no checkpoint in .* can be read: .*/9 cannot be read"):
+    run(_tiny(**const, **{"train.num_steps": 12}), w)

@@ -186,7 +186,15 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       start, batches = 0, data.iterator(0)
     else:
       check_resume(config, workdir)
-      state = ckpt.restore(trainer.abstract_state)
+      start, state, broken = ckpt.restore_intact(trainer.abstract_state)
+      if broken:  # e.g. a file truncated by a full disk: continue from the newest intact checkpoint
+        ckpt.close()
+        if lead:
+          moved = checkpoint.set_aside(workdir, [s for s, _ in broken])
+          for (step, why), path in zip(broken, moved):
+            log.warning("%s; resuming from step %d instead (the broken one is kept in %s)", why, start, path)
+        multihost_utils.sync_global_devices("sdjax: broken checkpoints set aside")
+        ckpt = checkpoint.Checkpointer(workdir, keep=tc.keep_checkpoints)
       batches = data.iterator(start, ckpt.restore_data_state(start))
       log.info("resumed from %s at step %d", ckpt.directory, start)
   except BaseException:
