@@ -60,13 +60,26 @@ FLAG_OF = {"prompts": "--prompts", "model": "--model", "tokenizer": "--tokenizer
            "seed": "--seed", "outdir": "--outdir", "overwrite": "--overwrite", "negative_prompt": "--negative_prompt",
            "guidance_scale": "--guidance", "guidance_rescale": "--rescale", "steps": "--steps", "height": "--height",
            "width": "--width", "num_images": "--num_per_prompt", "sampler": "--sampler", "init_image": "--init_image",
-           "mask": "--mask", "strength": "--strength"}
+           "mask": "--mask", "strength": "--strength", "batch_size": "--batch_size", "num": "--num"}
+
+
+def check_flags():
+  """Refuse out-of-range or non-finite flags before anything is loaded, rendered or written (the checks of
+  a prompts file's fields, sdjax.prompts.check_settings)."""
+  from sdjax import prompts
+  prompts.check_settings({"seed": FLAGS.seed, "num": FLAGS.num, "steps": FLAGS.steps, "guidance_scale": FLAGS.guidance,
+                          "batch_size": FLAGS.batch_size, "num_images": FLAGS.num_per_prompt,
+                          "guidance_rescale": FLAGS.rescale, "height": FLAGS.height, "width": FLAGS.width,
+                          "strength": FLAGS.strength}, FLAG_OF)
+  if FLAGS.outdir:
+    prompts.check_outdir(FLAGS.outdir, FLAG_OF)
 
 
 def sample_classes():
   from sdjax.sampling import sample_run
   s = sample_run(FLAGS.workdir, outdir=FLAGS.outdir, seed=FLAGS.seed, num=FLAGS.num, steps=FLAGS.steps,
-                 sampler=FLAGS.sampler, guidance_scale=FLAGS.guidance, batch_size=FLAGS.batch_size or 100)
+                 sampler=FLAGS.sampler, guidance_scale=FLAGS.guidance,
+                 batch_size=100 if FLAGS.batch_size is None else FLAGS.batch_size, names=FLAG_OF)
   print(f"wrote {s['num_images']} images to {s['outdir']} (checkpoint step {s['checkpoint_step']}, "
         f"{s['sampler']} {s['steps']} steps, guidance {s['guidance_scale']}); "
         f"compile {s['compile_s']:.1f}s, {s['images_per_s']:.1f} images/s")
@@ -90,14 +103,17 @@ def text_job():
     if path and not os.path.exists(path):
       raise jobs.JobError(f"--{name}: {path} does not exist")
   if FLAGS.model:
+    outdir = FLAGS.outdir or os.path.join("generated", os.path.splitext(os.path.basename(os.path.normpath(FLAGS.model)))[0])
+    jobs.check_outdir(outdir, FLAG_OF)
     model = jobs.load_model(FLAGS.model, tokenizer=FLAGS.tokenizer, tokenizer_2=FLAGS.tokenizer_2,
                             model_type=FLAGS.model_type, names=FLAG_OF)
-    outdir = FLAGS.outdir or os.path.join("generated", os.path.splitext(os.path.basename(os.path.normpath(FLAGS.model)))[0])
   else:
-    model = jobs.load_workdir(FLAGS.workdir)
     outdir = FLAGS.outdir or os.path.join(FLAGS.workdir, "generated", "text")
-  job = jobs.Job(outdir, tuple(raw), defaults, batch_size=FLAGS.batch_size or 8, fsdp=FLAGS.fsdp, grid=FLAGS.grid,
-                 overwrite=FLAGS.overwrite, max_images=FLAGS.max_images, names=FLAG_OF)
+    jobs.check_outdir(outdir, FLAG_OF)
+    model = jobs.load_workdir(FLAGS.workdir)
+  job = jobs.Job(outdir, tuple(raw), defaults, batch_size=8 if FLAGS.batch_size is None else FLAGS.batch_size,
+                 fsdp=FLAGS.fsdp, grid=FLAGS.grid, overwrite=FLAGS.overwrite, max_images=FLAGS.max_images,
+                 names=FLAG_OF)
   try:
     s = jobs.run(job, model)
   except KeyboardInterrupt as e:
@@ -118,6 +134,10 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if bool(FLAGS.model) == bool(FLAGS.workdir):
     sys.exit("error: give exactly one of --workdir DIR (a training run) or --model PATH (a Stable Diffusion checkpoint)")
+  try:
+    check_flags()
+  except ValueError as e:
+    sys.exit(f"error: {e}")
   if FLAGS.model:
     text = True
   else:

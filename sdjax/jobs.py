@@ -13,6 +13,7 @@ import dataclasses
 import functools
 import json
 import os
+import sys
 import time
 from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
@@ -25,7 +26,8 @@ from tqdm.auto import tqdm
 
 from sdjax import io, parallel, pipelines, preemption
 # The prompts' API, part of the jobs' (jobs.read_prompts, jobs.Defaults, jobs.JobError, ...).
-from sdjax.prompts import FIELDS, SEED_MAX, Defaults, JobError, Spec, name_of, read_prompts, resolve  # noqa: F401
+from sdjax.prompts import (FIELDS, SEED_MAX, Defaults, JobError, Spec, check_outdir, check_settings,  # noqa: F401
+                           name_of, read_prompts, resolve)
 
 # job.json fields that change the images (a re-run that changes one of them is refused).
 IMAGE_FIELDS = ("model_hash", "seed")
@@ -137,14 +139,38 @@ def sdjax_version() -> str:
     return "unknown"
 
 
-def record(item: Item, model: Model) -> dict:
-  """The generation metadata of one image (PNG tEXt chunks and its index.jsonl line)."""
+def token_limits(model: Model) -> list[int]:
+  """The token length each text encoder's prompts are padded and truncated to (as pipelines.tokenize)."""
+  out = []
+  for tok, enc in zip(model.tokenizers, model.sd.text_encoders):
+    n = enc.config.max_position_embeddings
+    out.append(min(int(tok.model_max_length), n) if 2 <= tok.model_max_length <= 100_000 else n)
+  return out
+
+
+def truncated_texts(model: Model, texts: Sequence[str]) -> list[bool]:
+  """Whether each text has more tokens (with its start/end tokens) than some text encoder takes."""
+  texts = list(texts)
+  out = [False] * len(texts)
+  if not texts:
+    return out
+  for tok, limit in zip(model.tokenizers, token_limits(model)):
+    ids = tok(texts, truncation=False, verbose=False)["input_ids"]
+    out = [t or len(i) > limit for t, i in zip(out, ids)]
+  return out
+
+
+def record(item: Item, model: Model, truncated: bool = False) -> dict:
+  """The generation metadata of one image (PNG tEXt chunks and its index.jsonl line); `truncated`: its
+  prompt or negative prompt was cut to the text encoder's token length."""
   s = item.spec
   r = {"file": item.name, "prompt": s.prompt, "negative_prompt": s.negative_prompt, "seed": item.seed,
        "sampler": s.sampler, "steps": s.steps, "guidance_scale": s.guidance_scale,
        "guidance_rescale": s.guidance_rescale, "height": s.height, "width": s.width, "mode": s.mode,
        "strength": s.strength, "model": model.model_id, "model_hash": model.hash, "sdjax_version": sdjax_version()}
   r.update({k: getattr(s, k) for k in ("init_image", "mask") if getattr(s, k)})
+  if truncated:
+    r["truncated"] = True
   return r
 
 
@@ -281,8 +307,16 @@ def run(job: Job, model: Model, *, devices: Sequence[jax.Device] | None = None, 
   """Render `job`'s missing images into job.outdir; returns (and writes) the summary."""
   t_start = time.perf_counter()
   specs = resolve(job.raw_prompts, job.defaults, model, names=job.names)
+  check_settings({"batch_size": job.batch_size}, job.names)
+  check_outdir(job.outdir, job.names)
   work = items(specs, job.defaults.seed)
   lead = jax.process_index() == 0
+  texts = sorted({t for s in specs for t in (s.prompt, s.negative_prompt)})
+  cut = {t for t, c in zip(texts, truncated_texts(model, texts)) if c}
+  cut_specs = [s for s in specs if s.prompt in cut or s.negative_prompt in cut]
+  if cut_specs and lead:
+    print(f"warning: {len(cut_specs)} of {len(specs)} prompts (or their negative prompts) are longer than the "
+          f"text encoder takes and were truncated to {min(token_limits(model))} tokens", file=sys.stderr)
   devices = list(jax.devices() if devices is None else devices)
   mesh = parallel.make_mesh({"data": -1, "fsdp": job.fsdp}, devices)
   ndev = parallel.batch_devices(mesh)
@@ -292,7 +326,7 @@ def run(job: Job, model: Model, *, devices: Sequence[jax.Device] | None = None, 
   info = {"sdjax_version": sdjax_version(), "model": model.model_id, "model_hash": model.hash,
           "seed": job.defaults.seed, "prompts": [dataclasses.asdict(s) for s in specs],
           "execution": {"batch_size": batch_size, "devices": len(devices), "fsdp": job.fsdp}}
-  records = {it.name: record(it, model) for it in work}
+  records = {it.name: record(it, model, it.spec.prompt in cut or it.spec.negative_prompt in cut) for it in work}
   done = _prepare_outdir(job, info, work, records, lead)
   todo = [it for it, d in zip(work, done) if not d]
   skipped = len(work) - len(todo)

@@ -26,8 +26,65 @@ FIELDS = {"prompt": str, "negative_prompt": str, "seed": int, "guidance_scale": 
           "mask": str, "strength": float}
 
 
+# Ranges of the numeric settings, shared by prompts-file fields, job defaults and sample.py's flags:
+# (low, high, low inclusive); None: unbounded. Floats must also be finite.
+RANGES = {"seed": (0, SEED_MAX, True), "steps": (1, 10_000, True), "num_images": (1, 1000, True),
+          "guidance_scale": (0, None, True), "guidance_rescale": (0, 1, True), "strength": (0, 1, False),
+          "height": (1, None, True), "width": (1, None, True), "batch_size": (1, None, True), "num": (1, None, True)}
+
+
 class JobError(ValueError):
   """A job that cannot run as given (bad prompt line, setting, model or output folder)."""
+
+
+def check_value(name: str, value) -> str | None:
+  """Why `value` is no valid `name` (a FIELDS or RANGES setting), or None when it is (None: not given)."""
+  if value is None:
+    return None
+  kind = FIELDS.get(name, int if name in RANGES else None)
+  if kind is float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value):
+      return f"must be a finite number, got {value!r}"
+  elif kind is not None and (isinstance(value, bool) or not isinstance(value, kind)):
+    return f"must be {kind.__name__}, got {value!r}"
+  if name in RANGES:
+    lo, hi, closed = RANGES[name]
+    if (value < lo if closed else value <= lo) or (hi is not None and value > hi):
+      what = (f"[{lo}, {hi}]" if closed else f"({lo}, {hi}]") if hi is not None else f"{'>=' if closed else '>'} {lo}"
+      return f"must be {'in ' if hi is not None else ''}{what}, got {value!r}"
+  return None
+
+
+def check_settings(settings: Mapping[str, object], names: Mapping[str, str] | None = None) -> None:
+  """Validate job-wide settings (sample.py's flags: the same checks as a prompts file's fields)."""
+  for name, value in settings.items():
+    msg = check_value(name, value)
+    if msg:
+      raise JobError(f"{name_of(names, name)}: {msg}")
+
+
+def check_outdir(outdir: str, names: Mapping[str, str] | None = None) -> None:
+  """Refuse an output folder that is a file or cannot be created or written, before anything is rendered."""
+  origin = name_of(names, "outdir")
+  path = os.path.abspath(outdir)
+  if os.path.exists(path) and not os.path.isdir(path):
+    raise JobError(f"{origin}: {outdir} exists and is not a directory")
+  parent = path
+  while not os.path.exists(parent):  # the nearest existing folder above it is where it will be created
+    parent = os.path.dirname(parent)
+  if not os.path.isdir(parent):
+    raise JobError(f"{origin}: cannot create {outdir}: {parent} is not a directory")
+  if not os.access(parent, os.W_OK | os.X_OK):
+    raise JobError(f"{origin}: {parent} is not writable" + ("" if parent == path else f" (creating {outdir})"))
+
+
+def check_steps(sampler: str, steps: int, schedule) -> str | None:
+  """Why `sampler` cannot run `steps` steps on `schedule` (e.g. pndm needs >= 2), or None."""
+  try:
+    samplers.get(sampler).tables(schedule, steps)
+  except ValueError as e:
+    return str(e)
+  return None
 
 
 def name_of(names: Mapping[str, str] | None, setting: str) -> str:
@@ -126,8 +183,7 @@ def _parse_line(line: str, where: str, base: str) -> dict:
 def resolve(raw: Sequence[tuple[dict, str]], defaults: Defaults, model: Model, *,
             names: Mapping[str, str] | None = None) -> list[Spec]:
   """Validated `Spec`s: every field from the line or the job defaults; errors name the line or setting."""
-  if defaults.seed < 0:
-    raise JobError(f"{name_of(names, 'seed')}: must be >= 0, got {defaults.seed}")
+  check_settings({k: v for k, v in dataclasses.asdict(defaults).items() if k in FIELDS}, names)
   return [_resolve_one(fields, where, defaults, model, names) for fields, where in raw]
 
 
@@ -154,13 +210,10 @@ def _resolve_one(raw: dict, where: str, d: Defaults, model: Model, names: Mappin
     if v <= 0 or v % f:
       fail(name, f"{v} must be a positive multiple of {f} (the VAE's downscale)")
     size[name] = v
-  for name, lo, hi in (("steps", 1, 10_000), ("num_images", 1, 1000)):
-    if not lo <= get(name) <= hi:
-      fail(name, f"must be in [{lo}, {hi}], got {get(name)}")
-  if get("guidance_scale") < 0:
-    fail("guidance_scale", f"must be >= 0, got {get('guidance_scale')}")
-  if not 0 <= get("guidance_rescale") <= 1:
-    fail("guidance_rescale", f"must be in [0, 1], got {get('guidance_rescale')}")
+  for name in ("steps", "num_images", "guidance_scale", "guidance_rescale", "strength"):
+    msg = check_value(name, get(name))
+    if msg:
+      fail(name, msg)
   seed = raw.get("seed")
   if seed is not None and not 0 <= seed <= SEED_MAX - get("num_images") + 1:
     fail("seed", f"must be in [0, {SEED_MAX - get('num_images') + 1}] (seed + image index is 31-bit), got {seed}")
@@ -186,6 +239,9 @@ def _resolve_one(raw: dict, where: str, d: Defaults, model: Model, names: Mappin
     fail("strength", f"sampler {sampler!r} does not support strength < 1")
   if int(get("steps") * strength) < 1:
     fail("strength", f"strength {strength} leaves none of the {get('steps')} steps")
+  msg = check_steps(sampler, int(get("steps")), model.sd.schedule)
+  if msg:
+    fail("steps", msg)
   return Spec(raw["prompt"], get("negative_prompt") or "", seed, float(get("guidance_scale")),
               float(get("guidance_rescale")), int(get("steps")), size["height"], size["width"],
               int(get("num_images")), sampler, init, mask, strength)

@@ -5,12 +5,13 @@ from __future__ import annotations
 import json
 import os
 import time
+from typing import Mapping
 
 import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from sdjax import io, parallel, pipelines, runs
+from sdjax import io, parallel, pipelines, runs, samplers
 
 
 def load_run(workdir: str) -> tuple[runs.Run, pipelines.ClassConditionalModel]:
@@ -53,19 +54,31 @@ def generate(model: pipelines.ClassConditionalModel, mesh: jax.sharding.Mesh, la
 
 def sample_run(workdir: str, *, outdir: str | None = None, seed: int = 0, num: int = 8, steps: int | None = None,
                sampler: str | None = None, guidance_scale: float | None = None, batch_size: int = 100,
-               write_pngs: bool = True) -> dict:
-  """Render `num` images per class from `workdir`'s latest checkpoint into `outdir`."""
-  if num < 1:
-    raise ValueError(f"--num must be >= 1, got {num}")
+               write_pngs: bool = True, names: Mapping[str, str] | None = None) -> dict:
+  """Render `num` images per class from `workdir`'s latest checkpoint into `outdir`; every setting is
+  checked before the run is loaded (errors name each setting as `names` says, e.g. by the CLI's flags)."""
+  from sdjax import prompts
+  prompts.check_settings({"num": num, "seed": seed, "steps": steps, "guidance_scale": guidance_scale,
+                          "batch_size": batch_size}, names)
+  if outdir is not None:
+    prompts.check_outdir(outdir, names)
   run, model = load_run(workdir)
   step, sc = run.step, run.config.sample
   sampler = sampler or sc.sampler
-  steps = int(steps or sc.num_steps)
+  steps = int(sc.num_steps if steps is None else steps)
   guidance_scale = float(sc.guidance_scale if guidance_scale is None else guidance_scale)
+  if sampler not in samplers.SAMPLERS:
+    raise prompts.JobError(f"{prompts.name_of(names, 'sampler')}: unknown sampler {sampler!r}; "
+                           f"available: {sorted(samplers.SAMPLERS)}")
+  prompts.check_settings({"steps": steps, "guidance_scale": guidance_scale}, names)  # the config's own
+  msg = prompts.check_steps(sampler, steps, model.schedule)
+  if msg:
+    raise prompts.JobError(f"{prompts.name_of(names, 'steps')}: {msg}")
+  outdir = outdir or os.path.join(workdir, "generated", f"step_{step:07d}_seed{seed}")
+  prompts.check_outdir(outdir, names)
   labels = pipelines.class_grid_labels(model.num_classes, num)
   images, stats = generate(model, run.mesh, labels, seed=seed, sampler=sampler, num_steps=steps,
                            guidance_scale=guidance_scale, batch_size=batch_size)
-  outdir = outdir or os.path.join(workdir, "generated", f"step_{step:07d}_seed{seed}")
   os.makedirs(outdir, exist_ok=True)
   meta = {"workdir": os.path.abspath(workdir), "checkpoint_step": step, "seed": seed, "sampler": sampler,
           "steps": steps, "guidance_scale": guidance_scale}

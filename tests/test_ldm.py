@@ -94,6 +94,8 @@ def test_ldm_from_scratch_resumes_exactly_and_loads_for_sampling(tmp_path, tiny_
   (sd, params, tokenizers), model_id = loaded.model, loaded.model_id
   jax.tree.map(np.testing.assert_array_equal, exported, jax.device_get(params["unet"]))
   assert model_id.endswith("@4") and len(tokenizers) == 1 and not sd.sdxl
+  with open(os.path.join(full, "unet", "config.json")) as f:  # its size travels with it (sample.py --model)
+    assert json.load(f)["sample_size"] == sd.latent_shape(32, 32)[0]
   _, state = _restore(_config(ldm_shapes, "tiny", **overrides), full)
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(params["unet"]), jax.device_get(state.ema_params))
 

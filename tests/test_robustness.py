@@ -141,3 +141,17 @@ def test_a_truncated_newest_checkpoint_falls_back_to_the_newest_intact_one(tmp_p
     _truncate_arrays(w, step)
   with pytest.raises(CorruptCheckpointError, match=r"no checkpoint in .* can be read: .*/9 cannot be read"):
     run(_tiny(**const, **{"train.num_steps": 12}), w)
+
+
+@pytest.mark.parametrize("component", ["unet_sd1", "unet_sd2", "unet_sdxl", "unet_class", "vae_sd", "vae_sdxl",
+                                       "vae_shift"])
+def test_every_field_diffusers_writes_round_trips(component):
+  from sdjax.models.unet import UNetConfig
+  from sdjax.models.vae import VAEConfig
+  with open(os.path.join(ROOT, "tests", "fixtures", "models", component, "config.json")) as f:
+    written = json.load(f)
+  cls = UNetConfig if component.startswith("unet") else VAEConfig
+  out = cls.from_diffusers_config(written).to_diffusers_config()
+  lost = {k: (v, out.get(k, "missing")) for k, v in written.items()
+          if not k.startswith("_") and json.dumps(v) != json.dumps(out.get(k, "missing"))}
+  assert not lost, lost

@@ -19,7 +19,8 @@ UP_BLOCKS = ("UpBlock2D", "CrossAttnUpBlock2D")
 
 
 # diffusers `UNet2DConditionModel` config fields that sdjax accepts only at these values (anything else
-# would silently change the network), and fields that are pure metadata.
+# would silently change the network). Pure metadata (sample_size, addition_embed_type_num_heads) are fields of
+# UNetConfig that the network ignores, kept so that configs round-trip.
 _FIXED = {"act_fn": "silu", "center_input_sample": False, "class_embed_type": None,
           "class_embeddings_concat": False, "conv_in_kernel": 3, "conv_out_kernel": 3,
           "cross_attention_norm": None, "downsample_padding": 1, "dual_cross_attention": False,
@@ -28,7 +29,6 @@ _FIXED = {"act_fn": "silu", "center_input_sample": False, "class_embed_type": No
           "resnet_skip_time_act": False, "resnet_time_scale_shift": "default", "time_cond_proj_dim": None,
           "time_embedding_act_fn": None, "time_embedding_dim": None, "time_embedding_type": "positional",
           "timestep_post_act": None, "attention_type": "default"}
-_METADATA = ("sample_size", "addition_embed_type_num_heads")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,6 +64,10 @@ class UNetConfig:
   dtype: str = "float32"  # compute dtype; params are always float32
   remat: bool = False     # rematerialise each block in the backward pass
   attention_implementation: str | None = None  # see sdjax.models.attention; None = automatic
+  # Metadata, unused by the network: the latent size the model was trained at (pipelines' default image size
+  # is sample_size x the VAE's downscale), and an SDXL field diffusers writes.
+  sample_size: int | tuple[int, ...] | None = None
+  addition_embed_type_num_heads: int | None = None
 
   def __post_init__(self):
     n = len(self.block_out_channels)
@@ -109,7 +113,7 @@ class UNetConfig:
   def from_diffusers_config(cls, d: dict[str, Any], **overrides) -> "UNetConfig":
     """From a diffusers `UNet2DConditionModel` config.json dict; `overrides` set sdjax-only fields
     (dtype, remat, attention_implementation). Unsupported fields or values raise, naming them."""
-    d = {k: v for k, v in d.items() if not k.startswith("_") and k not in _METADATA}
+    d = {k: v for k, v in d.items() if not k.startswith("_")}
     for key, default in _FIXED.items():
       value = d.pop(key, default)
       if value != default:
@@ -141,8 +145,10 @@ class UNetConfig:
       d.pop(key)
     if not self.mid_block_attention:
       raise ValueError("a U-Net without mid-block attention has no diffusers equivalent")
-    d = {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
-    return {"_class_name": "UNet2DConditionModel", **_FIXED, "mid_block_type": "UNetMidBlock2DCrossAttn", **d}
+    d = {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()
+         if not (k in ("sample_size", "addition_embed_type_num_heads") and v is None)}
+    return {"_class_name": "UNet2DConditionModel", **_FIXED, "mid_block_type": "UNetMidBlock2DCrossAttn",
+            "reverse_transformer_layers_per_block": None, **d}
 
   def per_block(self, value) -> tuple:
     n = len(self.block_out_channels)

@@ -9,6 +9,7 @@ are encoded there too unless the cache holds prompt embeddings.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from typing import Any
@@ -190,7 +191,10 @@ class LatentDiffusion(DiffusionTask):
     else:
       folder = os.path.join(workdir, "unet")
       if write:
-        convert.save_component(folder, "unet", self.unet.config, ema)
+        config = self.unet.config
+        if config.sample_size is None and self.latent_shape is not None:  # trained here: record its size
+          config = dataclasses.replace(config, sample_size=self.latent_shape[0])
+        convert.save_component(folder, "unet", config, ema)
     return {"exported": folder}
 
   # --- sampling -------------------------------------------------------------------------------------
