@@ -92,6 +92,11 @@ def batch_devices(mesh: Mesh) -> int:
   return mesh.shape["data"] * mesh.shape["fsdp"]
 
 
+def rows_sharding(mesh: Mesh, n: int) -> NamedSharding:
+  """`n` rows (a sample batch) split over the batch devices when they divide evenly, else replicated."""
+  return batch_sharding(mesh) if n % batch_devices(mesh) == 0 else replicated(mesh)
+
+
 def spec_for(shape: Sequence[int], names: Sequence[str | None] | None, mesh: Mesh,
              rules: Sequence[tuple[str, str | None]] = (), fsdp_min_size: int = FSDP_MIN_SIZE) -> P:
   """The PartitionSpec of one array from its shape and (optional) logical axis names."""

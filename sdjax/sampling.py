@@ -28,8 +28,7 @@ def generate(model: pipelines.ClassConditionalModel, mesh: jax.sharding.Mesh, la
   batch_size = min(batch_size, n)
   fn = pipelines.class_conditional_fn(model.unet, model.schedule, model.image_shape, sampler=sampler,
                                       num_steps=num_steps, guidance_scale=guidance_scale)
-  sharding = parallel.batch_sharding(mesh) if batch_size % parallel.batch_devices(mesh) == 0 else \
-      parallel.replicated(mesh)
+  sharding = parallel.rows_sharding(mesh, batch_size)
   params = model.params
   padded = -(-n // batch_size) * batch_size
   all_labels = np.concatenate([labels, np.zeros(padded - n, np.int32)]).astype(np.int32)

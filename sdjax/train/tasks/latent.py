@@ -228,8 +228,7 @@ class LatentDiffusion(DiffusionTask):
         time_ids=np.stack([pipelines.micro_conditioning(size, size)] * n) if self.sd.sdxl else None,
         zero_negative=np.ones((n,), bool) if self.sd.sdxl and guidance > 1 else None)
     keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(self.config.seed + 1), i))(jnp.arange(n))
-    rows = parallel.batch_sharding(self.mesh) if n % parallel.batch_devices(self.mesh) == 0 else \
-        parallel.replicated(self.mesh)
+    rows = parallel.rows_sharding(self.mesh, n)
     prompt, keys = jax.device_put((prompt, keys), rows)
     sampler, steps = sc.sampler, int(sc.num_steps)
 

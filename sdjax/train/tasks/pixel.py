@@ -78,8 +78,7 @@ class PixelDiffusion(DiffusionTask):
     """The class grid: one row per class, sample.per_class images each."""
     labels = pipelines.class_grid_labels(self.num_classes, self.per_class)
     n = len(labels)
-    sharding = parallel.batch_sharding(self.mesh) if n % parallel.batch_devices(self.mesh) == 0 else \
-        parallel.replicated(self.mesh)
+    sharding = parallel.rows_sharding(self.mesh, n)
     args = (jax.device_put(labels, sharding), np.int32(self.config.seed + 1),
             jax.device_put(np.arange(n, dtype=np.int32), sharding))
     fn = pipelines.class_conditional_fn(self.model, self.schedule, self.image_shape, sampler=self.grid_sampler,
