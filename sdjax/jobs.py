@@ -24,7 +24,7 @@ from jax.experimental import multihost_utils
 from PIL import Image
 from tqdm.auto import tqdm
 
-from sdjax import io, parallel, pipelines, preemption
+from sdjax import io, memory, parallel, pipelines, preemption
 # The prompts' API, part of the jobs' (jobs.read_prompts, jobs.Defaults, jobs.JobError, ...).
 from sdjax.prompts import (FIELDS, SEED_MAX, Defaults, JobError, Spec, check_outdir, check_settings,  # noqa: F401
                            name_of, read_prompts, resolve)
@@ -277,14 +277,66 @@ def put(tree: Any, shardings: Any) -> Any:
   return jax.tree.map(one, tree, shardings)
 
 
-def compiled_for(model: Model, params: Any, group: tuple, args: tuple, mesh) -> tuple[Any, float]:
-  """The compiled render function for (group, batch size, mesh), and its compile seconds (0 if cached)."""
+def compiled_for(model: Model, params: Any, group: tuple, args: tuple, mesh,
+                 names: Mapping[str, str] | None = None) -> tuple[Any, float]:
+  """The compiled render function for (group, batch size, mesh), and its compile seconds (0 if cached).
+  Raises JobError when XLA's memory analysis of the program exceeds the devices' free memory."""
   key = (group, len(args[1]), mesh)
   if key in model.compiled:
     return model.compiled[key], 0.0
   t = time.perf_counter()
-  model.compiled[key] = render_fn(model.sd, group, mesh).lower(params, *args).compile()
-  return model.compiled[key], time.perf_counter() - t
+  compiled = render_fn(model.sd, group, mesh).lower(params, *args).compile()
+  per_device = memory.compiled_bytes(compiled)
+  if per_device is not None:
+    budget, devices = _budget(mesh)
+    need = budget.need(per_device, devices)
+    if budget.bytes is not None and need > budget.bytes:
+      raise JobError(f"{_size_text(group, names)}: rendering {_images(len(args[1]))} at once needs "
+                     f"{memory.gib(need)} (XLA's memory analysis of the compiled program), more than the "
+                     f"{memory.gib(budget.bytes)} of {budget.source}; {_smaller(len(args[1]), names)}")
+  model.compiled[key] = compiled
+  return compiled, time.perf_counter() - t
+
+
+def _budget(mesh) -> tuple[memory.Budget, int]:
+  """The devices' free memory (the least of all processes') and this process's number of mesh devices."""
+  devices = list(mesh.devices.flat)
+  budget = memory.available(devices)
+  if jax.process_count() > 1 and budget.bytes is not None:  # every process must decide alike
+    least = int(np.min(multihost_utils.process_allgather(np.int64(budget.bytes))))
+    budget = dataclasses.replace(budget, bytes=least)
+  return budget, sum(d.process_index == jax.process_index() for d in devices)
+
+
+def _size_text(group: tuple, names: Mapping[str, str] | None) -> str:
+  return f"{name_of(names, 'height')} {group[1]} x {name_of(names, 'width')} {group[2]}"
+
+
+def _images(n: int) -> str:
+  return f"{n} image" + ("s" if n != 1 else "")
+
+
+def _smaller(rows: int, names: Mapping[str, str] | None) -> str:
+  return (f"use a smaller {name_of(names, 'height')}/{name_of(names, 'width')}"
+          + (f" or {name_of(names, 'batch_size')}" if rows > 1 else ""))
+
+
+def check_memory(model: Model, groups: Mapping[tuple, Sequence["Item"]], batch_size: int, mesh,
+                 names: Mapping[str, str] | None = None) -> None:
+  """Refuse, before compiling anything, a group whose images cannot fit in the devices' free memory
+  (`memory.render_lower_bound`: a size far out of reach must not reach XLA's compiler)."""
+  budget, local = _budget(mesh)
+  if budget.bytes is None:
+    return
+  ndev = parallel.batch_devices(mesh)
+  for group, group_items in groups.items():
+    rows = min(batch_size, -(-len(group_items) // ndev) * ndev)
+    per_device, stage = memory.render_lower_bound(model.sd, -(-rows // ndev), group[1], group[2], group[5])
+    need = budget.need(per_device, local)
+    if need > budget.bytes:
+      raise JobError(f"{_size_text(group, names)}: rendering {_images(rows)} at once needs at least "
+                     f"{memory.gib(need)} ({stage}), more than the {memory.gib(budget.bytes)} of {budget.source}; "
+                     f"{_smaller(rows, names)}")
 
 
 # --- the job -----------------------------------------------------------------------------------------
@@ -327,13 +379,12 @@ def run(job: Job, model: Model, *, devices: Sequence[jax.Device] | None = None, 
           "seed": job.defaults.seed, "prompts": [dataclasses.asdict(s) for s in specs],
           "execution": {"batch_size": batch_size, "devices": len(devices), "fsdp": job.fsdp}}
   records = {it.name: record(it, model, it.spec.prompt in cut or it.spec.negative_prompt in cut) for it in work}
+  check_memory(model, _groups(work), batch_size, mesh, job.names)
   done = _prepare_outdir(job, info, work, records, lead)
   todo = [it for it, d in zip(work, done) if not d]
   skipped = len(work) - len(todo)
   todo = todo if job.max_images is None else todo[:max(0, job.max_images)]
-  groups: dict[tuple, list[Item]] = {}
-  for it in todo:
-    groups.setdefault(it.spec.group, []).append(it)
+  groups = _groups(todo)
   params = put(model.params, pipelines.param_shardings(model.params, mesh)) if todo else None
 
   stats = {"compile_s": 0.0, "render_s": 0.0, "rendered": 0}
@@ -343,7 +394,7 @@ def run(job: Job, model: Model, *, devices: Sequence[jax.Device] | None = None, 
       size = min(batch_size, -(-len(group_items) // ndev) * ndev)  # a small group: a smaller batch
       for start in range(0, len(group_items), size):
         _render_batch(model, params, group, group_items[start:start + size], size, mesh, job.outdir, records,
-                      stats, lead, bar)
+                      stats, lead, bar, job.names)
 
   summary = {"outdir": job.outdir, "images": len(work), "rendered": stats["rendered"], "skipped": skipped,
              "remaining": None, "groups": len(groups), "batch_size": batch_size, "devices": len(devices),
@@ -391,16 +442,30 @@ def _png_text(rec: dict) -> dict:
   return {k: str(v) for k, v in rec.items() if k != "file"}
 
 
-def _render_batch(model, params, group, batch, size, mesh, outdir, records, stats, lead, bar):
+def _groups(work: Sequence[Item]) -> dict[tuple, list[Item]]:
+  """Items by `Spec.group` (the settings one compiled program renders), in order."""
+  groups: dict[tuple, list[Item]] = {}
+  for it in work:
+    groups.setdefault(it.spec.group, []).append(it)
+  return groups
+
+
+def _render_batch(model, params, group, batch, size, mesh, outdir, records, stats, lead, bar, names=None):
   """Render one batch (padded to `size` by repeating its last row); process 0 writes PNGs and index lines."""
   host = batch_inputs(model, group, list(batch) + [batch[-1]] * (size - len(batch)))
   sharding = parallel.batch_sharding(mesh)
   args = put(host, jax.tree.map(lambda _: sharding, host))
-  fn, compile_s = compiled_for(model, params, group, args, mesh)
+  fn, compile_s = compiled_for(model, params, group, args, mesh, names)
   if compile_s:
     bar.unpause()  # the bar's images/s counts rendering, not compiling
   t = time.perf_counter()
-  images = multihost_utils.process_allgather(fn(params, *args), tiled=True)[:len(batch)]
+  try:
+    images = multihost_utils.process_allgather(fn(params, *args), tiled=True)[:len(batch)]
+  except jax.errors.JaxRuntimeError as e:
+    if "RESOURCE_EXHAUSTED" not in str(e):
+      raise
+    raise JobError(f"{_size_text(group, names)}: the devices ran out of memory rendering {_images(size)} at once "
+                   f"({str(e).splitlines()[0][:200]}); {_smaller(size, names)}") from None
   stats["render_s"] += time.perf_counter() - t
   stats["compile_s"] += compile_s
   stats["rendered"] += len(batch)

@@ -6,17 +6,18 @@ import os
 import subprocess
 import sys
 
+import jax
 import pytest
 
 from conftest import ROOT
 
-from sdjax import jobs, prompts, sampling
+from sdjax import jobs, memory, prompts, sampling
 from sdjax.convert import random as random_pipeline
 
 TOKENIZER = os.path.join(ROOT, "tests", "fixtures", "models", "tokenizer")
 NAMES = {"seed": "--seed", "steps": "--steps", "guidance_scale": "--guidance", "guidance_rescale": "--rescale",
          "strength": "--strength", "num_images": "--num_per_prompt", "batch_size": "--batch_size", "num": "--num",
-         "outdir": "--outdir", "sampler": "--sampler"}
+         "outdir": "--outdir", "sampler": "--sampler", "height": "--height", "width": "--width"}
 FLAGS = dict(steps=2, sampler="ddim", height=16, width=16, seed=7, num_images=1)
 
 
@@ -117,3 +118,58 @@ def test_cli_bad_flags_are_one_line_and_write_nothing(tmp_path):
   r = cli("--workdir", str(tmp_path / "no_run"), "--steps", "0", "--outdir", str(out))
   assert r.returncode == 1 and r.stderr.strip() == "error: --steps: must be in [1, 10000], got 0"
   assert not out.exists()
+
+
+def _size_job(tmp_path, size, batch_size=1, num_images=1):
+  defaults = jobs.Defaults(**{**FLAGS, "height": size, "width": size, "num_images": num_images})
+  return jobs.Job(str(tmp_path / f"out{size}"), (({"prompt": "x"}, "--prompt #0"),), defaults,
+                  batch_size=batch_size, names=NAMES)
+
+
+def test_an_image_size_out_of_reach_is_refused_before_compiling(sd1, tmp_path, monkeypatch):
+  """--height 65536 used to abort inside XLA or compile for 20 CPU-minutes: the lower bound (the U-Net's
+  first-level activations, here 412 GB) refuses it at once, before job.json is written or XLA is called."""
+  def no_compile(*a, **k):
+    raise AssertionError("compiled")
+  monkeypatch.setattr(jobs, "render_fn", no_compile)
+  with pytest.raises(jobs.JobError, match=r"^--height 65536 x --width 65536: rendering \d+ images? at once needs "
+                                          r"at least [0-9.]+ GiB \(the U-Net's first-level activations at 32768x32768 "
+                                          r"latents\), more than the .* of host memory available \(MemAvailable\); "
+                                          r"use a smaller --height/--width"):
+    jobs.run(_size_job(tmp_path, 65536), sd1, progress=False)
+  assert not (tmp_path / "out65536").exists()
+  # The bound scales with the batch (and says so): 8 x 256 px images against 40 MB free.
+  monkeypatch.setattr(memory, "_host_available", lambda: 40 * 2 ** 20)
+  with pytest.raises(jobs.JobError, match=r"rendering 8 images at once needs at least 48\.0 MiB .* use a smaller "
+                                          r"--height/--width or --batch_size$"):
+    jobs.run(_size_job(tmp_path, 256, batch_size=8, num_images=8), sd1, progress=False)
+
+
+def test_a_program_larger_than_free_memory_is_refused_after_compiling_not_run(sd1, tmp_path, monkeypatch):
+  """Between the bound and the real need, XLA's memory analysis of the compiled program decides (here the tiny
+  model's 64 px program needs tens of MB per device; 20 MB are free), before anything runs; the error says how much."""
+  monkeypatch.setattr(memory, "_host_available", lambda: 20 * 2 ** 20)
+  ran = []
+  monkeypatch.setattr(jobs.multihost_utils, "process_allgather", lambda *a, **k: ran.append(1))
+  with pytest.raises(jobs.JobError, match=r"^--height 64 x --width 64: rendering \d+ images? at once needs "
+                                          r"[0-9.]+ [MG]iB \(XLA's memory analysis of the compiled program\), more "
+                                          r"than the 20\.0 MiB of host memory"):
+    jobs.run(_size_job(tmp_path, 64), sd1, progress=False)
+  assert not ran and not list((tmp_path / "out64").glob("*.png"))
+
+
+def test_running_out_of_device_memory_is_one_line(sd1, tmp_path, monkeypatch):
+  def exhausted(*a, **k):
+    raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 10.0G\nmore")
+  monkeypatch.setattr(jobs.multihost_utils, "process_allgather", exhausted)
+  with pytest.raises(jobs.JobError, match=r"^--height 16 x --width 16: the devices ran out of memory rendering \d+ "
+                                          r"images? at once \(RESOURCE_EXHAUSTED: Out of memory while trying to "
+                                          r"allocate 10\.0G\); use a smaller --height/--width"):
+    jobs.run(_size_job(tmp_path, 16), sd1, progress=False)
+
+
+def test_memory_budget_and_bound():
+  cpu = memory.available(jax.devices())
+  assert cpu.shared and cpu.bytes > 0 and cpu.need(10, 4) == 40
+  gpu = memory.Budget(100, "free on each H200", False)
+  assert gpu.need(10, 4) == 10
