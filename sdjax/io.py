@@ -1,4 +1,4 @@
-"""Image grids and PNGs with generation metadata."""
+"""Image grids, PNGs with generation metadata, and the folders they are written to."""
 from __future__ import annotations
 
 import os
@@ -39,3 +39,19 @@ def save_png(path: str | os.PathLike, image: np.ndarray, metadata: Mapping[str, 
   tmp = f"{path}.tmp"
   Image.fromarray(image).save(tmp, format="PNG", pnginfo=info)
   os.replace(tmp, path)  # never leave a half-written PNG behind
+
+
+def unwritable_dir(path: str) -> str | None:
+  """Why `path` cannot be used as an output folder (it is a file, lies under a file, or the folder where it
+  is or would be created is not writable), or None; nothing is created."""
+  full = os.path.abspath(path)
+  if os.path.exists(full) and not os.path.isdir(full):
+    return f"{path} exists and is not a directory"
+  parent = full
+  while not os.path.exists(parent):  # the nearest existing folder above it is where it will be created
+    parent = os.path.dirname(parent)
+  if not os.path.isdir(parent):
+    return f"cannot create {path}: {parent} is not a directory"
+  if not os.access(parent, os.W_OK | os.X_OK):
+    return f"{parent} is not writable" + ("" if parent == full else f" (creating {path})")
+  return None

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Mapping, Sequence
 import numpy as np
 from PIL import Image
 
-from sdjax import samplers
+from sdjax import io, samplers
 
 if TYPE_CHECKING:
   from sdjax.jobs import Model
@@ -65,17 +65,9 @@ def check_settings(settings: Mapping[str, object], names: Mapping[str, str] | No
 
 def check_outdir(outdir: str, names: Mapping[str, str] | None = None) -> None:
   """Refuse an output folder that is a file or cannot be created or written, before anything is rendered."""
-  origin = name_of(names, "outdir")
-  path = os.path.abspath(outdir)
-  if os.path.exists(path) and not os.path.isdir(path):
-    raise JobError(f"{origin}: {outdir} exists and is not a directory")
-  parent = path
-  while not os.path.exists(parent):  # the nearest existing folder above it is where it will be created
-    parent = os.path.dirname(parent)
-  if not os.path.isdir(parent):
-    raise JobError(f"{origin}: cannot create {outdir}: {parent} is not a directory")
-  if not os.access(parent, os.W_OK | os.X_OK):
-    raise JobError(f"{origin}: {parent} is not writable" + ("" if parent == path else f" (creating {outdir})"))
+  problem = io.unwritable_dir(outdir)
+  if problem:
+    raise JobError(f"{name_of(names, 'outdir')}: {problem}")
 
 
 def check_steps(sampler: str, steps: int, schedule) -> str | None:

@@ -73,6 +73,23 @@ def test_bad_training_values_are_named_before_anything_runs(field, value, messag
     Trainer.from_config(_tiny(**{field: value}))
 
 
+def test_an_unusable_workdir_is_refused_before_anything_runs(tmp_path, monkeypatch):
+  """A workdir that is a file, lies under a file or is read-only: one line naming it, nothing built or
+  written (train.py prints it as `error: ...`; it used to be a raw OSError/FileExistsError)."""
+  f = tmp_path / "file"
+  f.write_text("x")
+  built = []
+  monkeypatch.setattr(Trainer, "from_config", lambda *a: built.append(1))
+  with pytest.raises(ValueError, match=r"^workdir: .*file exists and is not a directory$"):
+    run(_tiny(), str(f))
+  with pytest.raises(ValueError, match=r"^workdir: cannot create .*file/run: .*file is not a directory$"):
+    run(_tiny(), str(f / "run"))
+  monkeypatch.setattr(os, "access", lambda path, mode: False)  # (root may write anywhere: chmod cannot show it)
+  with pytest.raises(ValueError, match=r"^workdir: .* is not writable \(creating .*new/run\)$"):
+    run(_tiny(), str(tmp_path / "new" / "run"))
+  assert not built and not (tmp_path / "new").exists() and f.read_text() == "x"
+
+
 def test_a_second_process_on_a_workdir_is_refused_and_a_dead_owner_leaves_no_stale_lock(tmp_path):
   import subprocess
   import sys

@@ -153,7 +153,11 @@ def check_resume(config: ml_collections.ConfigDict, workdir: str) -> None:
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Train (or resume) `config` in `workdir`; returns a summary dict (also written to summary.json).
 
-  One run per workdir: a second process is refused (lock.LockedError) before it touches anything."""
+  One run per workdir: a second process is refused (lock.LockedError) before it touches anything; so is
+  a workdir that is a file or not writable (ValueError)."""
+  problem = io.unwritable_dir(workdir)
+  if problem:
+    raise ValueError(f"workdir: {problem}")
   os.makedirs(workdir, exist_ok=True)
   lock = WorkdirLock(workdir, "training run") if jax.process_index() == 0 else None
   if lock is not None:
