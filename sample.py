@@ -7,6 +7,10 @@ Text-to-image (a diffusers folder, a single-file checkpoint, or a `task: ldm` tr
 job, one PNG per image with its generation metadata; re-run the same command to finish an interrupted one.
   python sample.py --model path/to/sd15 --prompt "a red bicycle" --num_per_prompt 4 --outdir out/bikes
   python sample.py --model sd15.safetensors --tokenizer path/to/tokenizer --prompts prompts.jsonl --outdir out/p
+
+Multi-host text-to-image jobs: run the same command on every host (with --coordinator_address,
+--num_processes and --process_id, or their $SDJAX_... variables, as train.py); the hosts split each batch and
+process 0 writes the images to an --outdir they share.
 """
 import os
 import sys
@@ -14,6 +18,7 @@ import sys
 from absl import app, flags
 from absl import logging as absl_logging
 
+from sdjax import cli
 from sdjax.cli import parse_flags
 
 flags.DEFINE_string("workdir", None, "Training run directory (holds config.json and checkpoints/).")
@@ -50,6 +55,7 @@ flags.DEFINE_bool("grid", False, "Also write grid.png, one row per prompt.")
 flags.DEFINE_integer("fsdp", 1, "Shard the params over this many devices (mesh data x fsdp).")
 flags.DEFINE_bool("overwrite", False, "Continue in an outdir whose job.json differs (changed images are re-rendered).")
 flags.DEFINE_integer("max_images", None, "Render at most this many images, then stop (re-run to continue).")
+cli.define_multihost_flags()
 FLAGS = flags.FLAGS
 
 TEXT_ONLY = ("model", "tokenizer", "tokenizer_2", "model_type", "prompt", "prompts", "negative_prompt",
@@ -121,6 +127,12 @@ def text_job():
     print(f"{sig}: stopped; every file in {outdir} is complete. Re-run the same command to render the rest.",
           file=sys.stderr)
     sys.exit(143 if sig == "SIGTERM" else 130)
+  except jobs.LostPeer as e:
+    print(f"error: {e}. Every file in {outdir} is complete: re-run the same command on every host to render the "
+          "rest.", file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    # Not sys.exit: jax's exit handler would wait on the dead process (its heartbeat timeout, then an abort).
+    os._exit(1)
   if s is None or s.get("remaining") is None:
     return
   print(f"{s['rendered']} images rendered, {s['skipped']} skipped as already done, {s['remaining']} remaining "
@@ -138,6 +150,7 @@ def main(argv):
     check_flags()
   except ValueError as e:
     sys.exit(f"error: {e}")
+  cli.initialize_multihost(FLAGS)
   if FLAGS.model:
     text = True
   else:

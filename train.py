@@ -17,6 +17,7 @@ import sys
 from absl import app, flags
 from absl import logging as absl_logging
 
+from sdjax import cli
 from sdjax.cli import parse_flags
 from ml_collections import config_flags
 
@@ -24,9 +25,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 config_flags.DEFINE_config_file("config", os.path.join(HERE, "configs", "default.py"),
                                 "Config file (configs/NAME.py[:variant]).", lock_config=True)
 flags.DEFINE_string("workdir", None, "Output directory (default: runs/<config name>[_<variant>]).")
-flags.DEFINE_string("coordinator_address", None, "Multi-host: HOST:PORT of process 0's coordinator.")
-flags.DEFINE_integer("num_processes", None, "Multi-host: number of processes.")
-flags.DEFINE_integer("process_id", None, "Multi-host: this process's index in [0, num_processes).")
+cli.define_multihost_flags()
 FLAGS = flags.FLAGS
 
 
@@ -40,13 +39,9 @@ def main(argv):
   absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every save at INFO
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  from sdjax import parallel
   from sdjax.lock import LockedError
   from sdjax.train import run
-  try:
-    parallel.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
-  except ValueError as e:
-    sys.exit(f"error: {e}")
+  cli.initialize_multihost(FLAGS)
   config_arg = FLAGS["config"].serialize().partition("=")[2] or "configs/default.py"
   workdir = FLAGS.workdir or default_workdir(config_arg)
   try:

@@ -36,6 +36,23 @@ def _exit(message: str, status: int):
   sys.exit(status)
 
 
+def define_multihost_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
+  """--coordinator_address/--num_processes/--process_id (see sdjax.parallel.initialize), on `fv`."""
+  flags.DEFINE_string("coordinator_address", None, "Multi-host: HOST:PORT of process 0's coordinator.", flag_values=fv)
+  flags.DEFINE_integer("num_processes", None, "Multi-host: number of processes.", flag_values=fv)
+  flags.DEFINE_integer("process_id", None, "Multi-host: this process's index in [0, num_processes).", flag_values=fv)
+
+
+def initialize_multihost(fv: flags.FlagValues = flags.FLAGS) -> None:
+  """Start jax's multi-process runtime from the flags of `define_multihost_flags` (or the environment, or a
+  detected cluster); a bad combination exits with one line. Call before anything touches devices."""
+  from sdjax import parallel  # imports jax: only when a CLI runs
+  try:
+    parallel.initialize(fv.coordinator_address, fv.num_processes, fv.process_id)
+  except ValueError as e:
+    _exit(f"error: {e}", 1)
+
+
 # A library module's command line (`python -m sdjax.data.prepare ...`) defines its flags only when it runs:
 # absl flags are global, and defining them at import would collide with another CLI's in the same process.
 # Usage errors exit 2 and runtime errors are the module's to report.

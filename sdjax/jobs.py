@@ -37,6 +37,10 @@ class Interrupted(KeyboardInterrupt):
   """SIGTERM (or Ctrl-C) while rendering; everything on disk is complete."""
 
 
+class LostPeer(RuntimeError):
+  """A multi-process job's collective failed: another process died. Every file on disk is complete."""
+
+
 class Item(NamedTuple):
   """Image j of prompt p."""
   p: int
@@ -303,8 +307,9 @@ def _budget(mesh) -> tuple[memory.Budget, int]:
   devices = list(mesh.devices.flat)
   budget = memory.available(devices)
   if jax.process_count() > 1 and budget.bytes is not None:  # every process must decide alike
-    least = int(np.min(multihost_utils.process_allgather(np.int64(budget.bytes))))
-    budget = dataclasses.replace(budget, bytes=least)
+    mib = np.int32(min(budget.bytes >> 20, 2 ** 31 - 1))  # (collectives carry 32-bit ints unless x64 is on)
+    least = int(np.min(multihost_utils.process_allgather(mib)))
+    budget = dataclasses.replace(budget, bytes=least << 20)
   return budget, sum(d.process_index == jax.process_index() for d in devices)
 
 
@@ -463,6 +468,9 @@ def _render_batch(model, params, group, batch, size, mesh, outdir, records, stat
     images = multihost_utils.process_allgather(fn(params, *args), tiled=True)[:len(batch)]
   except jax.errors.JaxRuntimeError as e:
     if "RESOURCE_EXHAUSTED" not in str(e):
+      if jax.process_count() > 1:
+        raise LostPeer(f"process {jax.process_index()} of {jax.process_count()}: rendering with the other processes "
+                       f"failed, so one of them has probably died ({str(e).splitlines()[0][:200]})") from None
       raise
     raise JobError(f"{_size_text(group, names)}: the devices ran out of memory rendering {_images(size)} at once "
                    f"({str(e).splitlines()[0][:200]}); {_smaller(size, names)}") from None

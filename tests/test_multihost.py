@@ -45,21 +45,25 @@ class Launcher:
     self.logdir = logdir
     self.started = []
 
-  def one(self, name, workdir, *args, devices):
+  def one(self, name, workdir, *args, devices, sample=False):
+    """train.py on `workdir` (sample=True: sample.py, `workdir` its --outdir)."""
     env = {k: v for k, v in os.environ.items() if k not in MULTIHOST_ENV}
     env.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} {FAST_COMPILE}", JAX_PLATFORMS="cpu")
     log = os.path.join(self.logdir, f"{name}.log")
+    command = (["sample.py", *args, "--outdir", workdir] if sample else
+               ["train.py", *ARGS, *args, "--workdir", workdir])
     with open(log, "w") as out:
-      p = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *ARGS, *args, "--workdir", workdir],
+      p = subprocess.Popen([sys.executable, os.path.join(ROOT, command[0]), *command[1:]],
                            cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
     p.log = log
     self.started.append(p)
     return p
 
-  def two(self, name, workdir, *args):
+  def two(self, name, workdir, *args, sample=False):
     """Processes 0 and 1 of a two-process job, one CPU device each, sharing `workdir`."""
     flags = [f"--coordinator_address=127.0.0.1:{free_port()}", "--num_processes=2"]
-    return [self.one(f"{name}_p{i}", workdir, *args, *flags, f"--process_id={i}", devices=1) for i in range(2)]
+    return [self.one(f"{name}_p{i}", workdir, *args, *flags, f"--process_id={i}", devices=1, sample=sample)
+            for i in range(2)]
 
   def kill_all(self):
     for p in self.started:
@@ -168,3 +172,52 @@ def test_sigterm_stops_both_processes_at_the_same_step(tmp_path, launch):
   info = summary(workdir)
   assert info["preempted"] and info["final_step"] == saved[0]
   assert max(losses(workdir)) == saved[0]
+
+
+def test_two_processes_render_a_text_to_image_job_like_one_process_and_resume_after_one_dies(tmp_path, launch):
+  """sample.py as two processes renders exactly the images one process renders, each once (PNG pixels and
+  index.jsonl), and when one process is killed mid-job the other stops at once with one line (it used to
+  wait ~80 s for the dead one's heartbeat and then abort); the same command then renders only the rest."""
+  from PIL import Image
+  from sdjax.convert import random as random_pipeline
+  model = str(tmp_path / "sd1")
+  random_pipeline.write_random_pipeline(model, "sd1", tokenizer=os.path.join(ROOT, "tests", "fixtures", "models",
+                                                                             "tokenizer"))
+  args = ["--model", model, *[f"--prompt=prompt {i}" for i in range(4)], "--num_per_prompt=2", "--steps=30",
+          "--sampler=ddim", "--height=32", "--width=32", "--batch_size=2", "--seed=3"]
+  ref, two, killed = (str(tmp_path / name) for name in ("ref", "two", "killed"))
+  finish([launch.one("ref", ref, *args, devices=2, sample=True)])
+  names = sorted(f for f in os.listdir(ref) if f.endswith(".png"))
+  assert len(names) == 8
+
+  def index(outdir):
+    with open(os.path.join(outdir, "index.jsonl")) as f:
+      return [json.loads(line) for line in f]
+
+  def same_images(outdir):
+    assert sorted(f for f in os.listdir(outdir) if f.endswith(".png")) == names
+    for name in names:
+      np.testing.assert_array_equal(np.asarray(Image.open(os.path.join(outdir, name))),
+                                    np.asarray(Image.open(os.path.join(ref, name))), err_msg=name)
+    assert sorted(r["file"] for r in index(outdir)) == names  # each image once
+    assert sorted(index(outdir), key=lambda r: r["file"]) == sorted(index(ref), key=lambda r: r["file"])
+
+  finish(launch.two("two", two, *args, sample=True))
+  same_images(two)
+
+  procs = launch.two("killed", killed, *args, sample=True)
+  deadline = time.monotonic() + TIMEOUT_S
+  while (time.monotonic() < deadline and all(p.poll() is None for p in procs)
+         and not (os.path.isdir(killed) and any(f.endswith(".png") for f in os.listdir(killed)))):
+    time.sleep(0.02)
+  procs[1].kill()
+  assert procs[0].wait(timeout=60) == 1, output(procs[0])
+  last = output(procs[0]).strip().splitlines()[-1]
+  assert last.startswith("error: process 0 of 2: rendering with the other processes failed") and \
+      last.endswith("re-run the same command on every host to render the rest."), last
+  done = sorted(f for f in os.listdir(killed) if f.endswith(".png"))
+  assert 0 < len(done) < len(names), done  # killed mid-job
+  finish(launch.two("resumed", killed, *args, sample=True))
+  same_images(killed)
+  with open(os.path.join(killed, "summary.json")) as f:
+    assert json.load(f)["skipped"] == len(done)
