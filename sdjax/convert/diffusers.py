@@ -93,8 +93,14 @@ def _read_config(folder: str) -> dict[str, Any]:
   path = os.path.join(folder, "config.json")
   if not os.path.isfile(path):
     raise FileNotFoundError(f"{folder}: not a diffusers component folder (no config.json)")
-  with open(path) as f:
-    return json.load(f)
+  try:
+    with open(path) as f:
+      d = json.load(f)
+  except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, an int too long to convert
+    raise ValueError(f"{path}: not valid JSON ({e})") from None
+  if not isinstance(d, dict):
+    raise ValueError(f"{path}: expected a JSON object of config fields, got {type(d).__name__} {d!r:.60}")
+  return d
 
 
 # --- components --------------------------------------------------------------------------------------
@@ -108,6 +114,9 @@ def param_shapes(kind: str, config) -> dict:
 
 
 def config_from_dict(kind: str, d: Mapping[str, Any], **overrides):
+  """The sdjax config of a diffusers/transformers `config.json` dict; one-line ValueErrors for bad fields."""
+  if not isinstance(d, Mapping):
+    raise ValueError(f"{kind} config: expected a JSON object of config fields, got {type(d).__name__} {d!r:.60}")
   config = KINDS[kind].config_cls.from_diffusers_config(dict(d))
   return dataclasses.replace(config, **overrides) if overrides else config
 
@@ -128,12 +137,16 @@ def load_component(folder: str, kind: str | None = None, *, variant: str | None 
   """
   d = _read_config(folder)
   if kind is None:
-    cls_name = d.get("_class_name") or (d.get("architectures") or [None])[0]
-    if cls_name not in KIND_OF_CLASS:
-      raise ValueError(f"{folder}: component class {cls_name!r} is not supported; sdjax loads "
+    archs = d.get("architectures")
+    cls_name = d.get("_class_name") or (archs[0] if isinstance(archs, list) and archs else None)
+    if not isinstance(cls_name, str) or cls_name not in KIND_OF_CLASS:
+      raise ValueError(f"{folder}: component class {cls_name!r:.60} is not supported; sdjax loads "
                        f"{sorted(KIND_OF_CLASS)}")
     kind = KIND_OF_CLASS[cls_name]
-  config = config_from_dict(kind, d, **overrides)
+  try:
+    config = config_from_dict(kind, d, **overrides)
+  except ValueError as e:
+    raise ValueError(f"{os.path.join(folder, 'config.json')}: {e}") from None
   k = KINDS[kind]
   try:
     files = weight_files(folder, k.weights_name, variant)

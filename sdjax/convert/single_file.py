@@ -29,6 +29,8 @@ from typing import Any, Callable, Iterable, Mapping, NamedTuple, Union
 
 import numpy as np
 
+from sdjax.models.validate import MAX_LAYERS, MAX_LEVELS
+
 MODEL_TYPES = ("sd1", "sd2", "sdxl")
 # Names accepted for `model_type`: the key layouts above plus the default-config names (`sd2_v` is SD 2.x
 # with v-prediction: same weights layout as `sd2`).
@@ -200,9 +202,13 @@ def _check(config: Mapping[str, Any], where: str, field: str, allowed: tuple, de
 
 
 def _blocks(config: Mapping[str, Any], where: str, field: str, allowed: tuple[str, ...]) -> list[str]:
-  kinds = list(config.get(field) or ())
+  kinds = config.get(field) or ()
+  if not isinstance(kinds, (list, tuple)):
+    raise ValueError(f"{where}.{field}: {kinds!r:.60} is not a list of block types")
   if not kinds:
     raise ValueError(f"{where}.{field} is missing or empty")
+  if len(kinds) > MAX_LEVELS:
+    raise ValueError(f"{where}.{field}: {len(kinds)} blocks are too many (at most {MAX_LEVELS})")
   bad = [k for k in kinds if k not in allowed]
   if bad:
     raise ValueError(f"{where}.{field}: unsupported block(s) {bad}; expected {' / '.join(allowed)}")
@@ -211,8 +217,8 @@ def _blocks(config: Mapping[str, Any], where: str, field: str, allowed: tuple[st
 
 def _layers_per_block(config: Mapping[str, Any], where: str) -> int:
   n = config.get("layers_per_block")
-  if not isinstance(n, int) or isinstance(n, bool) or n < 1:
-    raise ValueError(f"{where}.layers_per_block must be a positive int, got {n!r}")
+  if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= MAX_LAYERS:
+    raise ValueError(f"{where}.layers_per_block must be an int in [1, {MAX_LAYERS}], got {n!r:.60}")
   return n
 
 
@@ -414,7 +420,7 @@ def ldm_to_diffusers(state_dict: Mapping[str, np.ndarray], model_type: str | Non
       keep = text_encoder_config.get("num_hidden_layers")
     if keep is None:
       keep = max(blocks - 1, 0)
-    if blocks and (not isinstance(keep, int) or not 0 < keep <= blocks):
+    if blocks and (not isinstance(keep, int) or isinstance(keep, bool) or not 0 < keep <= blocks):
       raise ValueError(f"text_encoder_layers={keep!r}: the checkpoint's OpenCLIP text model has {blocks} "
                        f"blocks ({OPENCLIP_SD2}transformer.resblocks.*); expected 1..{blocks}")
     rules.update(openclip_rules(OPENCLIP_SD2, "text_encoder", blocks, keep, projection=False))

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
-import json
 import logging
 import math
 import os
@@ -110,8 +109,10 @@ def read_vae_config(path: str, resolution: int):
                             f"folder with config.json and diffusion_pytorch_model.safetensors)")
   if not os.path.isfile(os.path.join(path, "config.json")):
     raise FileNotFoundError(f"--vae: {path!r} is not a diffusers AutoencoderKL folder (no config.json)")
-  with open(os.path.join(path, "config.json")) as f:
-    cfg: VAEConfig = diffusers.config_from_dict("vae", json.load(f))
+  try:
+    cfg: VAEConfig = diffusers.config_from_dict("vae", diffusers._read_config(path))
+  except ValueError as e:
+    raise ValueError(f"--vae: {e}" if "config.json" in str(e) else f"--vae: {path}/config.json: {e}") from None
   if resolution % cfg.downscale:
     raise ValueError(f"--resolution {resolution} is not divisible by the VAE's downscale factor "
                      f"{cfg.downscale} (try {max(1, round(resolution / cfg.downscale)) * cfg.downscale})")

@@ -16,7 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from sdjax.models import layers
+from sdjax.models import layers, validate
+from sdjax.models.validate import BOOL, MAX_COUNT, MAX_LAYERS, MAX_WIDTH, STR, floats, ints
 from sdjax.models.attention import dot_product_attention
 
 POSITION_AXES = ("positions", "channels_out")
@@ -45,6 +46,15 @@ METADATA_KEYS = frozenset({
 })
 DROPOUT_KEYS = ("attention_dropout", "dropout", "hidden_dropout")  # ignored at 0: inference has no dropout
 LEGACY_EOS_TOKEN_ID = 2  # configs from before transformers PR #24773: pool at argmax(input_ids) instead
+# Type and range of every field (sdjax.models.validate), checked before anything else.
+_FIELDS = {
+    "vocab_size": ints(1, MAX_COUNT), "hidden_size": ints(1, MAX_WIDTH), "intermediate_size": ints(1, MAX_WIDTH),
+    "projection_dim": ints(1, MAX_WIDTH, optional=True), "num_hidden_layers": ints(1, MAX_LAYERS),
+    "num_attention_heads": ints(1, MAX_WIDTH), "max_position_embeddings": ints(1, MAX_COUNT), "hidden_act": STR,
+    "layer_norm_eps": floats(0, open_lo=True), "pad_token_id": ints(0, MAX_COUNT, optional=True),
+    "bos_token_id": ints(0, MAX_COUNT, optional=True), "eos_token_id": ints(0, MAX_COUNT),
+    "with_projection": BOOL, "dtype": STR,
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,14 +76,15 @@ class CLIPTextConfig:
   dtype: str = "float32"         # compute dtype; params are always float32
 
   def __post_init__(self):
+    if isinstance(self.eos_token_id, (list, tuple)):  # transformers allows several; the pooling needs one
+      raise ValueError(f"CLIPTextConfig.eos_token_id must be one integer, got {self.eos_token_id!r}")
+    validate.check(self, _FIELDS)
     if self.hidden_act not in ACTIVATIONS:
       raise ValueError(f"CLIPTextConfig.hidden_act: unsupported activation {self.hidden_act!r}; "
                        f"expected one of {sorted(ACTIVATIONS)}")
     if self.hidden_size % self.num_attention_heads:
       raise ValueError(f"CLIPTextConfig.hidden_size ({self.hidden_size}) is not divisible by "
                        f"num_attention_heads ({self.num_attention_heads})")
-    if not isinstance(self.eos_token_id, int) or isinstance(self.eos_token_id, bool):
-      raise ValueError(f"CLIPTextConfig.eos_token_id must be one integer, got {self.eos_token_id!r}")
     if self.with_projection and not self.projection_dim:
       raise ValueError("CLIPTextConfig.projection_dim must be set when with_projection is true, "
                        f"got {self.projection_dim!r}")
@@ -87,6 +98,11 @@ class CLIPTextConfig:
     """From a transformers text-encoder `config.json` dict (a full `CLIPConfig`'s `text_config` is taken)."""
     d = dict(d)
     architectures = d.get("architectures") or []
+    if not isinstance(architectures, (list, tuple)):
+      raise ValueError(f"CLIPTextConfig: architectures is {architectures!r:.60} (expected a list of class names)")
+    for key in ("text_config", "text_config_dict"):
+      if not isinstance(d.get(key) or {}, dict):
+        raise ValueError(f"CLIPTextConfig: {key} is {type(d[key]).__name__} {d[key]!r:.60} (expected an object)")
     if "text_config" in d or d.get("model_type") == "clip":  # a full CLIPConfig: only its text tower
       sub = dict(d.get("text_config") or {})
       sub.update(d.get("text_config_dict") or {})  # old configs: text_config_dict overrides text_config

@@ -12,7 +12,9 @@ from typing import Any
 import jax.numpy as jnp
 from flax import linen as nn
 
-from sdjax.models import layers
+from sdjax.models import layers, validate
+from sdjax.models.validate import BOOL, MAX_COUNT, MAX_LAYERS, MAX_SIZE, MAX_WIDTH, OPTIONAL_BOOL, OPTIONAL_STR
+from sdjax.models.validate import STR, STRS, floats, ints
 
 DOWN_BLOCKS = ("DownBlock2D", "CrossAttnDownBlock2D")
 UP_BLOCKS = ("UpBlock2D", "CrossAttnUpBlock2D")
@@ -30,6 +32,26 @@ _FIXED = {"act_fn": "silu", "center_input_sample": False, "class_embed_type": No
           "time_embedding_act_fn": None, "time_embedding_dim": None, "time_embedding_type": "positional",
           "timestep_post_act": None, "attention_type": "default"}
 
+_WIDTH = ints(1, MAX_WIDTH)
+# Type and range of every field (sdjax.models.validate), checked before anything else.
+_FIELDS = {
+    "in_channels": _WIDTH, "out_channels": _WIDTH, "block_out_channels": ints(1, MAX_WIDTH, shape="tuple"),
+    "layers_per_block": ints(1, MAX_LAYERS), "down_block_types": STRS, "up_block_types": STRS,
+    "mid_block_attention": BOOL,
+    "attention_head_dim": ints(1, MAX_WIDTH, shape="either", optional=True),
+    "num_attention_heads": ints(1, MAX_WIDTH, shape="either", optional=True),
+    # 0: an attention block of projections only (diffusers builds the same)
+    "transformer_layers_per_block": ints(0, MAX_LAYERS, shape="either"),
+    "cross_attention_dim": ints(1, MAX_WIDTH, optional=True), "use_linear_projection": OPTIONAL_BOOL,
+    "upcast_attention": OPTIONAL_BOOL, "norm_num_groups": _WIDTH, "norm_eps": floats(0, open_lo=True),
+    "flip_sin_to_cos": OPTIONAL_BOOL, "freq_shift": floats(), "num_class_embeds": ints(1, MAX_COUNT, optional=True),
+    "addition_embed_type": OPTIONAL_STR, "addition_time_embed_dim": ints(1, MAX_WIDTH, optional=True),
+    "projection_class_embeddings_input_dim": ints(1, MAX_WIDTH, optional=True),
+    "dropout": floats(0, 1, open_hi=True), "dtype": STR, "remat": BOOL, "attention_implementation": OPTIONAL_STR,
+    "sample_size": ints(1, MAX_SIZE, shape="either", optional=True),
+    "addition_embed_type_num_heads": ints(1, MAX_WIDTH, optional=True),
+}
+
 
 @dataclasses.dataclass(frozen=True)
 class UNetConfig:
@@ -43,7 +65,7 @@ class UNetConfig:
   mid_block_attention: bool = True
   # As in diffusers: `num_attention_heads` defaults to `attention_head_dim` (a historical misnomer);
   # the per-head width is then block channels // heads.
-  attention_head_dim: int | tuple[int, ...] = 8
+  attention_head_dim: int | tuple[int, ...] | None = 8
   num_attention_heads: int | tuple[int, ...] | None = None
   transformer_layers_per_block: int | tuple[int, ...] = 1
   cross_attention_dim: int | None = 768
@@ -70,7 +92,11 @@ class UNetConfig:
   addition_embed_type_num_heads: int | None = None
 
   def __post_init__(self):
+    validate.check(self, _FIELDS)
     n = len(self.block_out_channels)
+    if self.attention_head_dim is None and self.num_attention_heads is None:
+      raise ValueError("UNetConfig: attention_head_dim and num_attention_heads are both None (expected at least "
+                       "one to give the number of attention heads)")
     for field in ("down_block_types", "up_block_types"):
       value = getattr(self, field)
       if len(value) != n:
@@ -124,7 +150,7 @@ class UNetConfig:
     d["mid_block_attention"] = True
     lpb = d.get("layers_per_block", 2)
     if isinstance(lpb, (list, tuple)):
-      if len(set(lpb)) != 1:
+      if not lpb or any(x != lpb[0] for x in lpb):
         raise ValueError(f"UNet config: per-block layers_per_block={lpb} is not supported")
       d["layers_per_block"] = lpb[0]
     if isinstance(d.get("cross_attention_dim"), (list, tuple)):

@@ -15,7 +15,8 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from sdjax.models import layers
+from sdjax.models import layers, validate
+from sdjax.models.validate import BOOL, MAX_LAYERS, MAX_SIZE, MAX_WIDTH, OPTIONAL_BOOL, STR, STRS, floats, ints
 from sdjax.models.attention import dot_product_attention
 
 DOWN_BLOCKS = ("DownEncoderBlock2D",)
@@ -23,6 +24,20 @@ UP_BLOCKS = ("UpDecoderBlock2D",)
 DTYPES = ("float32", "bfloat16", "float16")
 EPS = 1e-6  # every norm in diffusers' Encoder/Decoder
 LOGVAR_RANGE = (-30.0, 20.0)  # diffusers' DiagonalGaussianDistribution clamps logvar to this
+
+_WIDTH = ints(1, MAX_WIDTH)
+# Type and range of every field (sdjax.models.validate), checked before anything else.
+_FIELDS = {
+    "in_channels": _WIDTH, "out_channels": _WIDTH, "down_block_types": STRS, "up_block_types": STRS,
+    "block_out_channels": ints(1, MAX_WIDTH, shape="tuple"), "layers_per_block": ints(1, MAX_LAYERS),
+    "act_fn": STR, "latent_channels": _WIDTH, "norm_num_groups": _WIDTH,
+    "sample_size": ints(1, MAX_SIZE, shape="either"), "scaling_factor": floats(0, open_lo=True),
+    "shift_factor": floats(optional=True), "latents_mean": floats(shape="tuple", optional=True, max_len=MAX_WIDTH),
+    "latents_std": floats(0, shape="tuple", optional=True, open_lo=True, max_len=MAX_WIDTH),
+    "force_upcast": OPTIONAL_BOOL, "use_quant_conv": OPTIONAL_BOOL, "use_post_quant_conv": OPTIONAL_BOOL,
+    "mid_block_add_attention": OPTIONAL_BOOL,
+    "dtype": STR, "remat": BOOL,
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,9 +66,8 @@ class VAEConfig:
   remat: bool = False     # rematerialise each block in the backward pass
 
   def __post_init__(self):
+    validate.check(self, _FIELDS)
     n = len(self.block_out_channels)
-    if n == 0:
-      raise ValueError("VAEConfig.block_out_channels must have at least one entry")
     for field in ("down_block_types", "up_block_types"):
       value = getattr(self, field)
       if len(value) != n:
@@ -68,8 +82,6 @@ class VAEConfig:
       if c % self.norm_num_groups:
         raise ValueError(f"VAEConfig.block_out_channels: {c} is not divisible by norm_num_groups="
                          f"{self.norm_num_groups}")
-    if self.layers_per_block < 1:
-      raise ValueError(f"VAEConfig.layers_per_block must be >= 1, got {self.layers_per_block}")
     for field in ("latents_mean", "latents_std"):
       value = getattr(self, field)
       if value is not None and len(value) != self.latent_channels:
