@@ -52,7 +52,7 @@ def decode_image(data: bytes | np.ndarray | Image.Image, where: str = "image") -
   try:
     img = Image.open(io.BytesIO(data))
     img.load()  # decode now: a truncated file fails here, not later
-  except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+  except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
     raise ValueError(f"{where}: unreadable or truncated image ({e})") from e
   return img
 

@@ -35,28 +35,51 @@ def shard_name(prefix: str, i: int, n: int) -> str:
   return f"{prefix}-{i:05d}-of-{n:05d}.array_record"
 
 
+def _discard(path: str) -> None:
+  try:
+    os.remove(path)
+  except FileNotFoundError:
+    pass
+
+
 def write_shard(path: str, examples: Iterable[bytes]) -> int:
-  """Write encoded examples to one ArrayRecord file (atomically: a temporary name, then a rename)."""
+  """Write encoded examples to one ArrayRecord file (atomically: a temporary name, then a rename). Whatever
+  stops it (an exception from `examples`, a full disk, an interrupt) removes the temporary file."""
   from array_record.python.array_record_module import ArrayRecordWriter
 
   tmp = path + ".tmp"
-  writer = ArrayRecordWriter(tmp, "group_size:1")
   n = 0
   try:
-    for e in examples:
-      writer.write(e)
-      n += 1
-  finally:
-    writer.close()
-  os.replace(tmp, path)
+    writer = ArrayRecordWriter(tmp, "group_size:1")
+    try:
+      for e in examples:
+        writer.write(e)
+        n += 1
+    finally:
+      writer.close()
+    os.replace(tmp, path)
+  except BaseException:
+    _discard(tmp)
+    raise
   return n
+
+
+def write_text(path: str, text: str) -> None:
+  """Write `text` (UTF-8) atomically: a temporary name, then a rename; readers never see half a file, and a
+  failure removes the temporary file."""
+  tmp = path + ".tmp"
+  try:
+    with open(tmp, "w", encoding="utf-8") as f:
+      f.write(text)
+    os.replace(tmp, path)
+  except BaseException:
+    _discard(tmp)
+    raise
 
 
 def write_json(path: str, obj: Any) -> None:
   """Write `obj` as JSON atomically (a temporary name, then a rename): readers never see half a file."""
-  with open(path + ".tmp", "w") as f:
-    json.dump(obj, f, indent=2)
-  os.replace(path + ".tmp", path)
+  write_text(path, json.dumps(obj, indent=2))
 
 
 def write_meta(directory: str, meta: Mapping[str, Any]) -> None:
