@@ -14,6 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from sdjax import diffusers_schedulers
+
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
@@ -222,25 +224,6 @@ def _sigma_to_t(sigma: float, log_sigmas: np.ndarray) -> float:
 
 
 
-# diffusers scheduler-config fields sdjax reads into a Schedule.
-_DIFFUSERS_FIELDS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "prediction_type",
-                     "clip_sample", "clip_sample_range", "set_alpha_to_one", "steps_offset", "timestep_spacing",
-                     "use_karras_sigmas", "rescale_betas_zero_snr")
-# Fields accepted only at the values sdjax implements (anything else would silently diverge). Sampler
-# fields describe the algorithm: `sampler_from_diffusers_config` picks the matching sdjax sampler.
-_DIFFUSERS_RESTRICTED = {
-    "trained_betas": (None,), "thresholding": (False,),
-    "interpolation_type": ("linear",), "timestep_type": ("discrete",), "final_sigmas_type": ("zero",),
-    "use_exponential_sigmas": (False,), "use_beta_sigmas": (False,), "use_flow_sigmas": (False,),
-    "sigma_min": (None,), "sigma_max": (None,), "variance_type": (None, "fixed_small"),
-    "algorithm_type": ("dpmsolver++", "sde-dpmsolver++"), "solver_order": (2,), "solver_type": ("midpoint", "bh2"),
-    "lower_order_final": (True,), "euler_at_final": (False,), "use_lu_lambdas": (False,),
-    "lambda_min_clipped": (-float("inf"),), "skip_prk_steps": (True,), "predict_x0": (True,),
-    "disable_corrector": ([],), "solver_p": (None,), "use_dynamic_shifting": (False,),
-}
-# Fields with no effect on the samplers sdjax has (metadata, or parameters of disabled features).
-_DIFFUSERS_IGNORED = ("_class_name", "_diffusers_version", "dynamic_thresholding_ratio", "sample_max_value",
-                      "flow_shift")
 _SAMPLER_OF_CLASS = {"DDIMScheduler": "ddim", "DDPMScheduler": "ddpm", "PNDMScheduler": "pndm",
                      "LMSDiscreteScheduler": "lms", "EulerDiscreteScheduler": "euler",
                      "EulerAncestralDiscreteScheduler": "euler_a", "HeunDiscreteScheduler": "heun",
@@ -261,15 +244,23 @@ def sampler_from_diffusers_config(config: dict[str, Any]) -> str:
 def from_diffusers_config(config: dict[str, Any]) -> Schedule:
   """A Schedule from a diffusers `scheduler_config.json` dict (see also `sampler_from_diffusers_config`).
 
-  Unknown fields, and fields at values sdjax does not implement, are errors naming the field: a config
-  that sdjax would silently sample differently from diffusers is refused.
+  With a `_class_name`, exactly as diffusers reads it: that class's defaults fill every field the config
+  leaves out, and fields the class does not take are ignored (sdjax.diffusers_schedulers). Without one, the
+  fields given are read with sdjax's own defaults and an unknown field is an error. Either way a setting
+  sdjax does not implement is an error naming it: a config that sdjax would silently sample differently
+  from diffusers is refused.
   """
-  unknown = sorted(set(config) - set(_DIFFUSERS_FIELDS) - set(_DIFFUSERS_RESTRICTED) - set(_DIFFUSERS_IGNORED))
+  if config.get("_class_name") is not None:
+    return make_schedule(**diffusers_schedulers.resolve(config))
+  known = diffusers_schedulers.all_fields() | set(diffusers_schedulers.METADATA)
+  unknown = sorted(set(config) - known)
   if unknown:
-    raise ValueError(f"scheduler config: unsupported field(s) {unknown} (class "
-                     f"{config.get('_class_name', '?')}); sdjax reads {sorted(_DIFFUSERS_FIELDS)}")
-  for field, allowed in _DIFFUSERS_RESTRICTED.items():
+    raise ValueError(f"scheduler config: unsupported field(s) {unknown}; diffusers' schedulers take "
+                     f"{sorted(known)}")
+  for field, allowed in diffusers_schedulers.SUPPORTED.items():
+    if isinstance(allowed, dict):
+      allowed = tuple(v for values in allowed.values() for v in values)
     if field in config and config[field] not in allowed:
       raise ValueError(f"scheduler config: {field}={config[field]!r} is not supported by sdjax "
                        f"(supported: {', '.join(map(repr, allowed))})")
-  return make_schedule(**{k: config[k] for k in _DIFFUSERS_FIELDS if k in config})
+  return make_schedule(**{k: config[k] for k in diffusers_schedulers.SCHEDULE_FIELDS if k in config})

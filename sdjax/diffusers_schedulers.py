@@ -1,0 +1,130 @@
+"""diffusers scheduler classes as data: each class's defaults, and which of its settings sdjax implements.
+
+A `scheduler_config.json` names its class (`_class_name`) and usually leaves fields out; diffusers then
+applies that class's own defaults (e.g. EulerDiscreteScheduler's `timestep_spacing="linspace"`, DDIM's
+`clip_sample=True`), and ignores fields the class does not take. `resolve` does the same, so that sdjax
+samples a config exactly as diffusers would, and refuses a setting sdjax does not implement, naming it.
+
+CLASS_DEFAULTS is every `__init__` argument of diffusers 0.42.1 with its default (tests check it against
+`tests/fixtures/scheduler_defaults.npz`, written by tools/make_scheduler_default_fixtures.py). Each argument
+has one rule, in exactly one of:
+- SCHEDULE_FIELDS: read into `sdjax.schedules.Schedule` (CLASS_ONLY limits some values to classes whose
+  sdjax sampler implements them);
+- SUPPORTED: the values sdjax implements (anything else would sample differently, so it is refused);
+- INERT_UNLESS: parameters of a feature that another field turns on; that field is limited to "off" by
+  SUPPORTED, so these never change sampling and any value is accepted (e.g. `flow_shift` without flow
+  sigmas, `time_shift_type` without dynamic shifting, which current diffusers writes into every config).
+"""
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any
+
+log = logging.getLogger("sdjax")
+
+_BETAS = {"num_train_timesteps": 1000, "beta_start": 0.0001, "beta_end": 0.02, "beta_schedule": "linear",
+          "trained_betas": None}
+_THRESHOLDING = {"thresholding": False, "dynamic_thresholding_ratio": 0.995, "sample_max_value": 1.0}
+_SIGMA_KINDS = {"use_karras_sigmas": False, "use_exponential_sigmas": False, "use_beta_sigmas": False}
+_FLOW = {"use_flow_sigmas": False, "flow_shift": 1.0}
+
+CLASS_DEFAULTS: dict[str, dict[str, Any]] = {
+    "DDIMScheduler": {**_BETAS, "clip_sample": True, "set_alpha_to_one": True, "steps_offset": 0,
+                      "prediction_type": "epsilon", **_THRESHOLDING, "clip_sample_range": 1.0,
+                      "timestep_spacing": "leading", "rescale_betas_zero_snr": False},
+    "DDPMScheduler": {**_BETAS, "variance_type": "fixed_small", "clip_sample": True, "prediction_type": "epsilon",
+                      **_THRESHOLDING, "clip_sample_range": 1.0, "timestep_spacing": "leading", "steps_offset": 0,
+                      "rescale_betas_zero_snr": False},
+    "PNDMScheduler": {**_BETAS, "skip_prk_steps": False, "set_alpha_to_one": False, "prediction_type": "epsilon",
+                      "timestep_spacing": "leading", "steps_offset": 0},
+    "LMSDiscreteScheduler": {**_BETAS, **_SIGMA_KINDS, "prediction_type": "epsilon", "timestep_spacing": "linspace",
+                             "steps_offset": 0},
+    "EulerDiscreteScheduler": {**_BETAS, "prediction_type": "epsilon", "interpolation_type": "linear",
+                               **_SIGMA_KINDS, "sigma_min": None, "sigma_max": None, "timestep_spacing": "linspace",
+                               "timestep_type": "discrete", "steps_offset": 0, "rescale_betas_zero_snr": False,
+                               "final_sigmas_type": "zero"},
+    "EulerAncestralDiscreteScheduler": {**_BETAS, "prediction_type": "epsilon", "timestep_spacing": "linspace",
+                                        "steps_offset": 0, "rescale_betas_zero_snr": False},
+    # (Heun's betas default differently from the others' in diffusers.)
+    "HeunDiscreteScheduler": {**_BETAS, "beta_start": 0.00085, "beta_end": 0.012, "prediction_type": "epsilon",
+                              **_SIGMA_KINDS, "clip_sample": False, "clip_sample_range": 1.0,
+                              "timestep_spacing": "linspace", "steps_offset": 0},
+    "DPMSolverMultistepScheduler": {**_BETAS, "solver_order": 2, "prediction_type": "epsilon", **_THRESHOLDING,
+                                    "algorithm_type": "dpmsolver++", "solver_type": "midpoint",
+                                    "lower_order_final": True, "euler_at_final": False, **_SIGMA_KINDS,
+                                    "use_lu_lambdas": False, **_FLOW, "final_sigmas_type": "zero",
+                                    "lambda_min_clipped": -math.inf, "variance_type": None,
+                                    "timestep_spacing": "linspace", "steps_offset": 0, "rescale_betas_zero_snr": False,
+                                    "use_dynamic_shifting": False, "time_shift_type": "exponential"},
+    "UniPCMultistepScheduler": {**_BETAS, "solver_order": 2, "prediction_type": "epsilon", **_THRESHOLDING,
+                                "predict_x0": True, "solver_type": "bh2", "lower_order_final": True,
+                                "disable_corrector": [], "solver_p": None, **_SIGMA_KINDS, **_FLOW,
+                                "timestep_spacing": "linspace", "steps_offset": 0, "final_sigmas_type": "zero",
+                                "rescale_betas_zero_snr": False, "use_dynamic_shifting": False,
+                                "time_shift_type": "exponential", "sigma_min": None, "sigma_max": None,
+                                "shift_terminal": None},
+}
+
+# Read into the Schedule (make_schedule's arguments).
+SCHEDULE_FIELDS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "prediction_type",
+                   "clip_sample", "clip_sample_range", "set_alpha_to_one", "steps_offset", "timestep_spacing",
+                   "use_karras_sigmas", "rescale_betas_zero_snr")
+# Schedule values that only some classes' sdjax samplers implement: (field, value) -> those classes.
+CLASS_ONLY = {("clip_sample", True): ("DDIMScheduler", "DDPMScheduler")}
+# The values sdjax implements for the rest (a dict: per class).
+SUPPORTED: dict[str, Any] = {
+    "trained_betas": (None,), "thresholding": (False,), "interpolation_type": ("linear",),
+    "timestep_type": ("discrete",), "final_sigmas_type": ("zero",), "use_exponential_sigmas": (False,),
+    "use_beta_sigmas": (False,), "use_flow_sigmas": (False,), "sigma_min": (None,), "sigma_max": (None,),
+    "variance_type": {"DDPMScheduler": ("fixed_small",), "DPMSolverMultistepScheduler": (None,)},
+    "algorithm_type": ("dpmsolver++", "sde-dpmsolver++"), "solver_order": (2,),
+    "solver_type": {"DPMSolverMultistepScheduler": ("midpoint",), "UniPCMultistepScheduler": ("bh2",)},
+    "lower_order_final": (True,), "euler_at_final": (False,), "use_lu_lambdas": (False,),
+    "lambda_min_clipped": (-math.inf,), "skip_prk_steps": (True,), "predict_x0": (True,),
+    "disable_corrector": ([],), "solver_p": (None,), "use_dynamic_shifting": (False,),
+}
+# Parameters of a feature that the named field(s) turn on (all limited to off above).
+INERT_UNLESS = {"dynamic_thresholding_ratio": ("thresholding",), "sample_max_value": ("thresholding",),
+                "flow_shift": ("use_flow_sigmas", "use_dynamic_shifting"),
+                "time_shift_type": ("use_dynamic_shifting",), "shift_terminal": ("use_flow_sigmas",)}
+METADATA = ("_class_name", "_diffusers_version")
+
+
+def all_fields() -> set[str]:
+  return set().union(*CLASS_DEFAULTS.values())
+
+
+def _refuse(cls: str, field: str, value: Any, given: bool, allowed) -> ValueError:
+  origin = "" if given else f" ({cls}'s default; the config leaves it out)"
+  return ValueError(f"scheduler config: {field}={value!r}{origin} is not supported by sdjax (supported: "
+                    f"{', '.join(map(repr, allowed))})")
+
+
+def resolve(config: dict[str, Any]) -> dict[str, Any]:
+  """make_schedule's arguments for a diffusers scheduler config of a known `_class_name`: the class's
+  defaults for every field left out, fields the class does not take ignored (as diffusers ignores them,
+  with a log line), and every setting checked against what sdjax implements (ValueError naming it)."""
+  cls = config["_class_name"]
+  if cls not in CLASS_DEFAULTS:
+    raise ValueError(f"scheduler config: no sdjax sampler for _class_name={cls!r}; known: {sorted(CLASS_DEFAULTS)}")
+  defaults = CLASS_DEFAULTS[cls]
+  ignored = sorted(k for k in config if k not in defaults and k not in METADATA)
+  if ignored:
+    log.info("scheduler config: %s ignores %s (as diffusers does)", cls, ignored)
+  full = {**defaults, **{k: v for k, v in config.items() if k in defaults}}
+  for field, value in full.items():
+    given = field in config
+    if field in SCHEDULE_FIELDS:
+      classes = CLASS_ONLY.get((field, value))
+      if classes is not None and cls not in classes:
+        raise ValueError(f"scheduler config: {field}={value!r} is not supported by sdjax for {cls} (only for "
+                         f"{', '.join(classes)})")
+    elif field in SUPPORTED:
+      allowed = SUPPORTED[field]
+      allowed = allowed.get(cls, ()) if isinstance(allowed, dict) else allowed
+      if value not in allowed:
+        raise _refuse(cls, field, value, given, allowed)
+    elif field not in INERT_UNLESS:  # a class field without a rule: this table is incomplete
+      raise ValueError(f"scheduler config: sdjax has no rule for {cls}.{field}")
+  return {k: full[k] for k in SCHEDULE_FIELDS if k in full}
