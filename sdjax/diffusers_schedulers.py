@@ -28,6 +28,11 @@ _BETAS = {"num_train_timesteps": 1000, "beta_start": 0.0001, "beta_end": 0.02, "
 _THRESHOLDING = {"thresholding": False, "dynamic_thresholding_ratio": 0.995, "sample_max_value": 1.0}
 _SIGMA_KINDS = {"use_karras_sigmas": False, "use_exponential_sigmas": False, "use_beta_sigmas": False}
 _FLOW = {"use_flow_sigmas": False, "flow_shift": 1.0}
+# LCMScheduler and TCDScheduler take the same arguments with the same defaults.
+_LCM = {**_BETAS, "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
+        "original_inference_steps": 50, "clip_sample": False, "clip_sample_range": 1.0, "set_alpha_to_one": True,
+        "steps_offset": 0, "prediction_type": "epsilon", **_THRESHOLDING, "timestep_spacing": "leading",
+        "timestep_scaling": 10.0, "rescale_betas_zero_snr": False}
 
 CLASS_DEFAULTS: dict[str, dict[str, Any]] = {
     "DDIMScheduler": {**_BETAS, "clip_sample": True, "set_alpha_to_one": True, "steps_offset": 0,
@@ -64,23 +69,51 @@ CLASS_DEFAULTS: dict[str, dict[str, Any]] = {
                                 "rescale_betas_zero_snr": False, "use_dynamic_shifting": False,
                                 "time_shift_type": "exponential", "sigma_min": None, "sigma_max": None,
                                 "shift_terminal": None},
+    "LCMScheduler": {**_LCM},
+    "TCDScheduler": {**_LCM},
+    # (lower_order_final=False is turned on by set_timesteps whenever final_sigmas_type is "zero".)
+    "DPMSolverSinglestepScheduler": {**_BETAS, "solver_order": 2, "prediction_type": "epsilon", **_THRESHOLDING,
+                                     "algorithm_type": "dpmsolver++", "solver_type": "midpoint",
+                                     "lower_order_final": False, **_SIGMA_KINDS, **_FLOW, "final_sigmas_type": "zero",
+                                     "lambda_min_clipped": -math.inf, "variance_type": None,
+                                     "use_dynamic_shifting": False, "time_shift_type": "exponential"},
+    "KDPM2DiscreteScheduler": {**_BETAS, "beta_start": 0.00085, "beta_end": 0.012, **_SIGMA_KINDS,
+                               "prediction_type": "epsilon", "timestep_spacing": "linspace", "steps_offset": 0},
+    "KDPM2AncestralDiscreteScheduler": {**_BETAS, "beta_start": 0.00085, "beta_end": 0.012, **_SIGMA_KINDS,
+                                        "prediction_type": "epsilon", "timestep_spacing": "linspace",
+                                        "steps_offset": 0},
+    # (DEIS rewrites algorithm_type "dpmsolver"/"dpmsolver++" to "deis" and solver_type "midpoint"/"heun"/"bh1"/
+    # "bh2" to "logrho": SUPPORTED accepts those as diffusers does.)
+    "DEISMultistepScheduler": {**_BETAS, "solver_order": 2, "prediction_type": "epsilon", **_THRESHOLDING,
+                               "algorithm_type": "deis", "solver_type": "logrho", "lower_order_final": True,
+                               **_SIGMA_KINDS, **_FLOW, "timestep_spacing": "linspace", "steps_offset": 0,
+                               "use_dynamic_shifting": False, "time_shift_type": "exponential"},
 }
 
 # Read into the Schedule (make_schedule's arguments).
 SCHEDULE_FIELDS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "prediction_type",
                    "clip_sample", "clip_sample_range", "set_alpha_to_one", "steps_offset", "timestep_spacing",
-                   "use_karras_sigmas", "rescale_betas_zero_snr")
+                   "use_karras_sigmas", "rescale_betas_zero_snr", "original_inference_steps", "timestep_scaling")
 # Schedule values that only some classes' sdjax samplers implement: (field, value) -> those classes.
-CLASS_ONLY = {("clip_sample", True): ("DDIMScheduler", "DDPMScheduler")}
+CLASS_ONLY = {("clip_sample", True): ("DDIMScheduler", "DDPMScheduler", "LCMScheduler", "TCDScheduler")}
 # The values sdjax implements for the rest (a dict: per class).
 SUPPORTED: dict[str, Any] = {
     "trained_betas": (None,), "thresholding": (False,), "interpolation_type": ("linear",),
     "timestep_type": ("discrete",), "final_sigmas_type": ("zero",), "use_exponential_sigmas": (False,),
     "use_beta_sigmas": (False,), "use_flow_sigmas": (False,), "sigma_min": (None,), "sigma_max": (None,),
-    "variance_type": {"DDPMScheduler": ("fixed_small",), "DPMSolverMultistepScheduler": (None,)},
-    "algorithm_type": ("dpmsolver++", "sde-dpmsolver++"), "solver_order": (2,),
-    "solver_type": {"DPMSolverMultistepScheduler": ("midpoint",), "UniPCMultistepScheduler": ("bh2",)},
-    "lower_order_final": (True,), "euler_at_final": (False,), "use_lu_lambdas": (False,),
+    "variance_type": {"DDPMScheduler": ("fixed_small",), "DPMSolverMultistepScheduler": (None,),
+                      "DPMSolverSinglestepScheduler": (None,)},
+    "algorithm_type": {"DPMSolverMultistepScheduler": ("dpmsolver++", "sde-dpmsolver++"),
+                       "DPMSolverSinglestepScheduler": ("dpmsolver++",),
+                       "DEISMultistepScheduler": ("deis", "dpmsolver", "dpmsolver++")},
+    "solver_order": {"DPMSolverMultistepScheduler": (2,), "UniPCMultistepScheduler": (2,),
+                     "DPMSolverSinglestepScheduler": (2, 3), "DEISMultistepScheduler": (1, 2, 3)},
+    "solver_type": {"DPMSolverMultistepScheduler": ("midpoint",), "UniPCMultistepScheduler": ("bh2",),
+                    "DPMSolverSinglestepScheduler": ("midpoint",),
+                    "DEISMultistepScheduler": ("logrho", "midpoint", "heun", "bh1", "bh2")},
+    "lower_order_final": {"DPMSolverMultistepScheduler": (True,), "UniPCMultistepScheduler": (True,),
+                          "DPMSolverSinglestepScheduler": (True, False), "DEISMultistepScheduler": (True,)},
+    "euler_at_final": (False,), "use_lu_lambdas": (False,),
     "lambda_min_clipped": (-math.inf,), "skip_prk_steps": (True,), "predict_x0": (True,),
     "disable_corrector": ([],), "solver_p": (None,), "use_dynamic_shifting": (False,),
 }

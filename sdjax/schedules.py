@@ -1,7 +1,10 @@
 """Noise schedules as pytrees, and the pure maths of the forward (noising) process.
 
 Conventions follow diffusers' `DDPMScheduler`/`DDIMScheduler`: `alphas_cumprod[t]` is \\bar\\alpha_t for
-integer training timesteps t in [0, T); betas are built in float32 exactly as diffusers builds them.
+integer training timesteps t in [0, T). Every table (betas, alphas_cumprod, the samplers' timesteps and
+sigmas) is built with numpy alone along diffusers 0.42's dtype path, bit for bit: torch's float32 linspace
+(`torch_linspace_f32`), torch's float32 cumprod accumulated in float64 (`cumprod_f32`), float64 numpy where
+diffusers uses numpy. tests/test_schedule_tables.py checks them against diffusers.
 """
 from __future__ import annotations
 
@@ -39,6 +42,12 @@ class Schedule:
   use_karras_sigmas: bool = struct.field(pytree_node=False, default=False)
   rescale_betas_zero_snr: bool = struct.field(pytree_node=False, default=False)
   host_alphas_cumprod: tuple[float, ...] = struct.field(pytree_node=False, default=())
+  # Only DPM-Solver's Karras timesteps depend on it (diffusers leaves them unrounded for squaredcos_cap_v2).
+  beta_schedule: str = struct.field(pytree_node=False, default="linear")
+  # LCM / TCD (Luo et al. 2023; Zheng et al. 2024): the distillation schedule's step count, and the factor on t
+  # in the consistency boundary condition (c_skip, c_out); sdjax.samplers.lcm.
+  original_inference_steps: int = struct.field(pytree_node=False, default=50)
+  timestep_scaling: float = struct.field(pytree_node=False, default=10.0)
 
   def host_abar(self) -> np.ndarray:
     """alphas_cumprod as float32 numpy, available even when the schedule is traced."""
@@ -49,15 +58,60 @@ class Schedule:
     return self.betas.shape[0]
 
 
+def _round_sum_f32(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+  """a + b rounded once to float32 (round to nearest even), for float64 arrays a, b.
+
+  The float64 sum r is rounded again to float32, which is the single rounding of the exact sum unless r
+  lies exactly halfway between two float32 values; then the (exact) rounding error of r picks the side.
+  """
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  r = a + b
+  bb = r - a
+  err = (a - (r - bb)) + (b - bb)  # Knuth's TwoSum: a + b == r + err exactly
+  f = r.astype(np.float32)
+  up = np.nextafter(f, np.float32(np.inf))
+  down = np.nextafter(f, np.float32(-np.inf))
+  to_up = (r == (f.astype(np.float64) + up) / 2) & (err > 0)
+  to_down = (r == (f.astype(np.float64) + down) / 2) & (err < 0)
+  return np.where(to_up, up, np.where(to_down, down, f))
+
+
+def torch_linspace_f32(start: float, end: float, steps: int) -> np.ndarray:
+  """`torch.linspace(start, end, steps, dtype=torch.float32)` on the CPU, bit for bit, without torch.
+
+  ATen's kernel takes step = (end - start) / (steps - 1) in float32, then start + step * i for the first
+  steps // 2 entries and end - step * (steps - 1 - i) for the rest; in its AVX2 / AVX-512 builds (the ones
+  x86 CPUs run) the compiler fuses each into one fma, a single rounding, which is what this computes.
+  (numpy's float32 linspace is a float64 linspace rounded once, and differs in ~20% of entries.)
+  """
+  start32, end32 = np.float32(start), np.float32(end)
+  if steps == 1:
+    return np.array([start32], np.float32)
+  step = np.float32(end32 - start32) / np.float32(steps - 1)
+  i = np.arange(steps)
+  # step * i is exact in float64 (24-bit step times an integer below 2**24).
+  head = _round_sum_f32(np.full(steps, start32, np.float64), np.float64(step) * i)
+  tail = _round_sum_f32(np.full(steps, end32, np.float64), -np.float64(step) * (steps - 1 - i))
+  return np.where(i < steps // 2, head, tail).astype(np.float32)
+
+
+def cumprod_f32(x: np.ndarray) -> np.ndarray:
+  """`torch.cumprod` of a float32 tensor on the CPU: a float64 running product, each entry rounded to float32
+  (np.cumprod(..., dtype=float32) rounds the running product at every step and drifts by up to ~1e-6)."""
+  return np.cumprod(np.asarray(x, np.float32).astype(np.float64)).astype(np.float32)
+
+
 def make_betas(beta_schedule: str, num_train_timesteps: int, beta_start: float, beta_end: float) -> np.ndarray:
-  """Betas as float32 numpy, computed as diffusers computes them."""
+  """Betas as float32 numpy, bit for bit as diffusers computes them."""
   T = num_train_timesteps
   if beta_schedule == "linear":
-    return np.linspace(beta_start, beta_end, T, dtype=np.float32)
+    return torch_linspace_f32(beta_start, beta_end, T)
   if beta_schedule == "scaled_linear":
-    return (np.linspace(beta_start**0.5, beta_end**0.5, T, dtype=np.float32) ** 2).astype(np.float32)
+    b = torch_linspace_f32(beta_start**0.5, beta_end**0.5, T)
+    return b * b  # torch's tensor ** 2 is a float32 square
   if beta_schedule == "squaredcos_cap_v2":
-    # Nichol & Dhariwal (2021), eq. 17, with betas capped at 0.999.
+    # Nichol & Dhariwal (2021), eq. 17, with betas capped at 0.999: Python floats, then one rounding to float32
+    # (diffusers' betas_for_alpha_bar).
     f = lambda t: math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
     return np.array([min(1 - f((i + 1) / T) / f(i / T), 0.999) for i in range(T)], dtype=np.float32)
   raise ValueError(f"unknown beta_schedule {beta_schedule!r}; expected one of {BETA_SCHEDULES}")
@@ -67,7 +121,8 @@ def make_schedule(beta_schedule: str = "linear", num_train_timesteps: int = 1000
                   beta_end: float = 0.02, prediction_type: str = "epsilon", clip_sample: bool = False,
                   clip_sample_range: float = 1.0, set_alpha_to_one: bool = True,
                   steps_offset: int = 0, timestep_spacing: str = "leading",
-                  use_karras_sigmas: bool = False, rescale_betas_zero_snr: bool = False) -> Schedule:
+                  use_karras_sigmas: bool = False, rescale_betas_zero_snr: bool = False,
+                  original_inference_steps: int = 50, timestep_scaling: float = 10.0) -> Schedule:
   if prediction_type not in PREDICTION_TYPES:
     raise ValueError(f"unknown prediction_type {prediction_type!r}; expected one of {PREDICTION_TYPES}")
   if timestep_spacing not in TIMESTEP_SPACINGS:
@@ -77,24 +132,27 @@ def make_schedule(beta_schedule: str = "linear", num_train_timesteps: int = 1000
   betas = make_betas(beta_schedule, num_train_timesteps, beta_start, beta_end)
   if rescale_betas_zero_snr:
     betas = rescale_zero_terminal_snr(betas)
-  alphas_cumprod = np.cumprod(1.0 - betas, dtype=np.float32)
+  alphas_cumprod = cumprod_f32(np.float32(1) - betas)
   return Schedule(betas=jnp.asarray(betas), alphas_cumprod=jnp.asarray(alphas_cumprod),
                   prediction_type=prediction_type, clip_sample=clip_sample,
                   clip_sample_range=clip_sample_range, set_alpha_to_one=set_alpha_to_one,
                   steps_offset=steps_offset, timestep_spacing=timestep_spacing,
                   use_karras_sigmas=bool(use_karras_sigmas),
                   rescale_betas_zero_snr=bool(rescale_betas_zero_snr),
-                  host_alphas_cumprod=tuple(alphas_cumprod.tolist()))
+                  host_alphas_cumprod=tuple(alphas_cumprod.tolist()), beta_schedule=beta_schedule,
+                  original_inference_steps=original_inference_steps, timestep_scaling=timestep_scaling)
 
 
 def rescale_zero_terminal_snr(betas: np.ndarray) -> np.ndarray:
   """Lin et al. (2023), Algorithm 1: shift and scale sqrt(abar) so that abar_T = 0 and abar_0 is kept."""
-  abar_sqrt = np.sqrt(np.cumprod(1.0 - betas.astype(np.float32), dtype=np.float32))
+  # float32 throughout, as diffusers' rescale_zero_terminal_snr on a float32 tensor (sqrt correctly
+  # rounded: see tests/test_schedule_tables.py for torch's MKL sqrt, which on some CPUs is not).
+  abar_sqrt = np.sqrt(cumprod_f32(np.float32(1) - np.asarray(betas, np.float32)))
   first, last = abar_sqrt[0].copy(), abar_sqrt[-1].copy()
   abar_sqrt = (abar_sqrt - last) * (first / (first - last))
-  abar = abar_sqrt**2
+  abar = abar_sqrt * abar_sqrt
   alphas = np.concatenate([abar[:1], abar[1:] / abar[:-1]])
-  return (1.0 - alphas).astype(np.float32)
+  return (np.float32(1) - alphas).astype(np.float32)
 
 
 def sigma_alphas_cumprod(schedule: Schedule) -> np.ndarray:
@@ -104,6 +162,13 @@ def sigma_alphas_cumprod(schedule: Schedule) -> np.ndarray:
   if abar[-1] == 0:
     abar[-1] = 2.0**-24
   return abar
+
+
+def train_sigmas(schedule: Schedule) -> np.ndarray:
+  """sigma_t = sqrt((1 - abar_t) / abar_t) for t in [0, T), float32 as diffusers' `((1 - ac) / ac) ** 0.5`
+  (correctly rounded; torch's MKL sqrt is not on every CPU, see tests/test_schedule_tables.py)."""
+  abar = sigma_alphas_cumprod(schedule)
+  return np.sqrt((np.float32(1) - abar) / abar)
 
 
 def from_config(cfg: Any) -> Schedule:
@@ -200,10 +265,9 @@ def sigma_timesteps(schedule: Schedule, num_steps: int) -> tuple[np.ndarray, np.
     timesteps = (np.arange(0, num_steps) * ratio).round()[::-1].astype(np.float32) + schedule.steps_offset
   else:
     timesteps = np.arange(T, 0, -T / num_steps).round().astype(np.float32) - 1
-  abar = sigma_alphas_cumprod(schedule)
-  train_sigmas = ((1 - abar) / abar) ** np.float32(0.5)
-  log_sigmas = np.log(train_sigmas)
-  sigmas = np.interp(timesteps, np.arange(T), train_sigmas)
+  sigma_table = train_sigmas(schedule)
+  log_sigmas = np.log(sigma_table)  # float32, as diffusers (numpy's float32 log)
+  sigmas = np.interp(timesteps, np.arange(T), sigma_table)  # float64
   if schedule.use_karras_sigmas:
     rho = 7.0
     ramp = np.linspace(0, 1, num_steps)
@@ -227,7 +291,10 @@ def _sigma_to_t(sigma: float, log_sigmas: np.ndarray) -> float:
 _SAMPLER_OF_CLASS = {"DDIMScheduler": "ddim", "DDPMScheduler": "ddpm", "PNDMScheduler": "pndm",
                      "LMSDiscreteScheduler": "lms", "EulerDiscreteScheduler": "euler",
                      "EulerAncestralDiscreteScheduler": "euler_a", "HeunDiscreteScheduler": "heun",
-                     "UniPCMultistepScheduler": "unipc"}
+                     "UniPCMultistepScheduler": "unipc", "LCMScheduler": "lcm", "TCDScheduler": "tcd",
+                     "KDPM2DiscreteScheduler": "kdpm2", "KDPM2AncestralDiscreteScheduler": "kdpm2_a"}
+# DEIS by solver_order (diffusers' default 2).
+_DEIS_OF_ORDER = {1: "deis_1", 2: "deis", 3: "deis_3"}
 
 
 def sampler_from_diffusers_config(config: dict[str, Any]) -> str:
@@ -235,9 +302,22 @@ def sampler_from_diffusers_config(config: dict[str, Any]) -> str:
   cls = config.get("_class_name")
   if cls == "DPMSolverMultistepScheduler":
     return "dpmpp_2m_sde" if config.get("algorithm_type") == "sde-dpmsolver++" else "dpmpp_2m"
+  if cls == "DPMSolverSinglestepScheduler":  # DPM-Solver++(2S) / (3S) by solver_order (diffusers' default 2)
+    order = config.get("solver_order", 2)
+    if order not in (2, 3):
+      raise ValueError(f"scheduler config: solver_order={order!r} is not supported by sdjax for {cls} "
+                       f"(supported: 2, 3)")
+    return f"dpmpp_{order}s"
+  if cls == "DEISMultistepScheduler":
+    order = config.get("solver_order", 2)
+    if order not in _DEIS_OF_ORDER:
+      raise ValueError(f"scheduler config: solver_order={order!r} is not supported by sdjax for {cls} "
+                       f"(supported: {', '.join(map(str, _DEIS_OF_ORDER))})")
+    return _DEIS_OF_ORDER[order]
   if cls not in _SAMPLER_OF_CLASS:
-    raise ValueError(f"scheduler config: no sdjax sampler for _class_name={cls!r}; known: "
-                     f"{sorted(_SAMPLER_OF_CLASS) + ['DPMSolverMultistepScheduler']}")
+    known = sorted(_SAMPLER_OF_CLASS) + ["DEISMultistepScheduler", "DPMSolverMultistepScheduler",
+                                         "DPMSolverSinglestepScheduler"]
+    raise ValueError(f"scheduler config: no sdjax sampler for _class_name={cls!r}; known: {known}")
   return _SAMPLER_OF_CLASS[cls]
 
 

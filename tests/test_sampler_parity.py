@@ -46,9 +46,15 @@ def test_matches_diffusers(case):
                                              num_steps=steps, step_noise=z, **case["options"], **extra))(
                                                  noise, step_noise)
   jax.effects_barrier()
-  # Integer timesteps are exact. Fractional (Karras) ones come from log-sigma interpolation of a float32
-  # schedule whose last ulps differ from torch's (torch.linspace / cumprod round differently): 2e-5.
-  np.testing.assert_allclose(seen, FIXTURES[case["key"] + "/timesteps"], rtol=2e-5)
+  # The schedule tables are diffusers' bit for bit (tests/test_schedule_tables.py), so the timesteps are
+  # exact, except the fractional (Karras) timesteps of euler/heun/lms: they go through log sigma, and this
+  # fixture was made with torch's MKL float32 sqrt on a CPU where it is 1 ulp off for some inputs (sdjax's
+  # is correctly rounded): up to 8 ulp, 6.3e-7 relative.
+  ref_timesteps = FIXTURES[case["key"] + "/timesteps"]
+  if case["config"].get("use_karras_sigmas") and case["sampler"] in ("euler", "heun", "lms"):
+    np.testing.assert_allclose(seen, ref_timesteps, rtol=1e-6)
+  else:
+    np.testing.assert_array_equal(np.asarray(seen, np.float32), ref_timesteps)
   ref = FIXTURES[case["key"] + "/final"]
   err = float(np.max(np.abs(np.asarray(out) - ref)) / np.max(np.abs(ref)))
   print(f"{case['key']}: max error {err:.2e} relative to the sample scale")

@@ -180,7 +180,8 @@ def test_img2img_and_inpainting_arguments_are_checked():
 
 def test_every_registered_sampler_is_one_of_the_contract_names():
   assert set(samplers.SAMPLERS) == {"ddpm", "ddim", "pndm", "lms", "euler", "euler_a", "heun", "dpmpp_2m",
-                                    "dpmpp_2m_sde", "unipc"}
+                                    "dpmpp_2m_sde", "unipc", "kdpm2", "kdpm2_a", "deis_1", "deis", "deis_3",
+                                    "lcm", "tcd", "dpmpp_2s", "dpmpp_3s"}
 
 
 def test_zero_terminal_snr_is_refused_where_it_divides_by_zero():

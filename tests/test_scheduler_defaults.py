@@ -67,7 +67,12 @@ def test_a_minimal_config_samples_as_diffusers_with_the_class_defaults(cls):
   differed by ~20%. Each class's own defaults now apply (spacing, set_alpha_to_one, clip_sample, ...)."""
   case = INDEX["classes"][cls]
   out, seen = _sample({"_class_name": cls, **case["minimal"]}, cls)
-  np.testing.assert_array_equal(seen, FIXTURES[cls + "/timesteps"])
+  ref_timesteps = FIXTURES[cls + "/timesteps"]
+  if cls.startswith("KDPM2"):  # every other call is at a log-sigma midpoint: fractional, via torch's log / exp / sqrt
+    np.testing.assert_array_equal(seen[::2], ref_timesteps[::2])
+    np.testing.assert_allclose(seen[1::2], ref_timesteps[1::2], rtol=1e-6, atol=1e-5)
+  else:
+    np.testing.assert_array_equal(seen, ref_timesteps)
   ref = FIXTURES[cls + "/final"]
   err = float(np.max(np.abs(out - ref)) / np.max(np.abs(ref)))
   assert err < 1e-4, f"{cls}: max error {err:.2e} relative to the sample scale"

@@ -25,7 +25,8 @@ from make_sampler_fixtures import mixture_model, run_loop  # noqa: E402
 
 CLASSES = ("DDIMScheduler", "DDPMScheduler", "PNDMScheduler", "LMSDiscreteScheduler", "EulerDiscreteScheduler",
            "EulerAncestralDiscreteScheduler", "HeunDiscreteScheduler", "DPMSolverMultistepScheduler",
-           "UniPCMultistepScheduler")
+           "UniPCMultistepScheduler", "LCMScheduler", "TCDScheduler", "DPMSolverSinglestepScheduler",
+           "KDPM2DiscreteScheduler", "KDPM2AncestralDiscreteScheduler", "DEISMultistepScheduler")
 # The example: SD's betas and steps_offset, nothing else (diffusers fills in the rest per class).
 MINIMAL = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
            "steps_offset": 1}
@@ -59,6 +60,8 @@ def main():
     arrays[f"{cls}/timesteps"] = np.array(seen, np.float32)
     arrays[f"{cls}/final"] = x.numpy()
     if drawn:
+      # By sdjax step: a scheduler of order 2 (KDPM2-ancestral) calls the model twice per step.
+      drawn = {k // klass.order: z for k, z in drawn.items()}
       arrays[f"{cls}/step_noise"] = np.stack([drawn.get(i, np.zeros_like(noise.numpy())) for i in range(STEPS)])
     index["classes"][cls] = {"defaults": defaults, "minimal": config, "saved": saved, "steps": STEPS}
   arrays["index"] = np.array(json.dumps(index))

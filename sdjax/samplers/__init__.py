@@ -34,6 +34,10 @@ class Sampler:
   options: tuple[str, ...] = ()
   stochastic: bool = False
   img2img: bool = True
+  # strength_tables(schedule, num_steps, strength): the tables for img2img at strength < 1 where the sampler's
+  # scheduler defines them itself (LCM: all num_steps steps, over the first `strength` of its distillation
+  # timesteps); None: the full tables less their first num_steps - int(num_steps * strength) steps.
+  strength_tables: Callable[[Schedule, int, float], dict[str, np.ndarray]] | None = None
 
 
 SAMPLERS: dict[str, Sampler] = {}
@@ -51,7 +55,10 @@ def get(name: str) -> Sampler:
 
 def scan_length(schedule: Schedule, sampler: str, num_steps: int, strength: float = 1.0) -> int:
   """How many steps `sample(...)` runs (the leading axis of its `step_noise`) for these arguments."""
-  n = len(get(sampler).tables(schedule, num_steps)["timesteps"])
+  s = get(sampler)
+  if strength < 1.0 and s.strength_tables is not None:
+    return len(s.strength_tables(schedule, num_steps, strength)["timesteps"])
+  n = len(s.tables(schedule, num_steps)["timesteps"])
   return n - (num_steps - min(int(num_steps * strength), num_steps) if strength < 1.0 else 0)
 
 
@@ -67,7 +74,8 @@ def sample(model_fn: ModelFn, noise: jax.Array, *, schedule: Schedule, sampler: 
 
   img2img: with `init_image` (data space, same shape as noise) and `strength` < 1, the first
   num_steps - int(num_steps * strength) steps are skipped and sampling starts from `init_image` noised
-  to the first remaining step, as diffusers' img2img pipelines do.
+  to the first remaining step, as diffusers' img2img pipelines do (a sampler's own `strength_tables` replace
+  the skipping: lcm runs all num_steps steps, as LatentConsistencyModelImg2ImgPipeline).
   Inpainting: with `init_image` and `inpaint_mask` (1 = generate, 0 = keep; broadcastable to noise),
   after every step the kept region is replaced by `init_image` noised (with `noise`) to the next
   step's level, and by `init_image` itself after the last step (diffusers' inpaint pipeline for
@@ -89,10 +97,13 @@ def sample(model_fn: ModelFn, noise: jax.Array, *, schedule: Schedule, sampler: 
   if strength < 1.0:
     if not s.img2img:
       raise ValueError(f"sampler {sampler!r} does not support strength < 1")
-    start = num_steps - min(int(num_steps * strength), num_steps)
-    if start >= num_steps:
-      raise ValueError(f"strength={strength} leaves no steps out of {num_steps}")
-    tables = {k: v[start:] for k, v in tables.items()}
+    if s.strength_tables is not None:
+      tables = s.strength_tables(schedule, num_steps, strength)
+    else:
+      start = num_steps - min(int(num_steps * strength), num_steps)
+      if start >= num_steps:
+        raise ValueError(f"strength={strength} leaves no steps out of {num_steps}")
+      tables = {k: v[start:] for k, v in tables.items()}
   carry = s.init(schedule, noise, tables)
   if strength < 1.0:
     carry["x"] = s.noised(schedule, init_image, noise, tables, 0)
@@ -157,3 +168,7 @@ from sdjax.samplers import dpmpp as _dpmpp  # noqa: E402,F401  (registers dpmpp_
 from sdjax.samplers import lms as _lms  # noqa: E402,F401  (registers lms)
 from sdjax.samplers import pndm as _pndm  # noqa: E402,F401  (registers pndm)
 from sdjax.samplers import unipc as _unipc  # noqa: E402,F401  (registers unipc)
+from sdjax.samplers import kdpm2 as _kdpm2  # noqa: E402,F401  (registers kdpm2, kdpm2_a)
+from sdjax.samplers import deis as _deis  # noqa: E402,F401  (registers deis_1, deis, deis_3)
+from sdjax.samplers import lcm as _lcm  # noqa: E402,F401  (registers lcm, tcd)
+from sdjax.samplers import dpm_singlestep as _dpm_singlestep  # noqa: E402,F401  (registers dpmpp_2s, dpmpp_3s)

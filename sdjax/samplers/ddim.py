@@ -25,9 +25,17 @@ def _tables(schedule: Schedule, num_steps: int) -> dict[str, np.ndarray]:
   return {"timesteps": timesteps, "prev": timesteps - schedule.num_train_timesteps // num_steps}
 
 
+def _ddpm_tables(schedule: Schedule, num_steps: int) -> dict[str, np.ndarray]:
+  """As DDIM's, but the previous timestep is the next one in the list, and -1 after the last (diffusers'
+  DDPMScheduler.previous_timestep; DDIM steps back by T // n, which differs for trailing/linspace)."""
+  tables = _tables(schedule, num_steps)
+  tables["prev"] = np.concatenate([tables["timesteps"][1:], [-1]]).astype(np.int64)
+  return tables
+
+
 def _alphas(schedule: Schedule, i, tables, final=None):
-  """(t, abar_t, abar_prev) for step i; prev = t - T // n, and `final` abar before t = 0
-  (DDIM: 1 if set_alpha_to_one else abar_0; DDPM: always 1)."""
+  """(t, abar_t, abar_prev) for step i; prev from the tables (DDIM: t - T // n; DDPM: the next timestep),
+  and `final` abar before t = 0 (DDIM: 1 if set_alpha_to_one else abar_0; DDPM: always 1)."""
   t = samplers.at(tables, "timesteps", i)
   prev = samplers.at(tables, "prev", i)
   if final is None:
@@ -82,4 +90,4 @@ def _init(schedule, noise, tables):
 
 samplers.register("ddim", samplers.Sampler(_tables, _init, ddim_step, samplers.noised_vp, ("eta", "use_clipped_model_output"),
                                            stochastic=True))
-samplers.register("ddpm", samplers.Sampler(_tables, _init, ddpm_step, samplers.noised_vp, stochastic=True))
+samplers.register("ddpm", samplers.Sampler(_ddpm_tables, _init, ddpm_step, samplers.noised_vp, stochastic=True))

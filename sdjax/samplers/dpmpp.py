@@ -10,8 +10,10 @@ from sdjax import samplers, schedules
 from sdjax.schedules import Schedule
 
 
-def dpm_tables(schedule: Schedule, num_steps: int) -> dict[str, np.ndarray]:
-  """Integer timesteps and sigmas [n + 1] (last 0) of diffusers' multistep DPM-Solver."""
+def dpm_tables(schedule: Schedule, num_steps: int, *, unipc: bool = False) -> dict[str, np.ndarray]:
+  """Integer timesteps and sigmas [n + 1] (last 0) of diffusers' multistep DPM-Solver (with `unipc`, of
+  UniPCMultistepScheduler, which differs only in rounding Karras timesteps for squaredcos_cap_v2 too:
+  DPMSolverMultistepScheduler leaves them fractional there, and its int64 cast truncates them)."""
   T = schedule.num_train_timesteps
   if not 1 <= num_steps <= T:
     raise ValueError(f"num_steps must be in [1, {T}], got {num_steps}")
@@ -22,14 +24,16 @@ def dpm_tables(schedule: Schedule, num_steps: int) -> dict[str, np.ndarray]:
     timesteps = (np.arange(0, num_steps + 1) * ratio).round()[::-1][:-1].astype(np.int64) + schedule.steps_offset
   else:
     timesteps = np.arange(T, 0, -T / num_steps).round().astype(np.int64) - 1
-  abar = schedules.sigma_alphas_cumprod(schedule)
-  train_sigmas = ((1 - abar) / abar) ** np.float32(0.5)
+  train_sigmas = schedules.train_sigmas(schedule)
   if schedule.use_karras_sigmas:
     rho = 7.0
     lo, hi = float(train_sigmas[0]) ** (1 / rho), float(train_sigmas[-1]) ** (1 / rho)
     sigmas = (hi + np.linspace(0, 1, num_steps) * (lo - hi)) ** rho
     log_sigmas = np.log(train_sigmas)
-    timesteps = np.array([schedules._sigma_to_t(s, log_sigmas) for s in sigmas]).round().astype(np.int64)
+    timesteps = np.array([schedules._sigma_to_t(s, log_sigmas) for s in sigmas])
+    if unipc or schedule.beta_schedule != "squaredcos_cap_v2":
+      timesteps = timesteps.round()
+    timesteps = timesteps.astype(np.int64)
   else:
     sigmas = np.interp(timesteps, np.arange(T), train_sigmas)
   sigmas = np.concatenate([sigmas, [0.0]]).astype(np.float32)

@@ -66,4 +66,8 @@ def unipc_step(schedule, model_fn, carry, i, z, tables, options):
   return {"x": x_next, "last_x": x, "m1": m, "m2": m1}
 
 
-samplers.register("unipc", samplers.Sampler(dpm_tables, _init, unipc_step, samplers.noised_vp_sigma))
+def unipc_tables(schedule, num_steps):
+  return dpm_tables(schedule, num_steps, unipc=True)
+
+
+samplers.register("unipc", samplers.Sampler(unipc_tables, _init, unipc_step, samplers.noised_vp_sigma))
