@@ -7,7 +7,9 @@
    (sdjax.samplers.analytic: exact denoiser, no network) from N standard-normal draws. The error is the
    Wasserstein-1 distance between the samples and the true mixture (computed from its CDF), so
    deterministic and stochastic samplers are measured alike; the row "exact draws" is the distance of N
-   direct draws from the mixture (the statistical floor). Step counts are chosen so that the number of
+   direct draws from the mixture (the statistical floor), and "exact ODE from t = 999" that of the ODE's
+   exact solution from standard-normal noise at the largest training sigma (the limit of the deterministic
+   samplers that start there: Karras and AYS steps). Step counts are chosen so that the number of
    model evaluations (NFE) matches: heun uses (NFE + 1) / 2 steps, pndm NFE - 1.
 2. Cost: with the default config's U-Net (batch 64, 28x28x1) as the model, 25 steps: compile time of the
    jitted sampler, its run time, and the per-step overhead of the sampler beyond the model call
@@ -34,8 +36,13 @@ VARIANTS = [  # (label, sampler, schedule changes)
     ("euler_a", "euler_a", {}), ("heun", "heun", {}), ("dpmpp_2m", "dpmpp_2m", {}),
     ("dpmpp_2m karras", "dpmpp_2m", {"use_karras_sigmas": True}), ("dpmpp_2m_sde", "dpmpp_2m_sde", {}),
     ("unipc", "unipc", {}),
+    # Beyond diffusers: iPNDM, and published step schedules (Karras over the full sigma range, Align Your
+    # Steps' SD 1.5 schedule) with several solvers.
+    ("ipndm", "ipndm", {}), ("ipndm_v", "ipndm_v", {}), ("ipndm_karras", "ipndm_karras", {}),
+    ("ipndm_v_karras", "ipndm_v_karras", {}), ("euler_ays", "euler_ays", {}), ("dpmpp_2m_ays", "dpmpp_2m_ays", {}),
+    ("ipndm_ays", "ipndm_ays", {}), ("ipndm_v_ays", "ipndm_v_ays", {}),
 ]
-NFES = (5, 10, 20, 50, 100)
+NFES = (5, 6, 8, 10, 15, 20, 50, 100)
 
 
 def steps_for(sampler, nfe):
@@ -65,10 +72,36 @@ def accuracy(n: int, nfes) -> None:
       fn = jax.jit(lambda z, r: samplers.sample(model, z, schedule=s, sampler=name, num_steps=steps, rng=r))
       row.append(w1(np.asarray(fn(noise, jax.random.key(1)), np.float64)))
     print(f"| {label} | " + " | ".join(f"{e:.4f}" for e in row) + " |", flush=True)
+  s = schedules.make_schedule(**SD15)
+  if not s.rescale_betas_zero_snr:
+    sigma_max = float(schedules.train_sigmas(s)[-1])
+    ode = w1(exact_ode(np.asarray(noise, np.float64) * np.sqrt(sigma_max**2 + 1), sigma_max))
+    print(f"| exact ODE from t = 999 | " + " | ".join(f"{ode:.4f}" for _ in nfes) + " |")
   exact = np.random.default_rng(0)
   comp = exact.choice(2, size=n, p=analytic.MIXTURE["weights"])
   draws = exact.normal(np.array(analytic.MIXTURE["means"])[comp], np.array(analytic.MIXTURE["stds"])[comp])
   print(f"| exact draws (floor) | " + " | ".join(f"{w1(draws):.4f}" for _ in nfes) + " |")
+
+
+def exact_ode(x: np.ndarray, sigma_max: float, steps: int = 200, sigma_end: float = 1e-4) -> np.ndarray:
+  """The probability-flow ODE solved (float64 RK4 in log sigma, `steps` steps) from x at sigma_max down to
+  sigma_end, where x is within sigma_end^2 / std^2 of its sigma = 0 limit: the result every deterministic
+  sampler converges to when it starts from standard-normal noise at t = 999 (Karras / AYS steps)."""
+  w, mu, sd = (np.array(analytic.MIXTURE[k], np.float64) for k in ("weights", "means", "stds"))
+
+  def f(x, u):  # dx / dlog(sigma) = x - D(x, sigma)
+    var = sd**2 + np.exp(2 * u)
+    logp = np.log(w) - 0.5 * np.log(var) - 0.5 * (x[:, None] - mu) ** 2 / var
+    r = np.exp(logp - logp.max(1, keepdims=True))
+    return x - (r / r.sum(1, keepdims=True) * (mu + sd**2 / var * (x[:, None] - mu))).sum(1)
+
+  u, h = np.log(sigma_max), (np.log(sigma_end) - np.log(sigma_max)) / steps
+  for _ in range(steps):
+    k1 = f(x, u)
+    k2 = f(x + h / 2 * k1, u + h / 2)
+    k3 = f(x + h / 2 * k2, u + h / 2)
+    x, u = x + h / 6 * (k1 + 2 * k2 + 2 * k3 + f(x + h * k3, u + h)), u + h
+  return x
 
 
 def cost(steps: int = 25, batch: int = 64) -> None:

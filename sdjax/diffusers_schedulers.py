@@ -93,33 +93,41 @@ CLASS_DEFAULTS: dict[str, dict[str, Any]] = {
 # Read into the Schedule (make_schedule's arguments).
 SCHEDULE_FIELDS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "prediction_type",
                    "clip_sample", "clip_sample_range", "set_alpha_to_one", "steps_offset", "timestep_spacing",
-                   "use_karras_sigmas", "rescale_betas_zero_snr", "original_inference_steps", "timestep_scaling")
+                   "use_karras_sigmas", "rescale_betas_zero_snr", "original_inference_steps", "timestep_scaling",
+                   "final_sigmas_type", "use_lu_lambdas", "use_exponential_sigmas", "use_beta_sigmas", "thresholding",
+                   "dynamic_thresholding_ratio", "sample_max_value", "lower_order_final", "euler_at_final",
+                   "disable_corrector")
 # Schedule values that only some classes' sdjax samplers implement: (field, value) -> those classes.
-CLASS_ONLY = {("clip_sample", True): ("DDIMScheduler", "DDPMScheduler", "LCMScheduler", "TCDScheduler")}
+CLASS_ONLY = {("clip_sample", True): ("DDIMScheduler", "DDPMScheduler", "LCMScheduler", "TCDScheduler"),
+              # sdjax.samplers.dpmpp; DPMSolverSinglestepScheduler's set_timesteps turns lower_order_final on itself
+              # (a zero final sigma), so its False samples as True there, as in diffusers.
+              **{(field, value): ("DPMSolverMultistepScheduler",)
+                 for field, value in (("use_lu_lambdas", True), ("use_exponential_sigmas", True),
+                                      ("use_beta_sigmas", True), ("thresholding", True), ("euler_at_final", True))},
+              # (and sdjax.samplers.unipc: the smallest sigma last, full orders to the end)
+              ("final_sigmas_type", "sigma_min"): ("DPMSolverMultistepScheduler", "UniPCMultistepScheduler"),
+              ("lower_order_final", False): ("DPMSolverMultistepScheduler", "DPMSolverSinglestepScheduler",
+                                             "UniPCMultistepScheduler")}
 # The values sdjax implements for the rest (a dict: per class).
 SUPPORTED: dict[str, Any] = {
-    "trained_betas": (None,), "thresholding": (False,), "interpolation_type": ("linear",),
-    "timestep_type": ("discrete",), "final_sigmas_type": ("zero",), "use_exponential_sigmas": (False,),
-    "use_beta_sigmas": (False,), "use_flow_sigmas": (False,), "sigma_min": (None,), "sigma_max": (None,),
+    "trained_betas": (None,), "interpolation_type": ("linear",), "timestep_type": ("discrete",),
+    "use_flow_sigmas": (False,), "sigma_min": (None,), "sigma_max": (None,),
     "variance_type": {"DDPMScheduler": ("fixed_small",), "DPMSolverMultistepScheduler": (None,),
                       "DPMSolverSinglestepScheduler": (None,)},
     "algorithm_type": {"DPMSolverMultistepScheduler": ("dpmsolver++", "sde-dpmsolver++"),
                        "DPMSolverSinglestepScheduler": ("dpmsolver++",),
                        "DEISMultistepScheduler": ("deis", "dpmsolver", "dpmsolver++")},
-    "solver_order": {"DPMSolverMultistepScheduler": (2,), "UniPCMultistepScheduler": (2,),
+    "solver_order": {"DPMSolverMultistepScheduler": (1, 2, 3), "UniPCMultistepScheduler": (1, 2, 3),
                      "DPMSolverSinglestepScheduler": (2, 3), "DEISMultistepScheduler": (1, 2, 3)},
-    "solver_type": {"DPMSolverMultistepScheduler": ("midpoint",), "UniPCMultistepScheduler": ("bh2",),
+    "solver_type": {"DPMSolverMultistepScheduler": ("midpoint",),
+                    "UniPCMultistepScheduler": ("bh2", "bh1", "midpoint", "heun", "logrho"),  # (the last 3: bh2)
                     "DPMSolverSinglestepScheduler": ("midpoint",),
                     "DEISMultistepScheduler": ("logrho", "midpoint", "heun", "bh1", "bh2")},
-    "lower_order_final": {"DPMSolverMultistepScheduler": (True,), "UniPCMultistepScheduler": (True,),
-                          "DPMSolverSinglestepScheduler": (True, False), "DEISMultistepScheduler": (True,)},
-    "euler_at_final": (False,), "use_lu_lambdas": (False,),
-    "lambda_min_clipped": (-math.inf,), "skip_prk_steps": (True,), "predict_x0": (True,),
-    "disable_corrector": ([],), "solver_p": (None,), "use_dynamic_shifting": (False,),
+    "lambda_min_clipped": (-math.inf,), "skip_prk_steps": (True, False), "predict_x0": (True, False),
+    "solver_p": (None,), "use_dynamic_shifting": (False,),
 }
 # Parameters of a feature that the named field(s) turn on (all limited to off above).
-INERT_UNLESS = {"dynamic_thresholding_ratio": ("thresholding",), "sample_max_value": ("thresholding",),
-                "flow_shift": ("use_flow_sigmas", "use_dynamic_shifting"),
+INERT_UNLESS = {"flow_shift": ("use_flow_sigmas", "use_dynamic_shifting"),
                 "time_shift_type": ("use_dynamic_shifting",), "shift_terminal": ("use_flow_sigmas",)}
 METADATA = ("_class_name", "_diffusers_version")
 
@@ -149,7 +157,7 @@ def resolve(config: dict[str, Any]) -> dict[str, Any]:
   for field, value in full.items():
     given = field in config
     if field in SCHEDULE_FIELDS:
-      classes = CLASS_ONLY.get((field, value))
+      classes = None if isinstance(value, list) else CLASS_ONLY.get((field, value))
       if classes is not None and cls not in classes:
         raise ValueError(f"scheduler config: {field}={value!r} is not supported by sdjax for {cls} (only for "
                          f"{', '.join(classes)})")

@@ -22,6 +22,7 @@ from sdjax import diffusers_schedulers
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
+FINAL_SIGMAS_TYPES = ("zero", "sigma_min")
 
 
 @struct.dataclass
@@ -48,6 +49,20 @@ class Schedule:
   # in the consistency boundary condition (c_skip, c_out); sdjax.samplers.lcm.
   original_inference_steps: int = struct.field(pytree_node=False, default=50)
   timestep_scaling: float = struct.field(pytree_node=False, default=10.0)
+  # Multistep DPM-Solver++ (sdjax.samplers.dpmpp): the last sigma ("zero" or the smallest training sigma,
+  # "sigma_min"), the other step-size schedules, dynamic thresholding of x0 (Saharia et al. 2022), and the
+  # lowered orders of the final steps.
+  final_sigmas_type: str = struct.field(pytree_node=False, default="zero")
+  use_lu_lambdas: bool = struct.field(pytree_node=False, default=False)
+  use_exponential_sigmas: bool = struct.field(pytree_node=False, default=False)
+  use_beta_sigmas: bool = struct.field(pytree_node=False, default=False)
+  thresholding: bool = struct.field(pytree_node=False, default=False)
+  dynamic_thresholding_ratio: float = struct.field(pytree_node=False, default=0.995)
+  sample_max_value: float = struct.field(pytree_node=False, default=1.0)
+  lower_order_final: bool = struct.field(pytree_node=False, default=True)
+  euler_at_final: bool = struct.field(pytree_node=False, default=False)
+  # UniPC (sdjax.samplers.unipc): the step indices after which its corrector is skipped (diffusers' list).
+  disable_corrector: tuple[int, ...] = struct.field(pytree_node=False, default=())
 
   def host_abar(self) -> np.ndarray:
     """alphas_cumprod as float32 numpy, available even when the schedule is traced."""
@@ -122,13 +137,24 @@ def make_schedule(beta_schedule: str = "linear", num_train_timesteps: int = 1000
                   clip_sample_range: float = 1.0, set_alpha_to_one: bool = True,
                   steps_offset: int = 0, timestep_spacing: str = "leading",
                   use_karras_sigmas: bool = False, rescale_betas_zero_snr: bool = False,
-                  original_inference_steps: int = 50, timestep_scaling: float = 10.0) -> Schedule:
+                  original_inference_steps: int = 50, timestep_scaling: float = 10.0,
+                  final_sigmas_type: str = "zero", use_lu_lambdas: bool = False,
+                  use_exponential_sigmas: bool = False, use_beta_sigmas: bool = False, thresholding: bool = False,
+                  dynamic_thresholding_ratio: float = 0.995, sample_max_value: float = 1.0,
+                  lower_order_final: bool = True, euler_at_final: bool = False,
+                  disable_corrector: tuple[int, ...] | list[int] = ()) -> Schedule:
   if prediction_type not in PREDICTION_TYPES:
     raise ValueError(f"unknown prediction_type {prediction_type!r}; expected one of {PREDICTION_TYPES}")
   if timestep_spacing not in TIMESTEP_SPACINGS:
     raise ValueError(f"unknown timestep_spacing {timestep_spacing!r}; expected one of {TIMESTEP_SPACINGS}")
   if num_train_timesteps < 2:
     raise ValueError(f"num_train_timesteps must be >= 2, got {num_train_timesteps}")
+  if final_sigmas_type not in FINAL_SIGMAS_TYPES:
+    raise ValueError(f"unknown final_sigmas_type {final_sigmas_type!r}; expected one of {FINAL_SIGMAS_TYPES}")
+  if sum(map(bool, (use_karras_sigmas, use_exponential_sigmas, use_beta_sigmas))) > 1:
+    raise ValueError("only one of use_karras_sigmas, use_exponential_sigmas, use_beta_sigmas can be set")
+  if thresholding and not 0.0 <= dynamic_thresholding_ratio <= 1.0:
+    raise ValueError(f"dynamic_thresholding_ratio must be in [0, 1], got {dynamic_thresholding_ratio}")
   betas = make_betas(beta_schedule, num_train_timesteps, beta_start, beta_end)
   if rescale_betas_zero_snr:
     betas = rescale_zero_terminal_snr(betas)
@@ -140,7 +166,16 @@ def make_schedule(beta_schedule: str = "linear", num_train_timesteps: int = 1000
                   use_karras_sigmas=bool(use_karras_sigmas),
                   rescale_betas_zero_snr=bool(rescale_betas_zero_snr),
                   host_alphas_cumprod=tuple(alphas_cumprod.tolist()), beta_schedule=beta_schedule,
-                  original_inference_steps=original_inference_steps, timestep_scaling=timestep_scaling)
+                  original_inference_steps=original_inference_steps, timestep_scaling=timestep_scaling,
+                  final_sigmas_type=final_sigmas_type, use_lu_lambdas=bool(use_lu_lambdas),
+                  use_exponential_sigmas=bool(use_exponential_sigmas), use_beta_sigmas=bool(use_beta_sigmas),
+                  # (the thresholding parameters are kept only where thresholding is on, so that inert values
+                  # leave the schedule, and its jit cache key, unchanged)
+                  thresholding=bool(thresholding),
+                  dynamic_thresholding_ratio=float(dynamic_thresholding_ratio) if thresholding else 0.995,
+                  sample_max_value=float(sample_max_value) if thresholding else 1.0,
+                  lower_order_final=bool(lower_order_final),
+                  euler_at_final=bool(euler_at_final), disable_corrector=tuple(int(k) for k in disable_corrector))
 
 
 def rescale_zero_terminal_snr(betas: np.ndarray) -> np.ndarray:
@@ -300,8 +335,12 @@ _DEIS_OF_ORDER = {1: "deis_1", 2: "deis", 3: "deis_3"}
 def sampler_from_diffusers_config(config: dict[str, Any]) -> str:
   """The sdjax sampler name for a diffusers scheduler config's `_class_name` (and algorithm_type)."""
   cls = config.get("_class_name")
-  if cls == "DPMSolverMultistepScheduler":
-    return "dpmpp_2m_sde" if config.get("algorithm_type") == "sde-dpmsolver++" else "dpmpp_2m"
+  if cls == "DPMSolverMultistepScheduler":  # DPM-Solver++(1M/2M/3M) by solver_order, "_sde" for sde-dpmsolver++
+    order = config.get("solver_order", 2)
+    if order not in (1, 2, 3):
+      raise ValueError(f"scheduler config: solver_order={order!r} is not supported by sdjax for {cls} "
+                       f"(supported: 1, 2, 3)")
+    return f"dpmpp_{order}m" + ("_sde" if config.get("algorithm_type") == "sde-dpmsolver++" else "")
   if cls == "DPMSolverSinglestepScheduler":  # DPM-Solver++(2S) / (3S) by solver_order (diffusers' default 2)
     order = config.get("solver_order", 2)
     if order not in (2, 3):
@@ -314,6 +353,16 @@ def sampler_from_diffusers_config(config: dict[str, Any]) -> str:
       raise ValueError(f"scheduler config: solver_order={order!r} is not supported by sdjax for {cls} "
                        f"(supported: {', '.join(map(str, _DEIS_OF_ORDER))})")
     return _DEIS_OF_ORDER[order]
+  if cls == "PNDMScheduler":  # PLMS, after the pseudo Runge-Kutta warm-up unless skip_prk_steps (default False)
+    return "pndm" if config.get("skip_prk_steps", False) else "pndm_prk"
+  if cls == "UniPCMultistepScheduler":  # UniPC-p by solver_order, B(h) and predict_x0 (sdjax.samplers.unipc)
+    order = config.get("solver_order", 2)
+    if order not in (1, 2, 3):
+      raise ValueError(f"scheduler config: solver_order={order!r} is not supported by sdjax for {cls} "
+                       f"(supported: 1, 2, 3)")
+    # (diffusers rewrites solver_type midpoint / heun / logrho to bh2 for UniPC.)
+    return ("unipc" + ("" if order == 2 else f"_{order}") + ("_bh1" if config.get("solver_type") == "bh1" else "")
+            + ("" if config.get("predict_x0", True) else "_eps"))
   if cls not in _SAMPLER_OF_CLASS:
     known = sorted(_SAMPLER_OF_CLASS) + ["DEISMultistepScheduler", "DPMSolverMultistepScheduler",
                                          "DPMSolverSinglestepScheduler"]

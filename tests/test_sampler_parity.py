@@ -62,10 +62,10 @@ def test_matches_diffusers(case):
 
 
 def test_from_diffusers_config_refuses_what_it_would_get_wrong():
-  with pytest.raises(ValueError, match="thresholding"):
-    schedules.from_diffusers_config({"thresholding": True})
-  with pytest.raises(ValueError, match="solver_order=3"):
-    schedules.from_diffusers_config({"_class_name": "DPMSolverMultistepScheduler", "solver_order": 3})
+  with pytest.raises(ValueError, match="thresholding=True is not supported by sdjax for DDIMScheduler"):
+    schedules.from_diffusers_config({"_class_name": "DDIMScheduler", "thresholding": True})
+  with pytest.raises(ValueError, match="solver_order=4"):
+    schedules.from_diffusers_config({"_class_name": "DPMSolverMultistepScheduler", "solver_order": 4})
   with pytest.raises(ValueError, match="unsupported field"):
     schedules.from_diffusers_config({"beta_shedule": "linear"})
   sd15 = {"_class_name": "PNDMScheduler", "_diffusers_version": "0.6.0", "beta_end": 0.012,

@@ -30,8 +30,8 @@ CLASSES = ("DDIMScheduler", "DDPMScheduler", "PNDMScheduler", "LMSDiscreteSchedu
 # The issue's example: SD's betas and steps_offset, nothing else (diffusers fills in the rest per class).
 MINIMAL = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
            "steps_offset": 1}
-# PNDM's default is the PRK warm-up, which sdjax does not implement: its minimal config says skip_prk_steps.
-EXTRA = {"PNDMScheduler": {"skip_prk_steps": True}}
+# Per-class additions to MINIMAL (none: PNDM's default, the PRK warm-up, is sdjax's pndm_prk).
+EXTRA: dict[str, dict] = {}
 STEPS = 10
 OUT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests", "fixtures",
                    "scheduler_defaults.npz")
