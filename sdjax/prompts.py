@@ -73,6 +73,7 @@ def check_outdir(outdir: str, names: Mapping[str, str] | None = None) -> None:
 def check_steps(sampler: str, steps: int, schedule) -> str | None:
   """Why `sampler` cannot run `steps` steps on `schedule` (e.g. pndm needs >= 2), or None."""
   try:
+    samplers.check_schedule(schedule, sampler)
     samplers.get(sampler).tables(schedule, steps)
   except ValueError as e:
     return str(e)

@@ -221,3 +221,19 @@ def test_sampling_a_batch_sharded_over_eight_devices_equals_one_device(name):
   out = fn(sharded, jax.random.key(4))
   assert len(out.sharding.device_set) == 8
   np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=1e-5, atol=1e-6)
+
+
+def test_a_schedule_option_a_sampler_does_not_implement_is_refused():
+  """A Schedule carries options of some samplers only (thresholding, Karras sigmas, a corrector list, ...):
+  any other sampler refuses them by name instead of silently sampling without them."""
+  for option, (_, names) in samplers.SCHEDULE_OPTIONS.items():
+    assert set(names) <= set(samplers.SAMPLERS), option
+  noise = jnp.ones((1, 2))
+  for kw, sampler in ((dict(thresholding=True), "ddim"), (dict(use_karras_sigmas=True), "pndm"),
+                      (dict(use_karras_sigmas=True), "euler_ays"), (dict(clip_sample=True), "heun"),
+                      (dict(final_sigmas_type="sigma_min"), "euler"), (dict(disable_corrector=(1,)), "dpmpp_2m")):
+    option = next(iter(kw))
+    with pytest.raises(ValueError, match=f"sampler '{sampler}' does not implement the schedule option {option}="):
+      samplers.sample(lambda x, t: x, noise, schedule=schedules.make_schedule(**kw), sampler=sampler, num_steps=4)
+  samplers.check_schedule(schedules.make_schedule(thresholding=True), "dpmpp_3m")
+  samplers.check_schedule(schedules.make_schedule(use_karras_sigmas=True), "kdpm2")

@@ -53,6 +53,36 @@ def get(name: str) -> Sampler:
   return SAMPLERS[name]
 
 
+_DPM_M = ("dpmpp_1m", "dpmpp_1m_sde", "dpmpp_2m", "dpmpp_2m_sde", "dpmpp_3m", "dpmpp_3m_sde")
+_UNIPC = ("unipc", "unipc_1", "unipc_3", "unipc_bh1", "unipc_1_bh1", "unipc_3_bh1", "unipc_eps", "unipc_1_eps",
+          "unipc_3_eps", "unipc_bh1_eps", "unipc_1_bh1_eps", "unipc_3_bh1_eps")
+_SIGMA = ("euler", "euler_a", "heun", "lms", "ipndm", "ipndm_v", "kdpm2", "kdpm2_a", "deis_1", "deis", "deis_3",
+          "dpmpp_2s", "dpmpp_3s") + _DPM_M + _UNIPC
+# Schedule options away from their defaults, and the samplers that implement them. Any other sampler refuses
+# such a schedule rather than silently sampling without the option.
+SCHEDULE_OPTIONS: dict[str, tuple[Callable[[Schedule], bool], tuple[str, ...]]] = {
+    "use_karras_sigmas": (lambda s: s.use_karras_sigmas, _SIGMA),
+    "use_exponential_sigmas": (lambda s: s.use_exponential_sigmas, _DPM_M),
+    "use_beta_sigmas": (lambda s: s.use_beta_sigmas, _DPM_M),
+    "use_lu_lambdas": (lambda s: s.use_lu_lambdas, _DPM_M),
+    "thresholding": (lambda s: s.thresholding, _DPM_M),
+    "final_sigmas_type": (lambda s: s.final_sigmas_type != "zero", _DPM_M + _UNIPC),
+    # (dpmpp_2s/3s: diffusers forces lower_order_final on with a zero final sigma, so False is inert there)
+    "lower_order_final": (lambda s: not s.lower_order_final, _DPM_M + _UNIPC + ("dpmpp_2s", "dpmpp_3s")),
+    "euler_at_final": (lambda s: s.euler_at_final, _DPM_M),
+    "disable_corrector": (lambda s: bool(s.disable_corrector), _UNIPC),
+    "clip_sample": (lambda s: s.clip_sample, ("ddim", "ddpm", "lcm")),
+}
+
+
+def check_schedule(schedule: Schedule, sampler: str) -> None:
+  """Refuse a schedule option (away from its default) that `sampler` does not implement, naming it."""
+  for option, (is_set, names) in SCHEDULE_OPTIONS.items():
+    if is_set(schedule) and sampler not in names:
+      raise ValueError(f"sampler {sampler!r} does not implement the schedule option {option}="
+                       f"{getattr(schedule, option)!r}; samplers that do: {', '.join(names)}")
+
+
 def scan_length(schedule: Schedule, sampler: str, num_steps: int, strength: float = 1.0) -> int:
   """How many steps `sample(...)` runs (the leading axis of its `step_noise`) for these arguments."""
   s = get(sampler)
@@ -82,6 +112,7 @@ def sample(model_fn: ModelFn, noise: jax.Array, *, schedule: Schedule, sampler: 
   ordinary U-Nets). `step_hook(x, i) -> x` runs after every step for anything else.
   """
   s = get(sampler)
+  check_schedule(schedule, sampler)
   unknown = sorted(set(options) - set(s.options))
   if unknown:
     raise ValueError(f"sampler {sampler!r} does not take option(s) {unknown}; it takes {list(s.options)}")
