@@ -36,6 +36,13 @@ VARIANTS = [  # (label, sampler, schedule changes)
     ("euler_a", "euler_a", {}), ("heun", "heun", {}), ("dpmpp_2m", "dpmpp_2m", {}),
     ("dpmpp_2m karras", "dpmpp_2m", {"use_karras_sigmas": True}), ("dpmpp_2m_sde", "dpmpp_2m_sde", {}),
     ("unipc", "unipc", {}),
+    # The other diffusers schedulers (issue 16): higher orders, singlestep, KDPM2, DEIS, PRK warm-up.
+    ("lms karras", "lms", {"use_karras_sigmas": True}), ("kdpm2", "kdpm2", {}),
+    ("kdpm2 karras", "kdpm2", {"use_karras_sigmas": True}), ("dpmpp_3m", "dpmpp_3m", {}),
+    ("dpmpp_3m karras", "dpmpp_3m", {"use_karras_sigmas": True}), ("dpmpp_2s", "dpmpp_2s", {}),
+    ("dpmpp_3s karras", "dpmpp_3s", {"use_karras_sigmas": True}), ("unipc karras", "unipc", {"use_karras_sigmas": True}),
+    ("unipc_3 karras", "unipc_3", {"use_karras_sigmas": True}), ("deis", "deis", {}), ("deis_3", "deis_3", {}),
+    ("deis_3 karras", "deis_3", {"use_karras_sigmas": True}), ("pndm_prk", "pndm_prk", {}),
     # Beyond diffusers: iPNDM, and published step schedules (Karras over the full sigma range, Align Your
     # Steps' SD 1.5 schedule) with several solvers.
     ("ipndm", "ipndm", {}), ("ipndm_v", "ipndm_v", {}), ("ipndm_karras", "ipndm_karras", {}),
@@ -46,7 +53,9 @@ NFES = (5, 6, 8, 10, 15, 20, 50, 100)
 
 
 def steps_for(sampler, nfe):
-  return {"heun": (nfe + 1) // 2, "pndm": nfe - 1}.get(sampler, nfe)
+  """Steps that spend `nfe` model evaluations (None: not possible, e.g. pndm_prk below 13)."""
+  steps = {"heun": (nfe + 1) // 2, "kdpm2": (nfe + 1) // 2, "pndm": nfe - 1, "pndm_prk": nfe - 9}.get(sampler, nfe)
+  return steps if steps >= (4 if sampler == "pndm_prk" else 1) else None
 
 
 def w1(samples: np.ndarray) -> float:
@@ -56,7 +65,7 @@ def w1(samples: np.ndarray) -> float:
   return float(np.sum(np.abs(emp - analytic.mixture_cdf(grid))) * (grid[1] - grid[0]))
 
 
-def accuracy(n: int, nfes) -> None:
+def accuracy(n: int, nfes, only=()) -> None:
   noise = jax.random.normal(jax.random.key(0), (n,))
   print(f"\n## Wasserstein-1 error vs NFE ({n:,} samples; SD 1.5 schedule config with "
         f"{SD15['timestep_spacing']} spacing, {SD15.get('prediction_type', 'epsilon')}"
@@ -64,14 +73,19 @@ def accuracy(n: int, nfes) -> None:
   print("| sampler | " + " | ".join(f"NFE {k}" for k in nfes) + " |")
   print("|---|" + "---|" * len(nfes))
   for label, name, changes in VARIANTS:
+    if only and label not in only:
+      continue
     s = schedules.make_schedule(**SD15, **changes)
     model = analytic.mixture_model(s)
     row = []
     for nfe in nfes:
       steps = steps_for(name, nfe)
+      if steps is None:
+        row.append("–")
+        continue
       fn = jax.jit(lambda z, r: samplers.sample(model, z, schedule=s, sampler=name, num_steps=steps, rng=r))
-      row.append(w1(np.asarray(fn(noise, jax.random.key(1)), np.float64)))
-    print(f"| {label} | " + " | ".join(f"{e:.4f}" for e in row) + " |", flush=True)
+      row.append(f"{w1(np.asarray(fn(noise, jax.random.key(1)), np.float64)):.4f}")
+    print(f"| {label} | " + " | ".join(row) + " |", flush=True)
   s = schedules.make_schedule(**SD15)
   if not s.rescale_betas_zero_snr:
     sigma_max = float(schedules.train_sigmas(s)[-1])
@@ -158,17 +172,19 @@ def main():
   p.add_argument("--zero-snr", action="store_true",
                  help="rescale betas to zero terminal SNR (Lin et al. 2023): trailing spacing, v-prediction")
   p.add_argument("--no-cost", action="store_true", help="skip the cost table")
+  p.add_argument("--only", default="", help="comma-separated row labels to run (default: all)")
   args = p.parse_args()
   if args.spacing != "leading":
     SD15.update(timestep_spacing=args.spacing, steps_offset=0)
   if args.zero_snr:
     SD15.update(timestep_spacing="trailing", steps_offset=0, rescale_betas_zero_snr=True,
                 prediction_type="v_prediction")
+  only = tuple(x.strip() for x in args.only.split(",") if x.strip())
   print(f"jax {jax.__version__}, {jax.devices()[0].platform}, {jax.device_count()} device(s)")
   if args.quick:
-    accuracy(10_000, (10, 20))
+    accuracy(10_000, (10, 20), only)
     return
-  accuracy(args.samples, NFES)
+  accuracy(args.samples, NFES, only)
   if not args.no_cost:
     cost()
 
