@@ -14,6 +14,8 @@ has one rule, in exactly one of:
 - INERT_UNLESS: parameters of a feature that another field turns on; that field is limited to "off" by
   SUPPORTED, so these never change sampling and any value is accepted (e.g. `flow_shift` without flow
   sigmas, `time_shift_type` without dynamic shifting, which current diffusers writes into every config).
+The EDM classes (EDM_CLASSES) are read with edm=True, their sigma_min / sigma_max (EDM_RANGE) going to the
+Schedule's edm_sigma_min / edm_sigma_max ahead of the rules above.
 """
 from __future__ import annotations
 
@@ -28,6 +30,9 @@ _BETAS = {"num_train_timesteps": 1000, "beta_start": 0.0001, "beta_end": 0.02, "
 _THRESHOLDING = {"thresholding": False, "dynamic_thresholding_ratio": 0.995, "sample_max_value": 1.0}
 _SIGMA_KINDS = {"use_karras_sigmas": False, "use_exponential_sigmas": False, "use_beta_sigmas": False}
 _FLOW = {"use_flow_sigmas": False, "flow_shift": 1.0}
+# EDMEulerScheduler and EDMDPMSolverMultistepScheduler share these (in this order in their signatures).
+_EDM = {"sigma_min": 0.002, "sigma_max": 80.0, "sigma_data": 0.5, "sigma_schedule": "karras",
+        "num_train_timesteps": 1000, "prediction_type": "epsilon", "rho": 7.0}
 # LCMScheduler and TCDScheduler take the same arguments with the same defaults.
 _LCM = {**_BETAS, "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
         "original_inference_steps": 50, "clip_sample": False, "clip_sample_range": 1.0, "set_alpha_to_one": True,
@@ -88,7 +93,18 @@ CLASS_DEFAULTS: dict[str, dict[str, Any]] = {
                                "algorithm_type": "deis", "solver_type": "logrho", "lower_order_final": True,
                                **_SIGMA_KINDS, **_FLOW, "timestep_spacing": "linspace", "steps_offset": 0,
                                "use_dynamic_shifting": False, "time_shift_type": "exponential"},
+    # EDM (sdjax.samplers.edm): no betas; sigma_min / sigma_max are the EDM sigma range here (EDM_CLASSES).
+    "EDMEulerScheduler": {**_EDM, "final_sigmas_type": "zero"},
+    # (EDMDPMSolverMultistepScheduler rewrites algorithm_type "deis" to "dpmsolver++" and solver_type "logrho"/"bh1"/
+    # "bh2" to "midpoint": SUPPORTED accepts those as diffusers does.)
+    "EDMDPMSolverMultistepScheduler": {**_EDM, "solver_order": 2, **_THRESHOLDING, "algorithm_type": "dpmsolver++",
+                                       "solver_type": "midpoint", "lower_order_final": True, "euler_at_final": False,
+                                       "final_sigmas_type": "zero"},
 }
+# The EDM classes: their sigma_min / sigma_max are read into the Schedule's edm_sigma_min / edm_sigma_max (with
+# edm=True) rather than limited to None by SUPPORTED as for the classes where they override the training sigmas.
+EDM_CLASSES = ("EDMEulerScheduler", "EDMDPMSolverMultistepScheduler")
+EDM_RANGE = ("sigma_min", "sigma_max")
 
 # Read into the Schedule (make_schedule's arguments).
 SCHEDULE_FIELDS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "prediction_type",
@@ -96,18 +112,22 @@ SCHEDULE_FIELDS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedu
                    "use_karras_sigmas", "rescale_betas_zero_snr", "original_inference_steps", "timestep_scaling",
                    "final_sigmas_type", "use_lu_lambdas", "use_exponential_sigmas", "use_beta_sigmas", "thresholding",
                    "dynamic_thresholding_ratio", "sample_max_value", "lower_order_final", "euler_at_final",
-                   "disable_corrector")
+                   "disable_corrector", "sigma_data", "sigma_schedule", "rho")
 # Schedule values that only some classes' sdjax samplers implement: (field, value) -> those classes.
 CLASS_ONLY = {("clip_sample", True): ("DDIMScheduler", "DDPMScheduler", "LCMScheduler", "TCDScheduler"),
               # sdjax.samplers.dpmpp; DPMSolverSinglestepScheduler's set_timesteps turns lower_order_final on itself
               # (a zero final sigma), so its False samples as True there, as in diffusers.
               **{(field, value): ("DPMSolverMultistepScheduler",)
                  for field, value in (("use_lu_lambdas", True), ("use_exponential_sigmas", True),
-                                      ("use_beta_sigmas", True), ("thresholding", True), ("euler_at_final", True))},
+                                      ("use_beta_sigmas", True))},
+              # (and sdjax.samplers.edm)
+              **{(field, value): ("DPMSolverMultistepScheduler", "EDMDPMSolverMultistepScheduler")
+                 for field, value in (("thresholding", True), ("euler_at_final", True))},
               # (and sdjax.samplers.unipc: the smallest sigma last, full orders to the end)
-              ("final_sigmas_type", "sigma_min"): ("DPMSolverMultistepScheduler", "UniPCMultistepScheduler"),
+              ("final_sigmas_type", "sigma_min"): ("DPMSolverMultistepScheduler", "UniPCMultistepScheduler",
+                                                   "EDMEulerScheduler", "EDMDPMSolverMultistepScheduler"),
               ("lower_order_final", False): ("DPMSolverMultistepScheduler", "DPMSolverSinglestepScheduler",
-                                             "UniPCMultistepScheduler")}
+                                             "UniPCMultistepScheduler", "EDMDPMSolverMultistepScheduler")}
 # The values sdjax implements for the rest (a dict: per class).
 SUPPORTED: dict[str, Any] = {
     "trained_betas": (None,), "interpolation_type": ("linear",), "timestep_type": ("discrete",),
@@ -115,14 +135,17 @@ SUPPORTED: dict[str, Any] = {
     "variance_type": {"DDPMScheduler": ("fixed_small",), "DPMSolverMultistepScheduler": (None,),
                       "DPMSolverSinglestepScheduler": (None,)},
     "algorithm_type": {"DPMSolverMultistepScheduler": ("dpmsolver++", "sde-dpmsolver++"),
+                       "EDMDPMSolverMultistepScheduler": ("dpmsolver++", "sde-dpmsolver++", "deis"),
                        "DPMSolverSinglestepScheduler": ("dpmsolver++",),
                        "DEISMultistepScheduler": ("deis", "dpmsolver", "dpmsolver++")},
     "solver_order": {"DPMSolverMultistepScheduler": (1, 2, 3), "UniPCMultistepScheduler": (1, 2, 3),
-                     "DPMSolverSinglestepScheduler": (2, 3), "DEISMultistepScheduler": (1, 2, 3)},
+                     "DPMSolverSinglestepScheduler": (2, 3), "DEISMultistepScheduler": (1, 2, 3),
+                     "EDMDPMSolverMultistepScheduler": (1, 2, 3)},
     "solver_type": {"DPMSolverMultistepScheduler": ("midpoint",),
                     "UniPCMultistepScheduler": ("bh2", "bh1", "midpoint", "heun", "logrho"),  # (the last 3: bh2)
                     "DPMSolverSinglestepScheduler": ("midpoint",),
-                    "DEISMultistepScheduler": ("logrho", "midpoint", "heun", "bh1", "bh2")},
+                    "DEISMultistepScheduler": ("logrho", "midpoint", "heun", "bh1", "bh2"),
+                    "EDMDPMSolverMultistepScheduler": ("midpoint", "logrho", "bh1", "bh2")},
     "lambda_min_clipped": (-math.inf,), "skip_prk_steps": (True, False), "predict_x0": (True, False),
     "solver_p": (None,), "use_dynamic_shifting": (False,),
 }
@@ -154,8 +177,11 @@ def resolve(config: dict[str, Any]) -> dict[str, Any]:
   if ignored:
     log.info("scheduler config: %s ignores %s (as diffusers does)", cls, ignored)
   full = {**defaults, **{k: v for k, v in config.items() if k in defaults}}
+  edm = cls in EDM_CLASSES
   for field, value in full.items():
     given = field in config
+    if edm and field in EDM_RANGE:
+      continue  # (make_schedule checks them)
     if field in SCHEDULE_FIELDS:
       classes = None if isinstance(value, list) else CLASS_ONLY.get((field, value))
       if classes is not None and cls not in classes:
@@ -168,4 +194,7 @@ def resolve(config: dict[str, Any]) -> dict[str, Any]:
         raise _refuse(cls, field, value, given, allowed)
     elif field not in INERT_UNLESS:  # a class field without a rule: this table is incomplete
       raise ValueError(f"scheduler config: sdjax has no rule for {cls}.{field}")
-  return {k: full[k] for k in SCHEDULE_FIELDS if k in full}
+  out = {k: full[k] for k in SCHEDULE_FIELDS if k in full}
+  if edm:
+    out.update(edm=True, edm_sigma_min=full["sigma_min"], edm_sigma_max=full["sigma_max"])
+  return out

@@ -63,6 +63,19 @@ class Schedule:
   euler_at_final: bool = struct.field(pytree_node=False, default=False)
   # UniPC (sdjax.samplers.unipc): the step indices after which its corrector is skipped (diffusers' list).
   disable_corrector: tuple[int, ...] = struct.field(pytree_node=False, default=())
+  # EDM (Karras et al. 2022; sdjax.samplers.edm, diffusers' EDM schedulers): sigmas from edm_sigma_max down to
+  # edm_sigma_min by `sigma_schedule` ("karras": eq. 5 with `rho`; "exponential"), the model preconditioned with
+  # `sigma_data`; the betas above are then unused. (sigma_data, sigma_schedule, rho need edm on.)
+  edm: bool = struct.field(pytree_node=False, default=False)
+  edm_sigma_min: float = struct.field(pytree_node=False, default=0.002)
+  edm_sigma_max: float = struct.field(pytree_node=False, default=80.0)
+  sigma_data: float = struct.field(pytree_node=False, default=0.5)
+  sigma_schedule: str = struct.field(pytree_node=False, default="karras")
+  rho: float = struct.field(pytree_node=False, default=7.0)
+  # Custom step lists (diffusers' `set_timesteps(timesteps=...)` / `(sigmas=...)`; sdjax.samplers.custom_steps),
+  # set per call by `samplers.sample(..., timesteps=..., sigmas=...)`; empty: the spacing's own steps.
+  custom_timesteps: tuple[float, ...] = struct.field(pytree_node=False, default=())
+  custom_sigmas: tuple[float, ...] = struct.field(pytree_node=False, default=())
 
   def host_abar(self) -> np.ndarray:
     """alphas_cumprod as float32 numpy, available even when the schedule is traced."""
@@ -142,7 +155,9 @@ def make_schedule(beta_schedule: str = "linear", num_train_timesteps: int = 1000
                   use_exponential_sigmas: bool = False, use_beta_sigmas: bool = False, thresholding: bool = False,
                   dynamic_thresholding_ratio: float = 0.995, sample_max_value: float = 1.0,
                   lower_order_final: bool = True, euler_at_final: bool = False,
-                  disable_corrector: tuple[int, ...] | list[int] = ()) -> Schedule:
+                  disable_corrector: tuple[int, ...] | list[int] = (), edm: bool = False,
+                  edm_sigma_min: float = 0.002, edm_sigma_max: float = 80.0, sigma_data: float = 0.5,
+                  sigma_schedule: str = "karras", rho: float = 7.0) -> Schedule:
   if prediction_type not in PREDICTION_TYPES:
     raise ValueError(f"unknown prediction_type {prediction_type!r}; expected one of {PREDICTION_TYPES}")
   if timestep_spacing not in TIMESTEP_SPACINGS:
@@ -155,6 +170,7 @@ def make_schedule(beta_schedule: str = "linear", num_train_timesteps: int = 1000
     raise ValueError("only one of use_karras_sigmas, use_exponential_sigmas, use_beta_sigmas can be set")
   if thresholding and not 0.0 <= dynamic_thresholding_ratio <= 1.0:
     raise ValueError(f"dynamic_thresholding_ratio must be in [0, 1], got {dynamic_thresholding_ratio}")
+  _check_edm(edm, prediction_type, edm_sigma_min, edm_sigma_max, sigma_data, sigma_schedule, rho)
   betas = make_betas(beta_schedule, num_train_timesteps, beta_start, beta_end)
   if rescale_betas_zero_snr:
     betas = rescale_zero_terminal_snr(betas)
@@ -175,7 +191,35 @@ def make_schedule(beta_schedule: str = "linear", num_train_timesteps: int = 1000
                   dynamic_thresholding_ratio=float(dynamic_thresholding_ratio) if thresholding else 0.995,
                   sample_max_value=float(sample_max_value) if thresholding else 1.0,
                   lower_order_final=bool(lower_order_final),
-                  euler_at_final=bool(euler_at_final), disable_corrector=tuple(int(k) for k in disable_corrector))
+                  euler_at_final=bool(euler_at_final), disable_corrector=tuple(int(k) for k in disable_corrector),
+                  # (the EDM parameters likewise only with edm on)
+                  **(dict(edm=True, edm_sigma_min=float(edm_sigma_min), edm_sigma_max=float(edm_sigma_max),
+                          sigma_data=float(sigma_data), sigma_schedule=sigma_schedule, rho=float(rho)) if edm else {}))
+
+
+EDM_SIGMA_SCHEDULES = ("karras", "exponential")
+
+
+def _check_edm(edm: bool, prediction_type: str, sigma_min: float, sigma_max: float, sigma_data: float,
+               sigma_schedule: str, rho: float) -> None:
+  """One-line errors for EDM settings that diffusers' EDM schedulers do not define, or that need edm on."""
+  if not edm:
+    for name, value, default in (("sigma_data", sigma_data, 0.5), ("sigma_schedule", sigma_schedule, "karras"),
+                                 ("rho", rho, 7.0), ("edm_sigma_min", sigma_min, 0.002),
+                                 ("edm_sigma_max", sigma_max, 80.0)):
+      if value != default:
+        raise ValueError(f"{name}={value!r} is an EDM setting: it needs edm=True (an EDM scheduler class)")
+    return
+  if sigma_schedule not in EDM_SIGMA_SCHEDULES:
+    raise ValueError(f"unknown sigma_schedule {sigma_schedule!r}; expected one of {EDM_SIGMA_SCHEDULES}")
+  if prediction_type not in ("epsilon", "v_prediction"):
+    raise ValueError(f"prediction_type={prediction_type!r} is not defined for EDM schedules (epsilon, v_prediction)")
+  if not 0.0 < sigma_min < sigma_max:
+    raise ValueError(f"EDM sigmas need 0 < edm_sigma_min < edm_sigma_max, got {sigma_min}, {sigma_max}")
+  if not sigma_data > 0.0:
+    raise ValueError(f"sigma_data must be > 0, got {sigma_data}")
+  if not rho > 0.0:
+    raise ValueError(f"rho must be > 0, got {rho}")
 
 
 def rescale_zero_terminal_snr(betas: np.ndarray) -> np.ndarray:
@@ -223,6 +267,8 @@ def _at(a: jax.Array, t: jax.Array, ndim: int) -> jax.Array:
 
 def add_noise(schedule: Schedule, x0: jax.Array, noise: jax.Array, t: jax.Array) -> jax.Array:
   """x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) noise (Ho et al. 2020, eq. 4); t: int [B]."""
+  if schedule.edm:
+    raise ValueError("edm=True: sdjax trains only discrete VP schedules (EDM schedules are for sampling)")
   abar = _at(schedule.alphas_cumprod, t, x0.ndim)
   return jnp.sqrt(abar) * x0 + jnp.sqrt(1.0 - abar) * noise
 
@@ -327,7 +373,8 @@ _SAMPLER_OF_CLASS = {"DDIMScheduler": "ddim", "DDPMScheduler": "ddpm", "PNDMSche
                      "LMSDiscreteScheduler": "lms", "EulerDiscreteScheduler": "euler",
                      "EulerAncestralDiscreteScheduler": "euler_a", "HeunDiscreteScheduler": "heun",
                      "UniPCMultistepScheduler": "unipc", "LCMScheduler": "lcm", "TCDScheduler": "tcd",
-                     "KDPM2DiscreteScheduler": "kdpm2", "KDPM2AncestralDiscreteScheduler": "kdpm2_a"}
+                     "KDPM2DiscreteScheduler": "kdpm2", "KDPM2AncestralDiscreteScheduler": "kdpm2_a",
+                     "EDMEulerScheduler": "edm_euler"}
 # DEIS by solver_order (diffusers' default 2).
 _DEIS_OF_ORDER = {1: "deis_1", 2: "deis", 3: "deis_3"}
 
@@ -347,6 +394,16 @@ def sampler_from_diffusers_config(config: dict[str, Any]) -> str:
       raise ValueError(f"scheduler config: solver_order={order!r} is not supported by sdjax for {cls} "
                        f"(supported: 2, 3)")
     return f"dpmpp_{order}s"
+  if cls == "EDMDPMSolverMultistepScheduler":  # edm_dpmpp_{1,2,3}m, "_sde" for sde-dpmsolver++ (sdjax.samplers.edm)
+    order, sde = config.get("solver_order", 2), config.get("algorithm_type") == "sde-dpmsolver++"
+    if order not in ((1, 2) if sde else (1, 2, 3)):
+      raise ValueError(f"scheduler config: solver_order={order!r} is not supported by sdjax for {cls} with "
+                       f"algorithm_type={config.get('algorithm_type', 'dpmsolver++')!r} (supported: "
+                       f"{'1, 2: diffusers has no third-order SDE step' if sde else '1, 2, 3'})")
+    if config.get("algorithm_type") == "deis" and config.get("final_sigmas_type", "zero") == "zero":
+      raise ValueError(f"scheduler config: algorithm_type='deis' needs final_sigmas_type='sigma_min' for {cls} "
+                       f"(as diffusers)")
+    return f"edm_dpmpp_{order}m" + ("_sde" if sde else "")
   if cls == "DEISMultistepScheduler":
     order = config.get("solver_order", 2)
     if order not in _DEIS_OF_ORDER:
@@ -365,7 +422,7 @@ def sampler_from_diffusers_config(config: dict[str, Any]) -> str:
             + ("" if config.get("predict_x0", True) else "_eps"))
   if cls not in _SAMPLER_OF_CLASS:
     known = sorted(_SAMPLER_OF_CLASS) + ["DEISMultistepScheduler", "DPMSolverMultistepScheduler",
-                                         "DPMSolverSinglestepScheduler"]
+                                         "DPMSolverSinglestepScheduler", "EDMDPMSolverMultistepScheduler"]
     raise ValueError(f"scheduler config: no sdjax sampler for _class_name={cls!r}; known: {known}")
   return _SAMPLER_OF_CLASS[cls]
 

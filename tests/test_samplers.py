@@ -150,7 +150,8 @@ def test_error_falls_with_the_samplers_order(name, spacing, min_ratio):
 def test_every_sampler_traces_the_model_a_fixed_number_of_times(name):
   # (UniPC with B(h) = h or noise prediction needs a nonzero last sigma: diffusers' last step is NaN at 0.)
   needs_sigma_min = name.startswith("unipc") and ("_bh1" in name or "_eps" in name)
-  s = schedules.make_schedule("linear", 1000, final_sigmas_type="sigma_min" if needs_sigma_min else "zero")
+  s = schedules.make_schedule("linear", 1000, final_sigmas_type="sigma_min" if needs_sigma_min else "zero",
+                              edm=name.startswith("edm_"))  # (the EDM samplers need an EDM schedule)
   counts = []
   for steps in (4, 12):
     traces = []
@@ -190,7 +191,9 @@ def test_every_registered_sampler_is_one_of_the_contract_names():
                                     "dpmpp_1m", "dpmpp_1m_sde", "dpmpp_3m", "dpmpp_3m_sde"} | {
                                     "ipndm", "ipndm_v", "ipndm_karras", "ipndm_v_karras"} | {
                                     f"{s}_{steps}" for s in ("euler", "dpmpp_2m", "ipndm", "ipndm_v")
-                                    for steps in ("ays", "ays_xl")}
+                                    for steps in ("ays", "ays_xl")} | {
+                                    "edm_euler", "edm_dpmpp_1m", "edm_dpmpp_1m_sde", "edm_dpmpp_2m", "edm_dpmpp_2m_sde",
+                                    "edm_dpmpp_3m"}
 
 
 def test_zero_terminal_snr_is_refused_where_it_divides_by_zero():

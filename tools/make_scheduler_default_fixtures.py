@@ -22,11 +22,13 @@ import diffusers
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from make_sampler_fixtures import mixture_model, run_loop  # noqa: E402
+from make_edm_fixtures import edm_mixture_model  # noqa: E402
 
 CLASSES = ("DDIMScheduler", "DDPMScheduler", "PNDMScheduler", "LMSDiscreteScheduler", "EulerDiscreteScheduler",
            "EulerAncestralDiscreteScheduler", "HeunDiscreteScheduler", "DPMSolverMultistepScheduler",
            "UniPCMultistepScheduler", "LCMScheduler", "TCDScheduler", "DPMSolverSinglestepScheduler",
-           "KDPM2DiscreteScheduler", "KDPM2AncestralDiscreteScheduler", "DEISMultistepScheduler")
+           "KDPM2DiscreteScheduler", "KDPM2AncestralDiscreteScheduler", "DEISMultistepScheduler", "EDMEulerScheduler",
+           "EDMDPMSolverMultistepScheduler")
 # The example: SD's betas and steps_offset, nothing else (diffusers fills in the rest per class).
 MINIMAL = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
            "steps_offset": 1}
@@ -54,7 +56,10 @@ def main():
     sched = klass.from_config(config)
     saved = json.loads(sched.to_json_string())  # exactly what save_config writes
     sched.set_timesteps(STEPS)
-    model = mixture_model(sched.alphas_cumprod.numpy(), "epsilon")
+    if cls.startswith("EDM"):  # (no betas: the model in EDM form, tools/make_edm_fixtures.py)
+      model = edm_mixture_model(sched.config.sigma_data, "epsilon")
+    else:
+      model = mixture_model(sched.alphas_cumprod.numpy(), "epsilon")
     module = importlib.import_module(klass.__module__)
     seen, drawn, x = run_loop(sched, module, model, noise * sched.init_noise_sigma, sched.timesteps, {})
     arrays[f"{cls}/timesteps"] = np.array(seen, np.float32)

@@ -12,7 +12,7 @@ The loop over i is one `lax.scan`, so `model_fn` is traced once per compile.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -56,6 +56,8 @@ def get(name: str) -> Sampler:
 _DPM_M = ("dpmpp_1m", "dpmpp_1m_sde", "dpmpp_2m", "dpmpp_2m_sde", "dpmpp_3m", "dpmpp_3m_sde")
 _UNIPC = ("unipc", "unipc_1", "unipc_3", "unipc_bh1", "unipc_1_bh1", "unipc_3_bh1", "unipc_eps", "unipc_1_eps",
           "unipc_3_eps", "unipc_bh1_eps", "unipc_1_bh1_eps", "unipc_3_bh1_eps")
+_EDM_DPM = ("edm_dpmpp_1m", "edm_dpmpp_1m_sde", "edm_dpmpp_2m", "edm_dpmpp_2m_sde", "edm_dpmpp_3m")
+_EDM = ("edm_euler",) + _EDM_DPM
 _SIGMA = ("euler", "euler_a", "heun", "lms", "ipndm", "ipndm_v", "kdpm2", "kdpm2_a", "deis_1", "deis", "deis_3",
           "dpmpp_2s", "dpmpp_3s") + _DPM_M + _UNIPC
 # Schedule options away from their defaults, and the samplers that implement them. Any other sampler refuses
@@ -65,13 +67,19 @@ SCHEDULE_OPTIONS: dict[str, tuple[Callable[[Schedule], bool], tuple[str, ...]]] 
     "use_exponential_sigmas": (lambda s: s.use_exponential_sigmas, _DPM_M),
     "use_beta_sigmas": (lambda s: s.use_beta_sigmas, _DPM_M),
     "use_lu_lambdas": (lambda s: s.use_lu_lambdas, _DPM_M),
-    "thresholding": (lambda s: s.thresholding, _DPM_M),
-    "final_sigmas_type": (lambda s: s.final_sigmas_type != "zero", _DPM_M + _UNIPC),
+    "thresholding": (lambda s: s.thresholding, _DPM_M + _EDM_DPM),
+    "final_sigmas_type": (lambda s: s.final_sigmas_type != "zero", _DPM_M + _UNIPC + _EDM),
     # (dpmpp_2s/3s: diffusers forces lower_order_final on with a zero final sigma, so False is inert there)
-    "lower_order_final": (lambda s: not s.lower_order_final, _DPM_M + _UNIPC + ("dpmpp_2s", "dpmpp_3s")),
-    "euler_at_final": (lambda s: s.euler_at_final, _DPM_M),
+    "lower_order_final": (lambda s: not s.lower_order_final, _DPM_M + _UNIPC + ("dpmpp_2s", "dpmpp_3s") + _EDM_DPM),
+    "euler_at_final": (lambda s: s.euler_at_final, _DPM_M + _EDM_DPM),
+    # EDM schedules (Karras et al. 2022): sigma-space preconditioned sampling, sdjax.samplers.edm
+    "edm": (lambda s: s.edm, _EDM),
     "disable_corrector": (lambda s: bool(s.disable_corrector), _UNIPC),
     "clip_sample": (lambda s: s.clip_sample, ("ddim", "ddpm", "lcm")),
+    # Custom step lists (sdjax.samplers.custom_steps): the samplers whose diffusers class' set_timesteps takes them
+    # (EulerAncestral, DDIM, LMS, PNDM, ... do not; UniPC takes sigmas only for flow matching).
+    "custom_timesteps": (lambda s: bool(s.custom_timesteps), ("ddpm", "euler", "heun", "lcm", "tcd") + _DPM_M),
+    "custom_sigmas": (lambda s: bool(s.custom_sigmas), ("euler",)),
 }
 
 
@@ -83,8 +91,34 @@ def check_schedule(schedule: Schedule, sampler: str) -> None:
                        f"{getattr(schedule, option)!r}; samplers that do: {', '.join(names)}")
 
 
-def scan_length(schedule: Schedule, sampler: str, num_steps: int, strength: float = 1.0) -> int:
+def with_custom_steps(schedule: Schedule, num_steps: int | None, timesteps: Sequence[float] | None = None,
+                      sigmas: Sequence[float] | None = None) -> tuple[Schedule, int]:
+  """(schedule, num_steps) for custom `timesteps` [n] or `sigmas` [n + 1] (as diffusers pipelines take them):
+  the schedule's custom_timesteps / custom_sigmas set, num_steps n (a num_steps given must agree)."""
+  if timesteps is not None and sigmas is not None:
+    raise ValueError("only one of timesteps and sigmas can be given")
+  if timesteps is not None:
+    values = tuple(float(t) for t in timesteps)
+    schedule, n = dataclasses.replace(schedule, custom_timesteps=values, custom_sigmas=()), len(values)
+  elif sigmas is not None:
+    values = tuple(float(v) for v in sigmas)
+    schedule, n = dataclasses.replace(schedule, custom_sigmas=values, custom_timesteps=()), len(values) - 1
+  else:
+    if num_steps is None:
+      raise ValueError("num_steps is needed unless timesteps or sigmas are given")
+    return schedule, num_steps
+  if n < 1:
+    raise ValueError(f"custom {'timesteps' if timesteps is not None else 'sigmas'} give no steps: {list(values)}")
+  if num_steps is not None and num_steps != n:
+    raise ValueError(f"num_steps={num_steps} conflicts with the {n} steps of the custom "
+                     f"{'timesteps' if timesteps is not None else 'sigmas'}; pass one or the other")
+  return schedule, n
+
+
+def scan_length(schedule: Schedule, sampler: str, num_steps: int | None = None, strength: float = 1.0, *,
+                timesteps: Sequence[float] | None = None, sigmas: Sequence[float] | None = None) -> int:
   """How many steps `sample(...)` runs (the leading axis of its `step_noise`) for these arguments."""
+  schedule, num_steps = with_custom_steps(schedule, num_steps, timesteps, sigmas)
   s = get(sampler)
   if strength < 1.0 and s.strength_tables is not None:
     return len(s.strength_tables(schedule, num_steps, strength)["timesteps"])
@@ -92,7 +126,8 @@ def scan_length(schedule: Schedule, sampler: str, num_steps: int, strength: floa
   return n - (num_steps - min(int(num_steps * strength), num_steps) if strength < 1.0 else 0)
 
 
-def sample(model_fn: ModelFn, noise: jax.Array, *, schedule: Schedule, sampler: str, num_steps: int,
+def sample(model_fn: ModelFn, noise: jax.Array, *, schedule: Schedule, sampler: str, num_steps: int | None = None,
+           timesteps: Sequence[float] | None = None, sigmas: Sequence[float] | None = None,
            rng: jax.Array | None = None, step_noise: jax.Array | None = None, init_image: jax.Array | None = None,
            strength: float = 1.0, inpaint_mask: jax.Array | None = None,
            step_hook: Callable[[jax.Array, jax.Array], jax.Array] | None = None, **options: Any) -> jax.Array:
@@ -110,7 +145,12 @@ def sample(model_fn: ModelFn, noise: jax.Array, *, schedule: Schedule, sampler: 
   after every step the kept region is replaced by `init_image` noised (with `noise`) to the next
   step's level, and by `init_image` itself after the last step (diffusers' inpaint pipeline for
   ordinary U-Nets). `step_hook(x, i) -> x` runs after every step for anything else.
+
+  Custom steps, as diffusers pipelines take them: `timesteps` [n] or `sigmas` [n + 1] (the last the final sigma)
+  replace the schedule's spacing for the samplers whose diffusers class takes them (`SCHEDULE_OPTIONS`
+  "custom_timesteps" / "custom_sigmas"); num_steps is then n, and may be left out.
   """
+  schedule, num_steps = with_custom_steps(schedule, num_steps, timesteps, sigmas)
   s = get(sampler)
   check_schedule(schedule, sampler)
   unknown = sorted(set(options) - set(s.options))
@@ -204,3 +244,4 @@ from sdjax.samplers import kdpm2 as _kdpm2  # noqa: E402,F401  (registers kdpm2,
 from sdjax.samplers import deis as _deis  # noqa: E402,F401  (registers deis_1, deis, deis_3)
 from sdjax.samplers import lcm as _lcm  # noqa: E402,F401  (registers lcm, tcd)
 from sdjax.samplers import dpm_singlestep as _dpm_singlestep  # noqa: E402,F401  (registers dpmpp_2s, dpmpp_3s)
+from sdjax.samplers import edm as _edm  # noqa: E402,F401  (registers edm_euler, edm_dpmpp_{1,2,3}m, _{1,2}m_sde)

@@ -26,7 +26,10 @@ def mixture_model(schedule: Schedule, weights: Sequence[float] = MIXTURE["weight
   abar at fractional t: "linear" interpolates abar between integer timesteps (the convention of
   tools/make_sampler_fixtures.py); "log_sigma" interpolates log sigma, the exact inverse of the
   sigma -> t map of Karras schedules, so the model and the sampler agree on the noise level.
+  An EDM schedule (`schedule.edm`) gets `edm_mixture_model` instead (no interpolation).
   """
+  if schedule.edm:
+    return edm_mixture_model(schedule, weights, means, stds)
   w, mu, sd = (jnp.asarray(v, jnp.float32) for v in (weights, means, stds))
   T = schedule.num_train_timesteps
   if interpolation == "linear":
@@ -56,6 +59,28 @@ def mixture_model(schedule: Schedule, weights: Sequence[float] = MIXTURE["weight
     x0 = jnp.sum(jax.nn.softmax(logp, axis=-1) * (mu + a_ * sd**2 * (xs - a_ * mu) / var), axis=-1)
     eps = (x - a * x0) / b
     return {"epsilon": eps, "v_prediction": a * eps - b * x0, "sample": x0}[schedule.prediction_type]
+
+  return model_fn
+
+
+def edm_mixture_model(schedule: Schedule, weights: Sequence[float] = MIXTURE["weights"],
+                      means: Sequence[float] = MIXTURE["means"], stds: Sequence[float] = MIXTURE["stds"]):
+  """model_fn(x_in, c_noise) of an EDM network (Karras et al. 2022, table 1) whose denoiser is exact for the mixture
+  noised in sigma space, x = x0 + sigma eps: sigma = exp(4 c_noise), x = x_in / c_in, and the raw output F with
+  D(x, sigma) = c_skip x + c_out F (c_out negated for v_prediction), as tools/make_edm_fixtures.py."""
+  w, mu, sd = (jnp.asarray(v, jnp.float32) for v in (weights, means, stds))
+  sd2 = schedule.sigma_data**2
+
+  def model_fn(x_in, c_noise):
+    sigma = jnp.exp(4.0 * c_noise.astype(jnp.float32)).reshape((-1,) + (1,) * (x_in.ndim - 1))
+    x = x_in * jnp.sqrt(sigma**2 + sd2)
+    xs, s2 = x[..., None], sigma[..., None] ** 2
+    var = sd**2 + s2
+    logp = jnp.log(w) - 0.5 * jnp.log(var) - 0.5 * (xs - mu) ** 2 / var
+    d = jnp.sum(jax.nn.softmax(logp, axis=-1) * (mu + sd**2 / var * (xs - mu)), axis=-1)
+    c_out = sigma * schedule.sigma_data / jnp.sqrt(sigma**2 + sd2)
+    f = (d - sd2 / (sigma**2 + sd2) * x) / c_out
+    return -f if schedule.prediction_type == "v_prediction" else f
 
   return model_fn
 

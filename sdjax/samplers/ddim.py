@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sdjax import samplers, schedules
+from sdjax.samplers import custom_steps
 from sdjax.schedules import Schedule
 
 
@@ -27,8 +28,14 @@ def _tables(schedule: Schedule, num_steps: int) -> dict[str, np.ndarray]:
 
 def _ddpm_tables(schedule: Schedule, num_steps: int) -> dict[str, np.ndarray]:
   """As DDIM's, but the previous timestep is the next one in the list, and -1 after the last (diffusers'
-  DDPMScheduler.previous_timestep; DDIM steps back by T // n, which differs for trailing/linspace)."""
-  tables = _tables(schedule, num_steps)
+  DDPMScheduler.previous_timestep; DDIM steps back by T // n, which differs for trailing/linspace). Custom
+  timesteps (set_timesteps(timesteps=...)) replace the spacing's."""
+  if schedule.custom_timesteps:
+    timesteps = custom_steps.custom_timesteps(schedule, num_steps, "ddpm", integer=True).astype(np.int64)
+    check_terminal_snr(schedule, timesteps, "ddpm")
+    tables = {"timesteps": timesteps}
+  else:
+    tables = _tables(schedule, num_steps)
   tables["prev"] = np.concatenate([tables["timesteps"][1:], [-1]]).astype(np.int64)
   return tables
 

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sdjax import samplers, schedules
+from sdjax.samplers import custom_steps
 from sdjax.schedules import Schedule
 
 BETA_SIGMAS_AB = (0.6, 0.6)  # diffusers' _convert_to_beta defaults
@@ -95,6 +96,11 @@ def dpm_tables(schedule: Schedule, num_steps: int, *, unipc: bool = False) -> di
         raise ValueError(f"unipc: {field}=True is not supported by sdjax")
     if schedule.final_sigmas_type != "zero":
       raise ValueError(f"unipc: final_sigmas_type={schedule.final_sigmas_type!r} is not supported by sdjax")
+  if schedule.custom_timesteps and not unipc:  # set_timesteps(timesteps=...): the training sigmas there
+    timesteps = custom_steps.custom_timesteps(schedule, num_steps, "dpmpp", integer=True).astype(np.int64)
+    last = schedules.train_sigmas(schedule)[0] if schedule.final_sigmas_type == "sigma_min" else 0.0
+    return {"timesteps": timesteps.astype(np.float32),
+            "sigmas": custom_steps.custom_interp_sigmas(schedule, timesteps, last)}
   if schedule.timestep_spacing == "linspace":
     timesteps = np.linspace(0, T - 1, num_steps + 1).round()[::-1][:-1].astype(np.int64)
   elif schedule.timestep_spacing == "leading":

@@ -6,10 +6,17 @@ import jax.numpy as jnp
 import numpy as np
 
 from sdjax import samplers, schedules
+from sdjax.samplers import custom_steps
 from sdjax.schedules import Schedule
 
 
 def sigma_tables(schedule: Schedule, num_steps: int) -> dict[str, np.ndarray]:
+  """diffusers' EulerDiscreteScheduler timesteps and sigmas, or its custom timesteps / sigmas."""
+  if schedule.custom_sigmas:
+    return custom_steps.custom_sigma_tables(schedule, num_steps, "euler")
+  if schedule.custom_timesteps:
+    timesteps = custom_steps.custom_timesteps(schedule, num_steps, "euler/heun", integer=False).astype(np.float32)
+    return {"timesteps": timesteps, "sigmas": custom_steps.custom_interp_sigmas(schedule, timesteps)}
   timesteps, sigmas = schedules.sigma_timesteps(schedule, num_steps)
   return {"timesteps": timesteps, "sigmas": sigmas}
 

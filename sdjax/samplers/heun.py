@@ -33,4 +33,17 @@ def heun_step(schedule, model_fn, carry, i, z, tables, options):
   return {"x": jax.lax.cond(last, lambda x_euler: x_euler, correct, x_euler)}
 
 
-samplers.register("heun", samplers.Sampler(_tables, init_sigma_scaled, heun_step, samplers.noised_sigma))
+def _strength_tables(schedule, num_steps, strength):
+  """img2img: the generic skipping (the first num_steps - int(num_steps * strength) steps); refused with custom
+  timesteps, where diffusers' pipelines count Heun's 2n - 1 scheduler timesteps as the steps to skip."""
+  if schedule.custom_timesteps:
+    raise ValueError("heun: strength < 1 with custom timesteps is not supported (diffusers' img2img pipelines "
+                     "skip by its 2n - 1 scheduler timesteps there)")
+  start = num_steps - min(int(num_steps * strength), num_steps)
+  if start >= num_steps:
+    raise ValueError(f"strength={strength} leaves no steps out of {num_steps}")
+  return {k: v[start:] for k, v in _tables(schedule, num_steps).items()}
+
+
+samplers.register("heun", samplers.Sampler(_tables, init_sigma_scaled, heun_step, samplers.noised_sigma,
+                                           strength_tables=_strength_tables))

@@ -23,6 +23,7 @@ import numpy as np
 
 from sdjax import samplers, schedules
 from sdjax.samplers.ddim import check_terminal_snr
+from sdjax.samplers import custom_steps
 from sdjax.schedules import Schedule
 
 SIGMA_DATA = 0.5  # the consistency parameterisation's data standard deviation (diffusers' LCMScheduler)
@@ -52,8 +53,21 @@ def boundary_scalings(schedule: Schedule, timesteps: np.ndarray) -> tuple[np.nda
   return np.float32(SIGMA_DATA**2) / d, s / np.sqrt(d)
 
 
+def _custom(schedule: Schedule, num_steps: int, sampler: str, strength: float = 1.0) -> np.ndarray:
+  """Custom timesteps (set_timesteps(timesteps=..., strength=...)): less the first n - int(n * strength)."""
+  distilled_timesteps(schedule, 1, sampler=sampler)  # (checks original_inference_steps, as diffusers' LCM)
+  timesteps = custom_steps.custom_timesteps(schedule, num_steps, sampler, integer=True).astype(np.int64)
+  start = num_steps - min(int(num_steps * strength), num_steps)
+  if start >= num_steps:
+    raise ValueError(f"{sampler}: strength={strength} leaves none of the {num_steps} custom timesteps")
+  return timesteps[start:]
+
+
 def _lcm_tables(schedule: Schedule, num_steps: int, strength: float = 1.0) -> dict[str, np.ndarray]:
-  timesteps = distilled_timesteps(schedule, num_steps, strength)
+  if schedule.custom_timesteps:
+    timesteps = _custom(schedule, num_steps, "lcm", strength)
+  else:
+    timesteps = distilled_timesteps(schedule, num_steps, strength)
   check_terminal_snr(schedule, timesteps, "lcm")
   c_skip, c_out = boundary_scalings(schedule, timesteps)
   # The next timestep (re-noising target); the last step returns the boundary-conditioned x0, no re-noising.
@@ -62,7 +76,10 @@ def _lcm_tables(schedule: Schedule, num_steps: int, strength: float = 1.0) -> di
 
 
 def _tcd_tables(schedule: Schedule, num_steps: int) -> dict[str, np.ndarray]:
-  timesteps = distilled_timesteps(schedule, num_steps, sampler="tcd")
+  if schedule.custom_timesteps:
+    timesteps = _custom(schedule, num_steps, "tcd")
+  else:
+    timesteps = distilled_timesteps(schedule, num_steps, sampler="tcd")
   check_terminal_snr(schedule, timesteps, "tcd")
   return {"timesteps": timesteps, "prev": np.concatenate([timesteps[1:], [0]]).astype(np.int64)}
 
