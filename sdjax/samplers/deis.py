@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sdjax import samplers, schedules
-from sdjax.samplers.dpmpp import data_prediction
+from sdjax.samplers.dpmpp import data_prediction, multistep_timesteps
 from sdjax.schedules import Schedule
 
 ORDERS = (1, 2, 3)
@@ -32,13 +32,7 @@ def deis_sigmas(schedule: Schedule, num_steps: int) -> tuple[np.ndarray, np.ndar
   T = schedule.num_train_timesteps
   if not 1 <= num_steps <= T:
     raise ValueError(f"num_steps must be in [1, {T}], got {num_steps}")
-  if schedule.timestep_spacing == "linspace":
-    timesteps = np.linspace(0, T - 1, num_steps + 1).round()[::-1][:-1].astype(np.int64)
-  elif schedule.timestep_spacing == "leading":
-    ratio = T // (num_steps + 1)
-    timesteps = (np.arange(0, num_steps + 1) * ratio).round()[::-1][:-1].astype(np.int64) + schedule.steps_offset
-  else:
-    timesteps = np.arange(T, 0, -T / num_steps).round().astype(np.int64) - 1
+  timesteps = multistep_timesteps(schedule, num_steps)
   train_sigmas = schedules.train_sigmas(schedule)
   if schedule.use_karras_sigmas:
     rho = 7.0

@@ -81,6 +81,18 @@ def order_table(schedule: Schedule, num_steps: int, solver_order: int) -> np.nda
   return order
 
 
+def multistep_timesteps(schedule: Schedule, num_steps: int) -> np.ndarray:
+  """Integer timesteps (descending) of diffusers' multistep solvers (DPM-Solver, UniPC, DEIS) for the spacing:
+  linspace/leading take n + 1 points and drop the last; trailing as DDIM's."""
+  T = schedule.num_train_timesteps
+  if schedule.timestep_spacing == "linspace":
+    return np.linspace(0, T - 1, num_steps + 1).round()[::-1][:-1].astype(np.int64)
+  if schedule.timestep_spacing == "leading":
+    ratio = T // (num_steps + 1)
+    return (np.arange(0, num_steps + 1) * ratio).round()[::-1][:-1].astype(np.int64) + schedule.steps_offset
+  return np.arange(T, 0, -T / num_steps).round().astype(np.int64) - 1
+
+
 def dpm_tables(schedule: Schedule, num_steps: int, *, unipc: bool = False) -> dict[str, np.ndarray]:
   """Integer timesteps and sigmas [n + 1] of diffusers' multistep DPM-Solver (with `unipc`, of
   UniPCMultistepScheduler, which differs only in rounding Karras timesteps for squaredcos_cap_v2 too:
@@ -101,13 +113,7 @@ def dpm_tables(schedule: Schedule, num_steps: int, *, unipc: bool = False) -> di
     last = schedules.train_sigmas(schedule)[0] if schedule.final_sigmas_type == "sigma_min" else 0.0
     return {"timesteps": timesteps.astype(np.float32),
             "sigmas": custom_steps.custom_interp_sigmas(schedule, timesteps, last)}
-  if schedule.timestep_spacing == "linspace":
-    timesteps = np.linspace(0, T - 1, num_steps + 1).round()[::-1][:-1].astype(np.int64)
-  elif schedule.timestep_spacing == "leading":
-    ratio = T // (num_steps + 1)
-    timesteps = (np.arange(0, num_steps + 1) * ratio).round()[::-1][:-1].astype(np.int64) + schedule.steps_offset
-  else:
-    timesteps = np.arange(T, 0, -T / num_steps).round().astype(np.int64) - 1
+  timesteps = multistep_timesteps(schedule, num_steps)
   train_sigmas = schedules.train_sigmas(schedule)
   log_sigmas = np.log(train_sigmas)  # float32, as diffusers
   lo, hi = float(train_sigmas[0]), float(train_sigmas[-1])

@@ -11,7 +11,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 
-from sdjax import samplers
+from sdjax import samplers, schedules
 from sdjax.samplers.ddim import check_terminal_snr
 from sdjax.schedules import Schedule
 
@@ -21,12 +21,7 @@ def _tables(schedule: Schedule, num_steps: int) -> dict[str, np.ndarray]:
   if not 2 <= num_steps <= T:
     raise ValueError(f"pndm needs num_steps in [2, {T}], got {num_steps}")
   r = T // num_steps
-  if schedule.timestep_spacing == "leading":
-    ts = (np.arange(0, num_steps) * r).round().astype(np.int64) + schedule.steps_offset
-  elif schedule.timestep_spacing == "trailing":
-    ts = np.round(np.arange(T, 0, -T / num_steps))[::-1].astype(np.int64) - 1
-  else:
-    ts = np.linspace(0, T - 1, num_steps).round().astype(np.int64)
+  ts = schedules.discrete_timesteps(schedule, num_steps)[::-1]  # ascending
   model_t = np.concatenate([ts[:-1], ts[-2:-1], ts[-1:]])[::-1]  # [t_{n-1}, t_{n-2}, t_{n-2}, ..., t_0]
   check_terminal_snr(schedule, model_t, "pndm", allowed=())  # its transfer divides by abar_t
   t_from, t_to = model_t.copy(), model_t - r
@@ -87,12 +82,7 @@ def _prk_tables(schedule: Schedule, num_steps: int) -> dict[str, np.ndarray]:
   if not 4 <= num_steps <= T:
     raise ValueError(f"pndm_prk needs num_steps in [4, {T}], got {num_steps}")
   r = T // num_steps
-  if schedule.timestep_spacing == "leading":
-    ts = (np.arange(0, num_steps) * r).round().astype(np.int64) + schedule.steps_offset
-  elif schedule.timestep_spacing == "trailing":
-    ts = np.round(np.arange(T, 0, -T / num_steps))[::-1].astype(np.int64) - 1
-  else:
-    ts = np.linspace(0, T - 1, num_steps).round().astype(np.int64)
+  ts = schedules.discrete_timesteps(schedule, num_steps)[::-1]  # ascending
   half = r // 2
   # The four noisiest timesteps and their midpoints, as diffusers' prk_timesteps: [t3, t2 + h, t2 + h, t2, t2,
   # t1 + h, ..., t0] for ascending t0..t3 (h = r // 2), three RK steps of four evaluations each.
