@@ -25,7 +25,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from sdjax.models import flops
+from sdjax.models import attention_kernels, flops  # attention_kernels imports jax's Pallas ops only when used
+from sdjax.models.attention_kernels import is_key_padding_mask
 
 IMPLEMENTATIONS = ("xla", "cudnn", "chunked", "pallas_tpu", "pallas_gpu")
 # Logits per (batch, head) above which the CPU default switches from "xla" to "chunked". Measured with
@@ -68,14 +69,8 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: jax
   if implementation == "chunked":
     return chunked_attention(q, k, v, mask, is_causal, query_chunk, key_chunk)
   if implementation in ("pallas_tpu", "pallas_gpu"):
-    from sdjax.models import attention_kernels  # imports jax.experimental.pallas only when used
     return attention_kernels.pallas_attention(q, k, v, mask, is_causal, implementation)
   return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal, implementation=implementation)
-
-
-def is_key_padding_mask(mask: jax.Array | None) -> bool:
-  """Whether `mask` (4-d) only removes keys, the same for every head and query: [B or 1, 1, 1, Lk or 1]."""
-  return mask is None or (mask.shape[1] == 1 and mask.shape[2] == 1)
 
 
 def default_implementation(q, k, mask=None, backend: str | None = None) -> str:

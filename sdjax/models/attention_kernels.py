@@ -127,9 +127,13 @@ def _mesh_specs(mesh, batch: int, heads: int):
   return P(b, None, head_axis, None), P(b, None)
 
 
+def is_key_padding_mask(mask: jax.Array | None) -> bool:
+  """Whether `mask` (4-d) only removes keys, the same for every head and query: [B or 1, 1, 1, Lk or 1]."""
+  return mask is None or (mask.shape[1] == 1 and mask.shape[2] == 1)
+
+
 def pallas_attention(q, k, v, mask, is_causal: bool, implementation: str, interpret: bool = False):
   """Run "pallas_tpu" or "pallas_gpu" (see the module docstring); mask: None or a key-padding mask."""
-  from sdjax.models.attention import is_key_padding_mask
   if not is_key_padding_mask(mask):
     raise ValueError(f"attention implementation {implementation!r} takes only a key-padding mask "
                      f"[B or 1, 1, 1, Lk]; got a mask of shape {mask.shape} (use 'chunked' or 'xla')")
