@@ -36,8 +36,9 @@ from flax import linen as nn  # noqa: E402
 
 from sdjax import parallel, schedules  # noqa: E402
 from sdjax.convert.single_file import default_configs  # noqa: E402
+from sdjax.models import remat as remat_lib  # noqa: E402
 from sdjax.models.unet import UNet, UNetConfig, init_args  # noqa: E402
-from sdjax.train import optim, state as state_lib  # noqa: E402
+from sdjax.train import losses, mfu, optim, state as state_lib  # noqa: E402
 from sdjax.train.losses import LossConfig  # noqa: E402
 from sdjax.train.step import StepConfig, make_train_step  # noqa: E402
 
@@ -131,14 +132,14 @@ def cpu_mode(args) -> str:
 
 # --- memory mode: one compile-only case in this process ---------------------------------------------
 
-def unet_config(model: str, remat: bool, attention: str | None) -> tuple[UNetConfig, int]:
-  """(bf16-compute U-Net config, latent side) of `model` ("quick" is a tiny U-Net)."""
+def unet_config(model: str, remat: str, attention: str | None, dtype: str = "bfloat16") -> tuple[UNetConfig, int]:
+  """(U-Net config, latent side) of `model` ("quick" is a tiny U-Net)."""
   if model == "quick":
     d, side = QUICK_UNET, 16
   else:
     name, side, _ = MODELS[model]
     d = default_configs(name)["unet"]
-  cfg = UNetConfig.from_diffusers_config(d, dtype="bfloat16", remat=remat, attention_implementation=attention)
+  cfg = UNetConfig.from_diffusers_config(d, dtype=dtype, remat=remat, attention_implementation=attention)
   return cfg, side
 
 
@@ -153,17 +154,24 @@ def abstract_batch(cfg: UNetConfig, side: int, n: int, sharding) -> dict:
 
 
 def text_conditioned_step(model: UNet, schedule, tx, lr):
-  """step(state, batch) -> (state, metrics): sdjax's train step with the U-Net reading batch["context"]
-  (and SDXL's "text_embeds"/"time_ids") from the batch, which make_train_step's apply_fn does not see."""
+  """step(state, batch) -> (state, metrics): sdjax's train step (make_train_step, the diffusion loss) with the
+  U-Net reading batch["context"] (and SDXL's "text_embeds"/"time_ids"), as the latent task's step does on
+  precomputed latents and text embeddings."""
+  loss_cfg = LossConfig()
 
-  def step(state, batch):
+  def prepare(batch, rng, frozen):
+    k_draw, k_model = jax.random.split(rng)
+    draws = losses.draw(k_draw, batch["image"].shape, schedule, loss_cfg, 0.0)
+    return {**batch, "draws": draws}, k_model
+
+  def loss_fn(params, batch, rng, frozen, state):
     added = {k: batch[k] for k in ("text_embeds", "time_ids") if k in batch} or None
-    apply_fn = lambda p, x, t, y, rng: model.apply({"params": p}, x, t, batch["context"], added_cond=added,
-                                                   train=True, rngs={"dropout": rng})
-    fn = make_train_step(apply_fn, schedule, tx, StepConfig(loss=LossConfig(null_class=None)), lr)
-    return fn(state, {"image": batch["image"]})
+    apply = lambda p, x, t, c, r: model.apply({"params": p}, x, t, c, added_cond=added, train=True,
+                                              rngs={"dropout": r})
+    return losses.diffusion_loss(apply, params, schedule, batch["image"], batch["context"], batch["draws"], rng,
+                                 loss_cfg), {}
 
-  return step
+  return make_train_step(loss_fn, tx, StepConfig(), lr, prepare=prepare), loss_fn, prepare
 
 
 def state_bytes_per_device(abstract, shardings) -> int:
@@ -172,13 +180,14 @@ def state_bytes_per_device(abstract, shardings) -> int:
   return sum(int(np.prod(s.shard_shape(a.shape))) * a.dtype.itemsize for a, s in leaves)
 
 
-def compile_case(model: str, mesh_kind: str, n: int, per_device_batch: int, remat: bool,
-                 attention: str | None) -> dict:
-  """Build and compile one full train step on the fake devices; return XLA's plan for one device."""
+def compile_case(model: str, mesh_kind: str, n: int, per_device_batch: int, remat: str,
+                 attention: str | None, dtype: str = "bfloat16", run_steps: int = 0) -> dict:
+  """Build and compile one full train step on the fake devices; return XLA's plan for one device, the model
+  FLOPs (sdjax.train.mfu) and, with `run_steps`, the median time of that many steps after one warm-up."""
   if jax.device_count() != n:
     raise RuntimeError(f"expected {n} devices, jax sees {jax.device_count()} (set XLA_FLAGS before jax starts)")
   t_start = time.perf_counter()
-  cfg, side = unet_config(model, remat, attention)
+  cfg, side = unet_config(model, remat, attention, dtype)
   unet = UNet(cfg)
   boxed = jax.eval_shape(lambda r: unet.init(r, *init_args(cfg)[:3], added_cond=init_args(cfg)[4])["params"],
                          jax.random.key(0))
@@ -190,7 +199,8 @@ def compile_case(model: str, mesh_kind: str, n: int, per_device_batch: int, rema
   batch_sharding = parallel.batch_sharding(mesh)
   batch = abstract_batch(cfg, side, n * per_device_batch, batch_sharding)
   schedule = schedules.make_schedule("scaled_linear", 1000, 0.00085, 0.012)
-  step = text_conditioned_step(unet, schedule, tx, lr)
+  step, _, _ = text_conditioned_step(unet, schedule, tx, lr)
+  model_flops = mfu.lowered_flops(step, abstract_state, batch)
   jitted = jax.jit(step, in_shardings=(shardings, {k: batch_sharding for k in batch}),
                    out_shardings=(shardings, parallel.replicated(mesh)), donate_argnums=(0,))
   t0 = time.perf_counter()
@@ -201,8 +211,21 @@ def compile_case(model: str, mesh_kind: str, n: int, per_device_batch: int, rema
   mem = compiled.memory_analysis()
   out = {k: int(getattr(mem, k)) for k in MEMORY_KEYS}
   params = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(abstract.params))
+  if run_steps:
+    state = jax.jit(lambda p: state_lib.create(p, tx, 0), out_shardings=shardings)(
+        nn.meta.unbox(jax.jit(lambda r: unet.init(r, *init_args(cfg)[:3], added_cond=init_args(cfg)[4])["params"])(
+            jax.random.key(0))))
+    real = {k: jax.device_put(jnp.zeros(v.shape, v.dtype) + 0.1, v.sharding) for k, v in batch.items()}
+    times = []
+    for _ in range(run_steps + 1):
+      t = time.perf_counter()
+      state, metrics = compiled(state, real)
+      jax.block_until_ready(metrics)
+      times.append(time.perf_counter() - t)
+    out["s_per_step"] = statistics.median(times[1:])
   out.update(model=model, mesh=mesh_kind, devices=n, per_device_batch=per_device_batch, remat=remat,
-             attention=attention or "auto", params=params, flops=flops_of(compiled),
+             attention=attention or "auto", dtype=dtype, params=params, flops=flops_of(compiled),
+             model_flops=model_flops,
              has_loops=has_model_loops(compiled.as_text()),
              state_bytes=state_bytes_per_device(abstract, shardings),
              params_bytes=state_bytes_per_device(abstract.params, shardings.params),
@@ -213,12 +236,12 @@ def compile_case(model: str, mesh_kind: str, n: int, per_device_batch: int, rema
 
 # --- memory mode: the driver that starts one subprocess per case ------------------------------------
 
-def run_case_subprocess(model, mesh_kind, n, args) -> dict:
+def run_case_subprocess(model, mesh_kind, n, args, remat=None, dtype="bfloat16", run_steps=0) -> dict:
   env = dict(os.environ, JAX_PLATFORMS="cpu",
              XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={n}").strip())
   cmd = [sys.executable, os.path.abspath(__file__), "--case", model, mesh_kind, str(n),
-         "--per-device-batch", str(args.per_device_batch), "--attention", args.attention or "auto"]
-  cmd += [] if args.remat else ["--no-remat"]
+         "--per-device-batch", str(args.per_device_batch), "--attention", args.attention or "auto",
+         "--remat", remat or args.remat, "--dtype", dtype, "--run-steps", str(run_steps)]
   t0 = time.perf_counter()
   try:
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.case_timeout)
@@ -273,10 +296,35 @@ def memory_mode(args) -> str:
           f"attention={attention}\n\n" + memory_rows(results))
 
 
+def remat_mode(args) -> str:
+  """Each remat policy on one device: XLA's memory plan of the float32 train step (batch --per-device-batch)
+  and, with --remat-steps, its measured CPU time; FLOPs as XLA counts them (recomputation included) and the
+  model FLOPs (sdjax.train.mfu, without)."""
+  model = "quick" if args.quick else args.remat_model
+  rows = []
+  for policy in remat_lib.POLICIES:
+    r = run_case_subprocess(model, "data", 1, args, remat=policy, dtype="float32", run_steps=args.remat_steps)
+    print(json.dumps(r), flush=True)
+    if args.json:
+      with open(args.json, "a") as f:
+        f.write(json.dumps(r) + "\n")
+    if "error" in r:
+      rows.append([policy] + ["—"] * 6 + [r["error"]])
+      continue
+    total = r["argument_size_in_bytes"] + r["output_size_in_bytes"] + r["temp_size_in_bytes"] \
+        - r["alias_size_in_bytes"]
+    xla = f"{r['flops'] / 1e12:.3f}" + (" (loops)" if r["has_loops"] else "") if r["flops"] else "—"
+    rows.append([policy, gib(r["temp_size_in_bytes"]), f"**{gib(total)}**", xla, f"{r['model_flops'] / 1e12:.3f}",
+                 f"{r['compile_s']:.0f}", f"{r['s_per_step']:.2f}" if "s_per_step" in r else "—"])
+  name = MODELS.get(model, (None, None, model))[2]
+  return (f"{name}, batch {args.per_device_batch}, float32, one CPU device, attention={args.attention or 'auto'}\n\n"
+          + table(["remat", "temp GiB", "total GiB", "XLA TFLOP", "model TFLOP", "compile s", "s/step"], rows))
+
+
 def main():
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                               formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-  p.add_argument("--mode", choices=("cpu", "memory", "all"), default="all")
+  p.add_argument("--mode", choices=("cpu", "memory", "remat", "all"), default="all")
   p.add_argument("--quick", action="store_true", help="tiny configs, 8 fake devices: a smoke test in seconds")
   p.add_argument("--runs", type=int, default=20, help="cpu mode: timed steps (median)")
   p.add_argument("--warmup", type=int, default=3, help="cpu mode: untimed steps after the compile")
@@ -284,7 +332,11 @@ def main():
   p.add_argument("--meshes", nargs="+", choices=("data", "fsdp"), default=["data", "fsdp"])
   p.add_argument("--devices", nargs="+", type=int, default=[8, 64, 256], help="fake device counts")
   p.add_argument("--per-device-batch", type=int, default=1)
-  p.add_argument("--no-remat", dest="remat", action="store_false", help="no rematerialisation per block")
+  p.add_argument("--remat", default="full", choices=remat_lib.POLICIES, help="memory mode: remat policy per block")
+  p.add_argument("--dtype", default="bfloat16", help=argparse.SUPPRESS)
+  p.add_argument("--run-steps", type=int, default=0, help=argparse.SUPPRESS)
+  p.add_argument("--remat-model", default="sd1", choices=tuple(MODELS), help="remat mode: the U-Net")
+  p.add_argument("--remat-steps", type=int, default=2, help="remat mode: timed steps per policy (0: memory only)")
   p.add_argument("--attention", default="auto", choices=("auto", "xla", "chunked"),
                  help="U-Net attention (auto: sdjax's choice; xla has no loops, so XLA counts all FLOPs)")
   p.add_argument("--case-timeout", type=int, default=900, help="seconds per compile subprocess")
@@ -294,7 +346,8 @@ def main():
   args.attention = None if args.attention == "auto" else args.attention
   if args.case:  # a subprocess of memory mode
     model, mesh_kind, n = args.case
-    r = compile_case(model, mesh_kind, int(n), args.per_device_batch, args.remat, args.attention)
+    r = compile_case(model, mesh_kind, int(n), args.per_device_batch, args.remat, args.attention, args.dtype,
+                     args.run_steps)
     print("RESULT " + json.dumps(r), flush=True)
     return
   if args.quick:
@@ -304,6 +357,8 @@ def main():
     print("\n## CPU train step (configs/default.py)\n\n" + cpu_mode(args))
   if args.mode in ("memory", "all"):
     print("\n## XLA's per-device plan of a full train step\n\n" + memory_mode(args))
+  if args.mode in ("remat", "all"):
+    print("\n## Remat policies: memory and CPU time of one train step\n\n" + remat_mode(args))
 
 
 if __name__ == "__main__":

@@ -58,7 +58,11 @@ def unet_compute(**overrides) -> ml_collections.ConfigDict:
   """The U-Net fields besides its architecture (that of a pretrained U-Net is its own config.json's)."""
   c = ml_collections.ConfigDict()
   c.dtype = "float32"         # compute dtype of the U-Net (bfloat16 on accelerators)
-  c.remat = False             # rematerialise blocks (less memory, ~30% more compute)
+  # Rematerialisation policy per block (sdjax.models.remat): none | full | dots | dots_no_batch | attention |
+  # offload; trades memory for recompute (docs/benchmarks.md has the measured table).
+  c.remat = "none"
+  # sdjax.models.attention implementation (xla | cudnn | chunked | pallas_tpu | pallas_gpu); None: per backend
+  c.attention_implementation = ml_collections.config_dict.placeholder(str)
   return _section(c, overrides)
 
 
@@ -96,7 +100,7 @@ def vae(**overrides) -> ml_collections.ConfigDict:
   c.scaling_factor = 1.0      # replaced by 1 / std of the latents in the exported config
   c.mid_block_add_attention = True
   c.dtype = "float32"         # compute dtype (params are float32)
-  c.remat = False
+  c.remat = "none"            # sdjax.models.remat policy, as the U-Net's
   return _section(c, overrides)
 
 
@@ -200,6 +204,7 @@ def train(*, denoiser: bool = True, **overrides) -> ml_collections.ConfigDict:
     c.cond_drop_prob = 0.1    # null class label with this probability; text: 0.0 (data.caption_dropout)
     c.allow_diffusion_change = False  # resume a run whose config.diffusion this config changes (refused otherwise)
   c.max_skipped_steps = 100   # stop with an error after this many consecutive non-finite steps; 0: never
+  c.peak_tflops = 0.0         # per-device peak for the logged mfu; 0: sdjax.train.mfu's table (CPU: no mfu)
   c.log_every = 50
   c.checkpoint_every = 600
   c.keep_checkpoints = 3

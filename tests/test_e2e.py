@@ -24,10 +24,21 @@ def test_train_kill_resume_sample(tmp_path):
   steps = 16
   # Reference: uninterrupted.
   ref_dir = str(tmp_path / "ref")
-  r = cli("train.py", *TINY, f"--config.train.num_steps={steps}", "--workdir", ref_dir)
+  r = cli("train.py", *TINY, f"--config.train.num_steps={steps}", "--config.train.peak_tflops=0.5",
+          "--workdir", ref_dir)
   assert r.returncode == 0, r.stderr[-3000:]
   ref = losses(ref_dir)
   assert sorted(ref) == list(range(1, steps + 1))
+  # MFU columns (sdjax.train.mfu): model FLOPs per step x steps/s per device, over the given peak.
+  with open(os.path.join(ref_dir, "summary.json")) as f:
+    summary = json.load(f)
+  assert summary["flops_per_step"] > 0 and summary["peak_tflops"] == 0.5
+  with open(os.path.join(ref_dir, "metrics.jsonl")) as f:
+    records = [json.loads(line) for line in f]
+  for rec in records:
+    tflops = summary["flops_per_step"] * rec["steps_per_s"] / summary["num_devices"] / 1e12
+    np.testing.assert_allclose(rec["tflops_per_device"], tflops, rtol=1e-9)
+    np.testing.assert_allclose(rec["mfu"], tflops / 0.5, rtol=1e-9)
   assert finished_checkpoints(ref_dir)[-1] == steps
   from sdjax.checkpoint import Checkpointer
   ckpt = Checkpointer(ref_dir, read_only=True)

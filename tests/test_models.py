@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from flax import linen as nn
 
-from sdjax.models import UNet, UNetConfig, layers
+from sdjax.models import UNet, UNetConfig, layers, remat as remat_lib
 from sdjax.models.attention import dot_product_attention
 
 SMALL = dict(in_channels=1, out_channels=1, block_out_channels=(8, 16), layers_per_block=1,
@@ -89,6 +89,23 @@ def test_remat_gives_identical_outputs_and_gradients():
   # Recomputation may fuse differently: equal to 1e-5 relative to each gradient's largest entry.
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=1e-5 * float(np.abs(a).max()) + 1e-8),
                g0, g1)
+  # Every named policy (sdjax.models.remat), all in one compile: same loss and gradients.
+  policies = [p for p in remat_lib.POLICIES if p != "none"]
+  results = jax.jit(lambda p: [jax.value_and_grad(loss)(p, name) for name in policies])(params)
+  for name, (l2, g2) in zip(policies, results):
+    np.testing.assert_allclose(l0, l2, rtol=1e-6, err_msg=name)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=1e-5 * float(np.abs(a).max()) + 1e-8,
+                                                         err_msg=name), g0, g2)
+
+
+def test_remat_policy_names_and_old_bools():
+  assert UNetConfig(**{**SMALL, "remat": True}).remat == "full"
+  assert UNetConfig(**{**SMALL, "remat": False}).remat == "none"
+  assert UNetConfig(**{**SMALL, "remat": "dots"}).remat == "dots"
+  with pytest.raises(ValueError, match=r"UNetConfig.remat: 'dot' is not a remat policy \(expected one of none, full"):
+    UNetConfig(**{**SMALL, "remat": "dot"})
+  with pytest.raises(ValueError, match="UNetConfig.remat: 1 is not a remat policy"):
+    UNetConfig(**{**SMALL, "remat": 1})
 
 
 def test_bfloat16_compute_keeps_float32_params_and_output():

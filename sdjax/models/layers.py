@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
+from sdjax.models import remat as remat_lib
 from sdjax.models.attention import dot_product_attention
 
 Dtype = Any
@@ -164,7 +165,7 @@ class Attention(nn.Module):
     v = dense(inner, use_bias=False, dtype=self.dtype, name="to_v")(context)
     split = lambda a: a.reshape(a.shape[0], a.shape[1], self.heads, self.head_dim)
     out = dot_product_attention(split(q), split(k), split(v), implementation=self.implementation)
-    out = out.reshape(out.shape[0], out.shape[1], inner)
+    out = remat_lib.name_attention_output(out.reshape(out.shape[0], out.shape[1], inner))
     return dense(self.out_features, dtype=self.dtype, name="to_out_0")(out)
 
 

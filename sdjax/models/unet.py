@@ -12,7 +12,7 @@ from typing import Any
 import jax.numpy as jnp
 from flax import linen as nn
 
-from sdjax.models import layers, validate
+from sdjax.models import attention, layers, remat as remat_lib, validate
 from sdjax.models.validate import BOOL, MAX_COUNT, MAX_LAYERS, MAX_SIZE, MAX_WIDTH, OPTIONAL_BOOL, OPTIONAL_STR
 from sdjax.models.validate import STR, STRS, floats, ints
 
@@ -47,7 +47,7 @@ _FIELDS = {
     "flip_sin_to_cos": OPTIONAL_BOOL, "freq_shift": floats(), "num_class_embeds": ints(1, MAX_COUNT, optional=True),
     "addition_embed_type": OPTIONAL_STR, "addition_time_embed_dim": ints(1, MAX_WIDTH, optional=True),
     "projection_class_embeddings_input_dim": ints(1, MAX_WIDTH, optional=True),
-    "dropout": floats(0, 1, open_hi=True), "dtype": STR, "remat": BOOL, "attention_implementation": OPTIONAL_STR,
+    "dropout": floats(0, 1, open_hi=True), "dtype": STR, "attention_implementation": OPTIONAL_STR,
     "sample_size": ints(1, MAX_SIZE, shape="either", optional=True),
     "addition_embed_type_num_heads": ints(1, MAX_WIDTH, optional=True),
 }
@@ -84,7 +84,8 @@ class UNetConfig:
   projection_class_embeddings_input_dim: int | None = None
   dropout: float = 0.0
   dtype: str = "float32"  # compute dtype; params are always float32
-  remat: bool = False     # rematerialise each block in the backward pass
+  # Rematerialisation policy of each block (sdjax.models.remat.POLICIES; True/False = "full"/"none").
+  remat: bool | str = "none"
   attention_implementation: str | None = None  # see sdjax.models.attention; None = automatic
   # Metadata, unused by the network: the latent size the model was trained at (pipelines' default image size
   # is sample_size x the VAE's downscale), and an SDXL field diffusers writes.
@@ -93,6 +94,8 @@ class UNetConfig:
 
   def __post_init__(self):
     validate.check(self, _FIELDS)
+    object.__setattr__(self, "remat", remat_lib.normalize("UNetConfig.remat", self.remat))
+    attention.validate_implementation(self.attention_implementation, "UNetConfig.attention_implementation")
     n = len(self.block_out_channels)
     if self.attention_head_dim is None and self.num_attention_heads is None:
       raise ValueError("UNetConfig: attention_head_dim and num_attention_heads are both None (expected at least "
@@ -245,7 +248,7 @@ class UNet(nn.Module):
       context = context.astype(dtype)
     deterministic = not train
     # Flax counts `self` as argument 0: (up_size, deterministic) are static.
-    block_cls = nn.remat(UNetBlock, static_argnums=(5, 6)) if cfg.remat else UNetBlock
+    block_cls = remat_lib.wrap(UNetBlock, cfg.remat, static_argnums=(5, 6))
 
     h = layers.conv(chans[0], dtype=dtype, name="conv_in")(x.astype(dtype))
     skips = [h]

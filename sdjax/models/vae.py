@@ -15,8 +15,8 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from sdjax.models import layers, validate
-from sdjax.models.validate import BOOL, MAX_LAYERS, MAX_SIZE, MAX_WIDTH, OPTIONAL_BOOL, STR, STRS, floats, ints
+from sdjax.models import layers, remat as remat_lib, validate
+from sdjax.models.validate import MAX_LAYERS, MAX_SIZE, MAX_WIDTH, OPTIONAL_BOOL, STR, STRS, floats, ints
 from sdjax.models.attention import dot_product_attention
 
 DOWN_BLOCKS = ("DownEncoderBlock2D",)
@@ -36,7 +36,7 @@ _FIELDS = {
     "latents_std": floats(0, shape="tuple", optional=True, open_lo=True, max_len=MAX_WIDTH),
     "force_upcast": OPTIONAL_BOOL, "use_quant_conv": OPTIONAL_BOOL, "use_post_quant_conv": OPTIONAL_BOOL,
     "mid_block_add_attention": OPTIONAL_BOOL,
-    "dtype": STR, "remat": BOOL,
+    "dtype": STR,
 }
 
 
@@ -63,10 +63,12 @@ class VAEConfig:
   use_post_quant_conv: bool = True
   mid_block_add_attention: bool = True
   dtype: str = "float32"  # compute dtype; params are always float32
-  remat: bool = False     # rematerialise each block in the backward pass
+  # Rematerialisation policy of each block (sdjax.models.remat.POLICIES; True/False = "full"/"none").
+  remat: bool | str = "none"
 
   def __post_init__(self):
     validate.check(self, _FIELDS)
+    object.__setattr__(self, "remat", remat_lib.normalize("VAEConfig.remat", self.remat))
     n = len(self.block_out_channels)
     for field in ("down_block_types", "up_block_types"):
       value = getattr(self, field)
@@ -249,7 +251,7 @@ class DecoderBlock(nn.Module):
 
 
 def _maybe_remat(cls, config: VAEConfig):
-  return nn.remat(cls) if config.remat else cls
+  return remat_lib.wrap(cls, config.remat)
 
 
 class Encoder(nn.Module):

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from sdjax import checkpoint, io, parallel, preemption
 from sdjax.lock import WorkdirLock
-from sdjax.train import optim, task as task_lib
+from sdjax.train import mfu, optim, task as task_lib
 from sdjax.train.metrics import MetricsWriter
 from sdjax.train.step import StepConfig, make_train_step
 
@@ -41,6 +41,7 @@ class TrainConfig:
   keep_checkpoints: int = 3
   sample_every: int = 0          # 0: only at the end
   max_skipped_steps: int = 100   # stop after this many consecutive non-finite steps; 0: never
+  peak_tflops: float = 0.0       # per-device peak TFLOP/s for mfu; 0: sdjax.train.mfu's table
 
   @classmethod
   def from_config(cls, config: ml_collections.ConfigDict) -> "TrainConfig":
@@ -51,13 +52,14 @@ class TrainConfig:
               grad_accum_steps=int(get("grad_accum_steps")), ema_decay=float(tc.ema_decay),
               ema_warmup=bool(get("ema_warmup")), log_every=int(tc.log_every),
               checkpoint_every=int(tc.checkpoint_every), keep_checkpoints=int(tc.keep_checkpoints),
-              sample_every=int(tc.sample_every or 0), max_skipped_steps=int(get("max_skipped_steps")))
+              sample_every=int(tc.sample_every or 0), max_skipped_steps=int(get("max_skipped_steps")),
+              peak_tflops=float(get("peak_tflops")))
     except (TypeError, ValueError) as e:
       raise ValueError(f"config.train: {e}") from e
     for field in ("batch_size", "log_every", "checkpoint_every", "keep_checkpoints", "grad_accum_steps"):
       if getattr(c, field) < 1:
         raise ValueError(f"config.train.{field} must be >= 1, got {getattr(c, field)}")
-    for field in ("num_steps", "sample_every", "max_skipped_steps"):
+    for field in ("num_steps", "sample_every", "max_skipped_steps", "peak_tflops"):
       if getattr(c, field) < 0:
         raise ValueError(f"config.train.{field} must be >= 0, got {getattr(c, field)}")
     if not 0.0 <= c.ema_decay < 1.0:
@@ -132,6 +134,20 @@ class Trainer:
     frozen = () if self.frozen is None else (self.frozen_shardings,)
     return jax.jit(fn, in_shardings=(self.state_shardings, self.batch_sharding, *frozen),
                    out_shardings=(self.state_shardings, self.replicated), donate_argnums=(0,) if donate else ())
+
+
+  def flops_per_step(self, batch: Any) -> float:
+    """Model FLOPs of one train step on `batch`, over all devices (counted as sdjax.train.mfu describes)."""
+    tc, task = self.train_config, self.task
+    fn = make_train_step(task.loss_fn, self.optimizer, dataclasses.replace(tc.step, grad_accum_steps=1),
+                         self.lr_schedule, prepare=task.prepare, after_update=task.after_update)
+    batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=self.batch_sharding), batch)
+    return mfu.lowered_flops(fn, self.abstract_state, batch, *self.frozen_args)
+
+  def throughput(self, batch: Any) -> mfu.Throughput:
+    """What turns steps/s into tflops_per_device and mfu for this run."""
+    peak = self.train_config.peak_tflops or mfu.peak_tflops()
+    return mfu.Throughput(self.flops_per_step(batch), jax.device_count(), peak)
 
 
 def check_resume(config: ml_collections.ConfigDict, workdir: str) -> None:
@@ -218,6 +234,10 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   first = parallel.global_batch(next(batches), trainer.batch_sharding)
   compiled_step = train_step.lower(state, first, *frozen).compile()
   summary["train_step_compile_s"] = time.perf_counter() - t0
+  t0 = time.perf_counter()
+  throughput = trainer.throughput(first)
+  summary.update(flops_per_step=throughput.flops_per_step, peak_tflops=throughput.peak_tflops,
+                 flops_count_s=time.perf_counter() - t0)
 
   grid = task.sample_grid(data, trainer.frozen)
   compiled_sampler = None
@@ -264,6 +284,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
           record["skipped"] = float(np.sum([v["skipped"] for v in values]))
           record["steps_per_s"] = window_steps / elapsed
           record["images_per_s"] = window_steps * tc.batch_size / elapsed
+          record.update(throughput.metrics(record["steps_per_s"]))
           if not np.isfinite(record["loss"]):
             log.warning("non-finite loss at step %d (the update was skipped)", done)
           metrics.write(done, record)
@@ -274,7 +295,9 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                 f"last checkpoint is step {last_saved or 'none'}. A lower config.optim.lr or gradient clipping "
                 f"may help")
           # The bar moves when results arrive (at log steps), not when steps are dispatched.
-          pbar.set_postfix(loss=f"{record['loss']:.4f}", steps_s=f"{record['steps_per_s']:.2f}")
+          shown = {"mfu": f"{record['mfu']:.1%}"} if "mfu" in record else {}
+          pbar.set_postfix(loss=f"{record['loss']:.4f}", steps_s=f"{record['steps_per_s']:.2f}",
+                           tflops=f"{record['tflops_per_device']:.3g}", **shown)
           pbar.update(window_steps)
           pending, window_start, window_steps = [], time.perf_counter(), 0
         if done % tc.checkpoint_every == 0 or done == num_steps:

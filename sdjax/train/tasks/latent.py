@@ -74,7 +74,8 @@ class LatentDiffusion(DiffusionTask):
         raise ValueError(f"config.lora: {e}") from e
     base_unet = None
     if pretrained:
-      overrides = {k: config.model[k] for k in ("dtype", "remat") if k in config.get("model", {})}
+      overrides = {k: config.model[k] for k in ("dtype", "remat", "attention_implementation")
+                   if k in config.get("model", {})}
       self.unet, base_unet = convert.load_unet(os.path.join(pretrained, "unet"), **overrides)
     else:
       if self.lora is not None:

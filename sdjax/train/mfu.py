@@ -1,0 +1,73 @@
+"""Model FLOPs utilisation (MFU): FLOPs per train step, the chips' peak, and the two metrics every run logs.
+
+FLOPs per step are XLA's cost analysis of the train step as the model defines it: the step is lowered (not
+compiled, not run) once, inside `sdjax.models.flops.model_flops()` (attention as plain XLA dots, no
+rematerialisation) and without gradient accumulation (the same FLOPs as the micro-batch loop, which XLA would
+count once). That is how kernels XLA cannot see are counted: Pallas / cuDNN attention is counted as the XLA
+attention it computes, and the chunked attention's scan is not undercounted. Recomputation is not counted
+(MFU, not hardware FLOPs utilisation). The count is global (the unpartitioned program); per device it is
+divided by the device count.
+
+  tflops_per_device = flops_per_step * steps_per_s / num_devices / 1e12
+  mfu               = tflops_per_device / peak bf16 dense TFLOP/s of the device
+
+The peak comes from `PEAK_BF16_TFLOPS` by jax's `device_kind`, or from config.train.peak_tflops (for a device
+not in the table, or to compare against another number); CPUs have none, and a run without a peak logs no mfu.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+
+from sdjax.models import flops as model_flops
+
+# Dense (no sparsity) bf16 peak TFLOP/s per chip, from the vendors' data sheets. Matched in order against the
+# lower-cased `device_kind` (TPU v5p reports "TPU v5", v5e "TPU v5 lite", v6e "TPU v6 lite").
+PEAK_BF16_TFLOPS: tuple[tuple[str, float], ...] = (
+    ("tpu v6", 918.0),        # v6e (Trillium)
+    ("tpu v5 lite", 197.0),   # v5e
+    ("tpu v5e", 197.0),
+    ("tpu v5p", 459.0),
+    ("tpu v5", 459.0),        # v5p
+    ("tpu v4", 275.0),
+    ("b200", 2250.0),
+    ("h200", 989.0),
+    ("h100 pcie", 756.0),
+    ("h100", 989.0),          # SXM
+    ("a100", 312.0),
+)
+
+
+def peak_tflops(device: jax.Device | None = None) -> float | None:
+  """The device's peak dense bf16 TFLOP/s from the table, or None (CPU, or a kind the table lacks)."""
+  device = device if device is not None else jax.devices()[0]
+  if device.platform == "cpu":
+    return None
+  kind = device.device_kind.lower()
+  return next((peak for key, peak in PEAK_BF16_TFLOPS if key in kind), None)
+
+
+def lowered_flops(fn: Callable, *args: Any) -> float:
+  """XLA's FLOP count of `jax.jit(fn)(*args)` (arrays or ShapeDtypeStructs) from its lowering, in model-FLOPs
+  mode; global, i.e. over all devices. Nothing is compiled or run."""
+  with model_flops.model_flops():
+    cost = jax.jit(fn).lower(*args).cost_analysis()
+  cost = [cost] if isinstance(cost, dict) else (cost or [])
+  return float(sum(c.get("flops", 0.0) for c in cost if c))
+
+
+@dataclasses.dataclass(frozen=True)
+class Throughput:
+  """Turns steps/s into the logged `tflops_per_device` and `mfu` (None where there is no peak)."""
+  flops_per_step: float
+  num_devices: int
+  peak_tflops: float | None
+
+  def metrics(self, steps_per_s: float) -> dict[str, float]:
+    tflops = self.flops_per_step * steps_per_s / self.num_devices / 1e12
+    out = {"tflops_per_device": tflops}
+    if self.peak_tflops:
+      out["mfu"] = tflops / self.peak_tflops
+    return out

@@ -1,0 +1,81 @@
+"""MFU: the FLOP counter (closed form, kernels XLA cannot see, recomputation), the peak table, the metrics.
+
+The metrics a real run logs are checked in tests/test_e2e.py (metrics.jsonl against summary.json)."""
+import types
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from sdjax.models import flops as model_flops
+from sdjax.models.attention import dot_product_attention
+from sdjax.train import mfu
+
+
+def test_lowered_flops_of_a_matmul_is_the_closed_form():
+  b, k, n = 16, 32, 24
+  x, w = jnp.ones((b, k)), jnp.ones((k, n))
+  assert mfu.lowered_flops(lambda x, w: x @ w, x, w) == 2 * b * k * n
+  # forward 2bkn, backward for both operands 2 x 2bkn (d/dx and d/dw of a sum are the same matmuls)
+  grads = jax.grad(lambda x, w: jnp.sum(x @ w), argnums=(0, 1))
+  assert mfu.lowered_flops(grads, x, w) >= 4 * b * k * n
+  assert mfu.lowered_flops(grads, jax.ShapeDtypeStruct(x.shape, x.dtype), w) == mfu.lowered_flops(grads, x, w)
+
+
+def test_chunked_attention_and_remat_count_as_the_model_flops():
+  q = jnp.ones((1, 256, 2, 8))
+
+  def loss(q, implementation):
+    return jnp.sum(dot_product_attention(q, q, q, implementation=implementation, query_chunk=64, key_chunk=64))
+
+  def count(implementation, rematerialise=False):
+    fn = lambda q: jax.grad(loss)(q, implementation)
+    fn = jax.checkpoint(fn) if rematerialise else fn
+    with model_flops.model_flops():
+      return mfu.lowered_flops(fn, q)
+
+  xla = count("xla")
+  assert count("chunked") == xla
+  # Outside the model-FLOPs mode, XLA counts the chunked scan's body once: far fewer FLOPs than the model does.
+  plain = jax.jit(lambda q: jax.grad(loss)(q, "chunked")).lower(q).cost_analysis()
+  assert plain["flops"] < 0.5 * xla
+
+
+def _device(platform, kind):
+  return types.SimpleNamespace(platform=platform, device_kind=kind)
+
+
+@pytest.mark.parametrize("kind, peak", [("TPU v4", 275.0), ("TPU v5 lite", 197.0), ("TPU v5", 459.0),
+                                        ("TPU v5p", 459.0), ("TPU v6 lite", 918.0), ("NVIDIA A100-SXM4-80GB", 312.0),
+                                        ("NVIDIA H100 80GB HBM3", 989.0), ("NVIDIA H100 PCIe", 756.0),
+                                        ("NVIDIA H200", 989.0), ("NVIDIA B200", 2250.0), ("Some GPU", None)])
+def test_peak_table(kind, peak):
+  assert mfu.peak_tflops(_device("tpu" if "TPU" in kind else "gpu", kind)) == peak
+
+
+def test_cpu_has_no_peak_and_no_mfu():
+  assert mfu.peak_tflops(_device("cpu", "cpu")) is None
+  t = mfu.Throughput(flops_per_step=4e12, num_devices=2, peak_tflops=None)
+  assert t.metrics(0.5) == {"tflops_per_device": 1.0}
+  assert mfu.Throughput(4e12, 2, 4.0).metrics(0.5) == {"tflops_per_device": 1.0, "mfu": 0.25}
+
+
+def test_trainer_counts_the_same_flops_whatever_the_attention_remat_and_accumulation():
+  """The tiny pixel-diffusion step: chunked attention + full remat + 2 micro-batches counts as xla / none / 1."""
+  import sys
+  sys.path.insert(0, ".")
+  from configs import default
+  from sdjax.train import trainer as trainer_lib
+
+  def flops(**model):
+    config = default.get_config("tiny")
+    config.model.update(model)
+    config.train.grad_accum_steps = 2 if model else 1
+    t = trainer_lib.Trainer.from_config(config)
+    n = config.train.batch_size
+    batch = {"image": jnp.zeros((n, 28, 28, 1)), "label": jnp.zeros((n,), jnp.int32)}
+    return t.flops_per_step(batch)
+
+  base = flops()
+  assert base > 0
+  assert flops(attention_implementation="chunked", remat="full") == base
