@@ -293,7 +293,8 @@ def compiled_for(model: Model, params: Any, group: tuple, args: tuple, mesh,
   if key in model.compiled:
     return model.compiled[key], 0.0
   t = time.perf_counter()
-  compiled = render_fn(model.sd, group, mesh).lower(params, *args).compile()
+  with jax.set_mesh(mesh):  # traced under the mesh: Pallas attention kernels run per shard (shard_map)
+    compiled = render_fn(model.sd, group, mesh).lower(params, *args).compile()
   per_device = memory.compiled_bytes(compiled)
   if per_device is not None:
     budget, devices = _budget(mesh)

@@ -79,3 +79,23 @@ def test_trainer_counts_the_same_flops_whatever_the_attention_remat_and_accumula
   base = flops()
   assert base > 0
   assert flops(attention_implementation="chunked", remat="full") == base
+
+
+def test_train_step_runs_pallas_attention_per_shard_under_the_mesh():
+  """The trainer traces its step under its mesh, so the Pallas kernels are partitioned with shard_map (lowered
+  only, in TPU interpret mode: no TPU here)."""
+  import sys
+  sys.path.insert(0, ".")
+  from jax.experimental.pallas import tpu as pltpu
+  from configs import default
+  from sdjax.train import trainer as trainer_lib
+
+  config = default.get_config("tiny")
+  config.model.attention_implementation = "pallas_tpu"
+  t = trainer_lib.Trainer.from_config(config)
+  n = config.train.batch_size
+  batch = {"image": jax.ShapeDtypeStruct((n, 28, 28, 1), jnp.float32, sharding=t.batch_sharding),
+           "label": jax.ShapeDtypeStruct((n,), jnp.int32, sharding=t.batch_sharding)}
+  with pltpu.force_tpu_interpret_mode():
+    text = t.lower_step(t.train_step(), t.abstract_state, batch).as_text()
+  assert "manual_computation" in text or "shard_map" in text

@@ -136,13 +136,20 @@ class Trainer:
                    out_shardings=(self.state_shardings, self.replicated), donate_argnums=(0,) if donate else ())
 
 
+  def lower_step(self, train_step, state: Any, batch: Any) -> jax.stages.Lowered:
+    """`train_step` (from `train_step()`) lowered for (state, batch), traced under the mesh so that the Pallas
+    attention kernels run per shard (shard_map over the batch and head axes)."""
+    with jax.set_mesh(self.mesh):
+      return train_step.lower(state, batch, *self.frozen_args)
+
   def flops_per_step(self, batch: Any) -> float:
     """Model FLOPs of one train step on `batch`, over all devices (counted as sdjax.train.mfu describes)."""
     tc, task = self.train_config, self.task
     fn = make_train_step(task.loss_fn, self.optimizer, dataclasses.replace(tc.step, grad_accum_steps=1),
                          self.lr_schedule, prepare=task.prepare, after_update=task.after_update)
     batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=self.batch_sharding), batch)
-    return mfu.lowered_flops(fn, self.abstract_state, batch, *self.frozen_args)
+    with jax.set_mesh(self.mesh):
+      return mfu.lowered_flops(fn, self.abstract_state, batch, *self.frozen_args)
 
   def throughput(self, batch: Any) -> mfu.Throughput:
     """What turns steps/s into tflops_per_device and mfu for this run."""
@@ -232,7 +239,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                              "mesh": dict(trainer.mesh.shape)}
   t0 = time.perf_counter()
   first = parallel.global_batch(next(batches), trainer.batch_sharding)
-  compiled_step = train_step.lower(state, first, *frozen).compile()
+  compiled_step = trainer.lower_step(train_step, state, first).compile()
   summary["train_step_compile_s"] = time.perf_counter() - t0
   t0 = time.perf_counter()
   throughput = trainer.throughput(first)
@@ -248,7 +255,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       return
     if compiled_sampler is None:
       t = time.perf_counter()
-      compiled_sampler = grid.fn.lower(state.ema_params, *grid.args).compile()
+      with jax.set_mesh(trainer.mesh):
+        compiled_sampler = grid.fn.lower(state.ema_params, *grid.args).compile()
       summary["sampler_compile_s"] = time.perf_counter() - t
     # Every process joins the gather (the grid is split over the mesh, which spans all processes).
     imgs = multihost_utils.process_allgather(compiled_sampler(state.ema_params, *grid.args), tiled=True)
