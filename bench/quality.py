@@ -1,6 +1,7 @@
 """Sample quality and speed of a trained default (MNIST) run.
 
   python bench/quality.py --workdir runs/default [--num 100] [--steps 50] [--guidance 3.0]
+  python bench/quality.py --workdir runs/default --sweep ddim dpmpp_2m deis_3:karras --nfe 5 10   # per sampler
 
 Trains scikit-learn classifiers (logistic regression; an RBF SVM as a stronger second judge) on the
 real `train` split of the bundled digits, then reports their accuracy on the real `test` split (for
@@ -30,6 +31,9 @@ def main():
   p.add_argument("--sampler", default=None)
   p.add_argument("--guidance", type=float, default=None)
   p.add_argument("--seed", type=int, default=1234)
+  p.add_argument("--sweep", nargs="+", metavar="SAMPLER[:karras]",
+                 help="instead of one report: judge accuracy per sampler at each --nfe (':karras' adds Karras sigmas)")
+  p.add_argument("--nfe", nargs="+", type=int, default=[5, 10], help="--sweep: model evaluations per image")
   args = p.parse_args()
 
   from sklearn.linear_model import LogisticRegression
@@ -45,6 +49,9 @@ def main():
   for clf in judges.values():
     clf.fit(features(x_train), y_train)
 
+  if args.sweep:
+    sweep(args, judges, x_test, y_test)
+    return
   s = sample_run(args.workdir, seed=args.seed, num=args.num, steps=args.steps, sampler=args.sampler,
                  guidance_scale=args.guidance, batch_size=200, write_pngs=False)
   gen = np.load(os.path.join(s["outdir"], "samples.npz"))
@@ -80,6 +87,52 @@ def main():
     print(f"| {k} | {v} |")
   with open(os.path.join(args.workdir, "quality.json"), "w") as f:
     json.dump(report, f, indent=2)
+
+
+def sweep(args, judges, x_test, y_test) -> None:
+  """Judge accuracy of `--num` samples per class for each sampler at each NFE (the run's guidance scale unless
+  --guidance), one compile per (sampler, NFE). The NFE counts model evaluations per image as bench/samplers.py
+  does (heun/kdpm2: 2 per step but the last; pndm: one more than its steps). Samplers that do not implement the
+  run's clip_sample run without it."""
+  import time
+
+  from bench.samplers import steps_for
+  from sdjax import pipelines, samplers
+  from sdjax.sampling import generate, load_run
+
+  run, model = load_run(args.workdir)
+  guidance = float(run.config.sample.guidance_scale if args.guidance is None else args.guidance)
+  labels = pipelines.class_grid_labels(model.num_classes, args.num)
+  real = {name: float(np.mean(clf.predict(features(x_test)) == y_test)) for name, clf in judges.items()}
+  print(f"checkpoint step {run.step}, guidance {guidance}, {len(labels)} samples per cell; judges on the real "
+        f"test split: " + ", ".join(f"{k} {v:.3f}" for k, v in real.items()))
+  print("\n| sampler | " + " | ".join(f"NFE {n}: SVM / logreg" for n in args.nfe) + " |")
+  print("|---|" + "---|" * len(args.nfe))
+  results = []
+  for spec in args.sweep:
+    name, _, option = spec.partition(":")
+    schedule = model.schedule.replace(use_karras_sigmas=True) if option == "karras" else model.schedule
+    try:
+      samplers.check_schedule(schedule, name)
+    except ValueError:  # e.g. clip_sample (the default run's DDPM setting) with a sigma-space sampler: off for it
+      schedule = schedule.replace(clip_sample=False)
+      samplers.check_schedule(schedule, name)
+    cells = []
+    for nfe in args.nfe:
+      steps = steps_for(name, nfe)
+      if steps is None:
+        cells.append("—")
+        continue
+      t0 = time.perf_counter()
+      images, _ = generate(model._replace(schedule=schedule), run.mesh, labels, seed=args.seed, sampler=name,
+                           num_steps=steps, guidance_scale=guidance, batch_size=500, progress=False)
+      acc = {k: float(np.mean(clf.predict(features(images)) == labels)) for k, clf in judges.items()}
+      results.append({"sampler": spec, "nfe": nfe, "steps": steps, **acc, "seconds": time.perf_counter() - t0})
+      cells.append(f"{acc['rbf_svm']:.3f} / {acc['logistic_regression']:.3f}")
+    print(f"| {spec} | " + " | ".join(cells) + " |", flush=True)
+  with open(os.path.join(args.workdir, "quality_sweep.json"), "w") as f:
+    json.dump({"checkpoint_step": run.step, "guidance": guidance, "num_per_class": args.num, "real": real,
+               "results": results}, f, indent=2)
 
 
 if __name__ == "__main__":
