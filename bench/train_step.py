@@ -7,7 +7,8 @@
 
 cpu: configs/default.py through `sdjax.train.trainer.Trainer` (the jitted step `train.py` runs) on the real
 MNIST batches: `lower().compile()` time, then the median of --runs steps after --warmup steps
-(`block_until_ready` on each). Rows: the default config, train.grad_accum_steps=4, model.dtype=bfloat16.
+(`block_until_ready` on each); model FLOPs per step, FLOP/s per device and MFU as train.py logs them
+(sdjax.train.mfu; a CPU has no peak in the table, so no MFU). Rows: the default config, train.grad_accum_steps=4, model.dtype=bfloat16.
 
 memory: compile only, nothing runs and no parameter is materialised. For each (model, mesh, N) a fresh
 subprocess starts with N fake CPU devices (XLA_FLAGS=--xla_force_host_platform_device_count=N must be set
@@ -46,7 +47,7 @@ GiB = 2 ** 30
 CONTEXT_LEN = 77
 # model -> (default_configs name, latent side, label); latents are image side / 8.
 MODELS = {"sd1": ("sd1", 64, "SD 1.5, 512 px"), "sd2": ("sd2_v", 96, "SD 2.1, 768 px"),
-          "sdxl": ("sdxl", 128, "SDXL base, 1024 px")}
+          "sd2_512": ("sd2", 64, "SD 2 base, 512 px (MLPerf)"), "sdxl": ("sdxl", 128, "SDXL base, 1024 px")}
 QUICK_UNET = {  # tiny SDXL-shaped U-Net (cross-attention and text_time embedding) for --quick
     "block_out_channels": [32, 64], "layers_per_block": 1, "attention_head_dim": [2, 4],
     "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"],
@@ -112,8 +113,10 @@ def time_default_step(variant: str | None, overrides: dict, runs: int, warmup: i
     if i >= warmup:
       times.append(time.perf_counter() - t0)
   s = statistics.median(times)
+  throughput = exp.throughput(batches[0])  # model FLOPs per step (sdjax.train.mfu), the device's peak if known
   return {"batch": int(config.train.batch_size), "compile_s": compile_s, "s_per_step": s, "steps_per_s": 1 / s,
-          "images_per_s": config.train.batch_size / s, "loss": float(metrics["loss"])}
+          "images_per_s": config.train.batch_size / s, "loss": float(metrics["loss"]),
+          "gflops_per_step": throughput.flops_per_step / 1e9, **throughput.metrics(1 / s)}
 
 
 def cpu_mode(args) -> str:
@@ -126,8 +129,10 @@ def cpu_mode(args) -> str:
     r = time_default_step("tiny" if args.quick else None, overrides, args.runs, args.warmup)
     print(json.dumps({"case": name, **r}), flush=True)
     rows.append([name, f"{r['compile_s']:.1f}", f"{r['s_per_step']:.3f}", f"{r['steps_per_s']:.2f}",
-                 f"{r['images_per_s']:.1f}"])
-  return table([f"config (batch {r['batch']})", "compile s", "s/step", "steps/s", "images/s"], rows)
+                 f"{r['images_per_s']:.1f}", f"{r['gflops_per_step']:.1f}", f"{r['tflops_per_device'] * 1e3:.1f}",
+                 f"{r['mfu']:.1%}" if "mfu" in r else "— (no peak)"])
+  return table([f"config (batch {r['batch']})", "compile s", "s/step", "steps/s", "images/s", "model GFLOP/step",
+                "GFLOP/s/device", "MFU"], rows)
 
 
 # --- memory mode: one compile-only case in this process ---------------------------------------------
