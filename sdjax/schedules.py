@@ -8,6 +8,7 @@ diffusers uses numpy. tests/test_schedule_tables.py checks them against diffuser
 """
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import math
 from typing import Any
@@ -25,9 +26,54 @@ TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
 FINAL_SIGMAS_TYPES = ("zero", "sigma_min")
 
 
+@dataclasses.dataclass(frozen=True)
+class SamplerSettings:
+  """How to sample this schedule: the settings a diffusers scheduler config carries besides the forward process
+  (static, hashable). Each is read by the samplers that implement it (`sdjax.samplers.SCHEDULE_OPTIONS`); any other
+  sampler refuses a schedule where it is away from its default."""
+  # The timestep spacing of the step tables (sdjax.samplers.discretisation).
+  timestep_spacing: str = "leading"
+  steps_offset: int = 0
+  # DDIM / DDPM / PNDM / LCM: x0 clipping, and the abar before t = 0.
+  clip_sample: bool = False
+  clip_sample_range: float = 1.0
+  set_alpha_to_one: bool = True
+  # LCM / TCD (Luo et al. 2023; Zheng et al. 2024): the distillation schedule's step count, and the factor on t
+  # in the consistency boundary condition (c_skip, c_out); sdjax.samplers.lcm.
+  original_inference_steps: int = 50
+  timestep_scaling: float = 10.0
+  # Sigma spacings (Karras et al. 2022; uniform in log sigma; Beta(0.6, 0.6) quantiles; uniform in lambda).
+  use_karras_sigmas: bool = False
+  use_exponential_sigmas: bool = False
+  use_beta_sigmas: bool = False
+  use_lu_lambdas: bool = False
+  # Multistep DPM-Solver++ / UniPC / EDM: the last sigma ("zero" or the smallest sigma, "sigma_min"), dynamic
+  # thresholding of x0 (Saharia et al. 2022), and the lowered orders of the final steps.
+  final_sigmas_type: str = "zero"
+  thresholding: bool = False
+  dynamic_thresholding_ratio: float = 0.995
+  sample_max_value: float = 1.0
+  lower_order_final: bool = True
+  euler_at_final: bool = False
+  # UniPC (sdjax.samplers.unipc): the step indices after which its corrector is skipped (diffusers' list).
+  disable_corrector: tuple[int, ...] = ()
+  # EDM's step discretisation (sdjax.samplers.edm): "karras" (eq. 5 with `rho`) or "exponential".
+  sigma_schedule: str = "karras"
+  rho: float = 7.0
+  # Custom step lists (diffusers' `set_timesteps(timesteps=...)` / `(sigmas=...)`; sdjax.samplers.discretisation),
+  # set per call by `samplers.sample(..., timesteps=..., sigmas=...)`; empty: the spacing's own steps.
+  custom_timesteps: tuple[float, ...] = ()
+  custom_sigmas: tuple[float, ...] = ()
+
+
+SAMPLER_SETTINGS = tuple(f.name for f in dataclasses.fields(SamplerSettings))
+
+
 @struct.dataclass
 class Schedule:
-  """A discrete diffusion schedule. Arrays are float32 [T]; the rest is static (not traced).
+  """A discrete diffusion schedule: the forward process (arrays float32 [T]; the rest static, not traced), and in
+  `sampler_settings` how to sample it. `schedule.<setting>` reads `schedule.sampler_settings.<setting>`, and
+  `schedule.replace(...)` takes both kinds of field.
 
   A schedule can be passed into `jax.jit` as an argument: samplers build their step tables from
   `host_alphas_cumprod`, a static (hashable) copy, so they never need the traced arrays' values.
@@ -35,55 +81,48 @@ class Schedule:
   betas: jax.Array
   alphas_cumprod: jax.Array
   prediction_type: str = struct.field(pytree_node=False, default="epsilon")
-  clip_sample: bool = struct.field(pytree_node=False, default=False)
-  clip_sample_range: float = struct.field(pytree_node=False, default=1.0)
-  set_alpha_to_one: bool = struct.field(pytree_node=False, default=True)
-  steps_offset: int = struct.field(pytree_node=False, default=0)
-  timestep_spacing: str = struct.field(pytree_node=False, default="leading")
-  use_karras_sigmas: bool = struct.field(pytree_node=False, default=False)
   rescale_betas_zero_snr: bool = struct.field(pytree_node=False, default=False)
   host_alphas_cumprod: tuple[float, ...] = struct.field(pytree_node=False, default=())
   # Only DPM-Solver's Karras timesteps depend on it (diffusers leaves them unrounded for squaredcos_cap_v2).
   beta_schedule: str = struct.field(pytree_node=False, default="linear")
-  # LCM / TCD (Luo et al. 2023; Zheng et al. 2024): the distillation schedule's step count, and the factor on t
-  # in the consistency boundary condition (c_skip, c_out); sdjax.samplers.lcm.
-  original_inference_steps: int = struct.field(pytree_node=False, default=50)
-  timestep_scaling: float = struct.field(pytree_node=False, default=10.0)
-  # Multistep DPM-Solver++ (sdjax.samplers.dpmpp): the last sigma ("zero" or the smallest training sigma,
-  # "sigma_min"), the other step-size schedules, dynamic thresholding of x0 (Saharia et al. 2022), and the
-  # lowered orders of the final steps.
-  final_sigmas_type: str = struct.field(pytree_node=False, default="zero")
-  use_lu_lambdas: bool = struct.field(pytree_node=False, default=False)
-  use_exponential_sigmas: bool = struct.field(pytree_node=False, default=False)
-  use_beta_sigmas: bool = struct.field(pytree_node=False, default=False)
-  thresholding: bool = struct.field(pytree_node=False, default=False)
-  dynamic_thresholding_ratio: float = struct.field(pytree_node=False, default=0.995)
-  sample_max_value: float = struct.field(pytree_node=False, default=1.0)
-  lower_order_final: bool = struct.field(pytree_node=False, default=True)
-  euler_at_final: bool = struct.field(pytree_node=False, default=False)
-  # UniPC (sdjax.samplers.unipc): the step indices after which its corrector is skipped (diffusers' list).
-  disable_corrector: tuple[int, ...] = struct.field(pytree_node=False, default=())
-  # EDM (Karras et al. 2022; sdjax.samplers.edm, diffusers' EDM schedulers): sigmas from edm_sigma_max down to
-  # edm_sigma_min by `sigma_schedule` ("karras": eq. 5 with `rho`; "exponential"), the model preconditioned with
-  # `sigma_data`; the betas above are then unused. (sigma_data, sigma_schedule, rho need edm on.)
+  # EDM (Karras et al. 2022; sdjax.samplers.edm, diffusers' EDM schedulers): sigma-space noise levels from
+  # edm_sigma_max down to edm_sigma_min, the model preconditioned with `sigma_data`; the betas above are then
+  # unused. (sigma_data and the settings' sigma_schedule and rho need edm on.)
   edm: bool = struct.field(pytree_node=False, default=False)
   edm_sigma_min: float = struct.field(pytree_node=False, default=0.002)
   edm_sigma_max: float = struct.field(pytree_node=False, default=80.0)
   sigma_data: float = struct.field(pytree_node=False, default=0.5)
-  sigma_schedule: str = struct.field(pytree_node=False, default="karras")
-  rho: float = struct.field(pytree_node=False, default=7.0)
-  # Custom step lists (diffusers' `set_timesteps(timesteps=...)` / `(sigmas=...)`; sdjax.samplers.custom_steps),
-  # set per call by `samplers.sample(..., timesteps=..., sigmas=...)`; empty: the spacing's own steps.
-  custom_timesteps: tuple[float, ...] = struct.field(pytree_node=False, default=())
-  custom_sigmas: tuple[float, ...] = struct.field(pytree_node=False, default=())
+  sampler_settings: SamplerSettings = struct.field(pytree_node=False, default=SamplerSettings())
+
+  def __getattr__(self, name: str) -> Any:
+    """schedule.<setting> for the fields of SamplerSettings (called only where normal lookup fails)."""
+    if name in SAMPLER_SETTINGS:
+      return getattr(object.__getattribute__(self, "sampler_settings"), name)
+    raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
   def host_abar(self) -> np.ndarray:
     """alphas_cumprod as float32 numpy, available even when the schedule is traced."""
     return np.asarray(self.host_alphas_cumprod, np.float32)
 
+  def train_sigmas(self) -> np.ndarray:
+    """`train_sigmas(self)`: the sigma of every training timestep, float32 numpy (for the step discretisations)."""
+    return train_sigmas(self)
+
   @property
   def num_train_timesteps(self) -> int:
     return self.betas.shape[0]
+
+
+def _replace(self: Schedule, **updates: Any) -> Schedule:
+  """A copy with `updates` applied, to fields of the schedule or of its sampler settings."""
+  settings = {k: updates.pop(k) for k in list(updates) if k in SAMPLER_SETTINGS}
+  if settings:
+    updates["sampler_settings"] = dataclasses.replace(updates.get("sampler_settings", self.sampler_settings),
+                                                      **settings)
+  return dataclasses.replace(self, **updates)
+
+
+Schedule.replace = _replace  # (set after flax's struct.dataclass, which installs a plain dataclasses.replace)
 
 
 def _round_sum_f32(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -175,26 +214,26 @@ def make_schedule(beta_schedule: str = "linear", num_train_timesteps: int = 1000
   if rescale_betas_zero_snr:
     betas = rescale_zero_terminal_snr(betas)
   alphas_cumprod = cumprod_f32(np.float32(1) - betas)
+  settings = SamplerSettings(
+      timestep_spacing=timestep_spacing, steps_offset=steps_offset, clip_sample=clip_sample,
+      clip_sample_range=clip_sample_range, set_alpha_to_one=set_alpha_to_one,
+      original_inference_steps=original_inference_steps, timestep_scaling=timestep_scaling,
+      use_karras_sigmas=bool(use_karras_sigmas), use_exponential_sigmas=bool(use_exponential_sigmas),
+      use_beta_sigmas=bool(use_beta_sigmas), use_lu_lambdas=bool(use_lu_lambdas), final_sigmas_type=final_sigmas_type,
+      # (the thresholding parameters are kept only where thresholding is on, so that inert values leave the
+      # schedule, and its jit cache key, unchanged)
+      thresholding=bool(thresholding),
+      dynamic_thresholding_ratio=float(dynamic_thresholding_ratio) if thresholding else 0.995,
+      sample_max_value=float(sample_max_value) if thresholding else 1.0,
+      lower_order_final=bool(lower_order_final), euler_at_final=bool(euler_at_final),
+      disable_corrector=tuple(int(k) for k in disable_corrector),
+      **(dict(sigma_schedule=sigma_schedule, rho=float(rho)) if edm else {}))  # (EDM's only with edm on, likewise)
   return Schedule(betas=jnp.asarray(betas), alphas_cumprod=jnp.asarray(alphas_cumprod),
-                  prediction_type=prediction_type, clip_sample=clip_sample,
-                  clip_sample_range=clip_sample_range, set_alpha_to_one=set_alpha_to_one,
-                  steps_offset=steps_offset, timestep_spacing=timestep_spacing,
-                  use_karras_sigmas=bool(use_karras_sigmas),
-                  rescale_betas_zero_snr=bool(rescale_betas_zero_snr),
+                  prediction_type=prediction_type, rescale_betas_zero_snr=bool(rescale_betas_zero_snr),
                   host_alphas_cumprod=tuple(alphas_cumprod.tolist()), beta_schedule=beta_schedule,
-                  original_inference_steps=original_inference_steps, timestep_scaling=timestep_scaling,
-                  final_sigmas_type=final_sigmas_type, use_lu_lambdas=bool(use_lu_lambdas),
-                  use_exponential_sigmas=bool(use_exponential_sigmas), use_beta_sigmas=bool(use_beta_sigmas),
-                  # (the thresholding parameters are kept only where thresholding is on, so that inert values
-                  # leave the schedule, and its jit cache key, unchanged)
-                  thresholding=bool(thresholding),
-                  dynamic_thresholding_ratio=float(dynamic_thresholding_ratio) if thresholding else 0.995,
-                  sample_max_value=float(sample_max_value) if thresholding else 1.0,
-                  lower_order_final=bool(lower_order_final),
-                  euler_at_final=bool(euler_at_final), disable_corrector=tuple(int(k) for k in disable_corrector),
-                  # (the EDM parameters likewise only with edm on)
                   **(dict(edm=True, edm_sigma_min=float(edm_sigma_min), edm_sigma_max=float(edm_sigma_max),
-                          sigma_data=float(sigma_data), sigma_schedule=sigma_schedule, rho=float(rho)) if edm else {}))
+                          sigma_data=float(sigma_data)) if edm else {}),
+                  sampler_settings=settings)
 
 
 EDM_SIGMA_SCHEDULES = ("karras", "exponential")
@@ -296,77 +335,17 @@ def snr(schedule: Schedule, t: jax.Array) -> jax.Array:
 
 def predict_x0_and_eps(prediction_type: str, model_output: jax.Array, x_t: jax.Array,
                        abar: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """Convert a model output to (x0, epsilon) given abar_t broadcastable against x_t."""
-  sa, sb = jnp.sqrt(abar), jnp.sqrt(1.0 - abar)
-  if prediction_type == "epsilon":
-    eps = model_output
-    x0 = (x_t - sb * eps) / sa
-  elif prediction_type == "v_prediction":
-    x0 = sa * x_t - sb * model_output
-    eps = sa * model_output + sb * x_t
-  elif prediction_type == "sample":
-    x0 = model_output
-    eps = (x_t - sa * x0) / sb
-  else:
-    raise ValueError(f"unknown prediction_type {prediction_type!r}; expected one of {PREDICTION_TYPES}")
-  return x0, eps
+  """Convert a model output to (x0, epsilon) given abar_t broadcastable against x_t: alias of
+  `sdjax.samplers.denoiser.predict` with alpha = sqrt(abar), sigma = sqrt(1 - abar), kept for users."""
+  from sdjax.samplers.denoiser import predict  # (run-time import: samplers import this module)
+  return predict(prediction_type, model_output, x_t, jnp.sqrt(abar), jnp.sqrt(1.0 - abar))
 
 
 def discrete_timesteps(schedule: Schedule, num_steps: int) -> np.ndarray:
-  """Integer timesteps (descending) of `schedule.timestep_spacing`, as diffusers' DDIM/DDPM schedulers.
-
-  leading: [(n-1)r, ..., r, 0] + steps_offset with r = T // n; trailing: round(T, T - T/n, ...) - 1;
-  linspace: round(linspace(0, T - 1, n)) reversed.
-  """
-  T = schedule.num_train_timesteps
-  if not 1 <= num_steps <= T:
-    raise ValueError(f"num_steps must be in [1, {T}], got {num_steps}")
-  if schedule.timestep_spacing == "leading":
-    ratio = T // num_steps
-    return (np.arange(num_steps) * ratio).round()[::-1].astype(np.int64) + schedule.steps_offset
-  if schedule.timestep_spacing == "trailing":
-    return np.round(np.arange(T, 0, -T / num_steps)).astype(np.int64) - 1
-  return np.linspace(0, T - 1, num_steps).round()[::-1].astype(np.int64)
-
-
-def sigma_timesteps(schedule: Schedule, num_steps: int) -> tuple[np.ndarray, np.ndarray]:
-  """(timesteps float32 [n], sigmas float32 [n + 1]) as diffusers' EulerDiscreteScheduler builds them.
-
-  sigma(t) = sqrt((1 - abar_t) / abar_t), linearly interpolated at the spacing's (float) timesteps; with
-  `use_karras_sigmas`, Karras et al. (2022) eq. 5 (rho = 7) between the end sigmas, mapped back to
-  fractional timesteps by interpolating log sigma. The last sigma is 0.
-  """
-  T = schedule.num_train_timesteps
-  if not 1 <= num_steps <= T:
-    raise ValueError(f"num_steps must be in [1, {T}], got {num_steps}")
-  if schedule.timestep_spacing == "linspace":
-    timesteps = np.linspace(0, T - 1, num_steps, dtype=np.float32)[::-1].copy()
-  elif schedule.timestep_spacing == "leading":
-    ratio = T // num_steps
-    timesteps = (np.arange(0, num_steps) * ratio).round()[::-1].astype(np.float32) + schedule.steps_offset
-  else:
-    timesteps = np.arange(T, 0, -T / num_steps).round().astype(np.float32) - 1
-  sigma_table = train_sigmas(schedule)
-  log_sigmas = np.log(sigma_table)  # float32, as diffusers (numpy's float32 log)
-  sigmas = np.interp(timesteps, np.arange(T), sigma_table)  # float64
-  if schedule.use_karras_sigmas:
-    rho = 7.0
-    ramp = np.linspace(0, 1, num_steps)
-    lo, hi = float(sigmas[-1]) ** (1 / rho), float(sigmas[0]) ** (1 / rho)
-    sigmas = (hi + ramp * (lo - hi)) ** rho
-    timesteps = np.array([_sigma_to_t(s, log_sigmas) for s in sigmas])
-  sigmas = np.concatenate([sigmas, [0.0]]).astype(np.float32)
-  return timesteps.astype(np.float32), sigmas
-
-
-def _sigma_to_t(sigma: float, log_sigmas: np.ndarray) -> float:
-  """The fractional timestep whose log sigma interpolates to log(sigma) (k-diffusion / diffusers)."""
-  log_sigma = np.log(np.maximum(sigma, 1e-10))
-  dists = log_sigma - log_sigmas[:, None]
-  low = np.cumsum(dists >= 0, axis=0).argmax(axis=0).clip(max=log_sigmas.shape[0] - 2)
-  w = np.clip((log_sigmas[low] - log_sigma) / (log_sigmas[low] - log_sigmas[low + 1]), 0, 1)
-  return float(((1 - w) * low + w * (low + 1)).reshape(()))
-
+  """Integer timesteps (descending) of `schedule.timestep_spacing`, as diffusers' DDIM/DDPM schedulers: alias of
+  `sdjax.samplers.discretisation.discrete_timesteps`, kept for users."""
+  from sdjax.samplers.discretisation import discrete_timesteps as spacing  # (run-time import, as above)
+  return spacing(schedule, num_steps)
 
 
 _SAMPLER_OF_CLASS = {"DDIMScheduler": "ddim", "DDPMScheduler": "ddpm", "PNDMScheduler": "pndm",

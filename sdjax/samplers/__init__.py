@@ -7,11 +7,15 @@ A sampler is a `Sampler(tables, init, step)`:
     standard-normal noise) and whatever history a multistep method keeps;
   step(schedule, model_fn, carry, i, z, tables, options) -> carry, for step index i (traced); z is
     this step's standard-normal noise (x's shape) for a `stochastic` sampler, else None.
-The loop over i is one `lax.scan`, so `model_fn` is traced once per compile.
+The loop over i is one `lax.scan`, so `model_fn` is traced once per compile. The model's output is turned into
+predictions by `sdjax.samplers.denoiser` (the prediction type is handled there only), the step tables are built
+from `sdjax.samplers.discretisation`, and each sampler declares the schedule options it implements
+(`Sampler.schedule_options`, keys of `SCHEDULE_OPTIONS`); any other such option set on the schedule is refused.
 """
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from typing import Any, Callable, Sequence
 
 import jax
@@ -38,12 +42,18 @@ class Sampler:
   # scheduler defines them itself (LCM: all num_steps steps, over the first `strength` of its distillation
   # timesteps); None: the full tables less their first num_steps - int(num_steps * strength) steps.
   strength_tables: Callable[[Schedule, int, float], dict[str, np.ndarray]] | None = None
+  # The schedule options (keys of SCHEDULE_OPTIONS) this sampler implements when they are set on the schedule.
+  schedule_options: tuple[str, ...] = ()
 
 
 SAMPLERS: dict[str, Sampler] = {}
 
 
 def register(name: str, sampler: Sampler) -> None:
+  """Add `sampler` to the registry as `name`; its schedule_options must be known options."""
+  unknown = sorted(set(sampler.schedule_options) - set(OPTION_IS_SET))
+  if unknown:
+    raise ValueError(f"sampler {name!r}: unknown schedule option(s) {unknown}; known: {list(OPTION_IS_SET)}")
   SAMPLERS[name] = sampler
 
 
@@ -53,40 +63,55 @@ def get(name: str) -> Sampler:
   return SAMPLERS[name]
 
 
-_DPM_M = ("dpmpp_1m", "dpmpp_1m_sde", "dpmpp_2m", "dpmpp_2m_sde", "dpmpp_3m", "dpmpp_3m_sde")
-_UNIPC = ("unipc", "unipc_1", "unipc_3", "unipc_bh1", "unipc_1_bh1", "unipc_3_bh1", "unipc_eps", "unipc_1_eps",
-          "unipc_3_eps", "unipc_bh1_eps", "unipc_1_bh1_eps", "unipc_3_bh1_eps")
-_EDM_DPM = ("edm_dpmpp_1m", "edm_dpmpp_1m_sde", "edm_dpmpp_2m", "edm_dpmpp_2m_sde", "edm_dpmpp_3m")
-_EDM = ("edm_euler",) + _EDM_DPM
-_SIGMA = ("euler", "euler_a", "heun", "lms", "ipndm", "ipndm_v", "kdpm2", "kdpm2_a", "deis_1", "deis", "deis_3",
-          "dpmpp_2s", "dpmpp_3s") + _DPM_M + _UNIPC
-# Schedule options away from their defaults, and the samplers that implement them. Any other sampler refuses
-# such a schedule rather than silently sampling without the option.
-SCHEDULE_OPTIONS: dict[str, tuple[Callable[[Schedule], bool], tuple[str, ...]]] = {
-    "use_karras_sigmas": (lambda s: s.use_karras_sigmas, _SIGMA),
-    "use_exponential_sigmas": (lambda s: s.use_exponential_sigmas, _DPM_M),
-    "use_beta_sigmas": (lambda s: s.use_beta_sigmas, _DPM_M),
-    "use_lu_lambdas": (lambda s: s.use_lu_lambdas, _DPM_M),
-    "thresholding": (lambda s: s.thresholding, _DPM_M + _EDM_DPM),
-    "final_sigmas_type": (lambda s: s.final_sigmas_type != "zero", _DPM_M + _UNIPC + _EDM),
-    # (dpmpp_2s/3s: diffusers forces lower_order_final on with a zero final sigma, so False is inert there)
-    "lower_order_final": (lambda s: not s.lower_order_final, _DPM_M + _UNIPC + ("dpmpp_2s", "dpmpp_3s") + _EDM_DPM),
-    "euler_at_final": (lambda s: s.euler_at_final, _DPM_M + _EDM_DPM),
+# Schedule options, each with the test for it being away from its default. A sampler lists those it implements in
+# its `schedule_options`; any other sampler refuses such a schedule rather than silently sampling without the option.
+OPTION_IS_SET: dict[str, Callable[[Schedule], bool]] = {
+    "use_karras_sigmas": lambda s: s.use_karras_sigmas,
+    "use_exponential_sigmas": lambda s: s.use_exponential_sigmas,
+    "use_beta_sigmas": lambda s: s.use_beta_sigmas,
+    "use_lu_lambdas": lambda s: s.use_lu_lambdas,
+    "thresholding": lambda s: s.thresholding,
+    "final_sigmas_type": lambda s: s.final_sigmas_type != "zero",
+    "lower_order_final": lambda s: not s.lower_order_final,
+    "euler_at_final": lambda s: s.euler_at_final,
     # EDM schedules (Karras et al. 2022): sigma-space preconditioned sampling, sdjax.samplers.edm
-    "edm": (lambda s: s.edm, _EDM),
-    "disable_corrector": (lambda s: bool(s.disable_corrector), _UNIPC),
-    "clip_sample": (lambda s: s.clip_sample, ("ddim", "ddpm", "lcm")),
-    # Custom step lists (sdjax.samplers.custom_steps): the samplers whose diffusers class' set_timesteps takes them
+    "edm": lambda s: s.edm,
+    "disable_corrector": lambda s: bool(s.disable_corrector),
+    "clip_sample": lambda s: s.clip_sample,
+    # Custom step lists (sdjax.samplers.discretisation): the samplers whose diffusers class' set_timesteps takes them
     # (EulerAncestral, DDIM, LMS, PNDM, ... do not; UniPC takes sigmas only for flow matching).
-    "custom_timesteps": (lambda s: bool(s.custom_timesteps), ("ddpm", "euler", "heun", "lcm", "tcd") + _DPM_M),
-    "custom_sigmas": (lambda s: bool(s.custom_sigmas), ("euler",)),
+    "custom_timesteps": lambda s: bool(s.custom_timesteps),
+    "custom_sigmas": lambda s: bool(s.custom_sigmas),
 }
+
+
+def samplers_with(option: str) -> tuple[str, ...]:
+  """The registered samplers that implement schedule option `option`, in registration order."""
+  return tuple(name for name, s in SAMPLERS.items() if option in s.schedule_options)
+
+
+class _ScheduleOptions(Mapping):
+  """option -> (is_set(schedule), the samplers implementing it), read from the registry when asked."""
+
+  def __getitem__(self, option: str) -> tuple[Callable[[Schedule], bool], tuple[str, ...]]:
+    return OPTION_IS_SET[option], samplers_with(option)
+
+  def __iter__(self):
+    return iter(OPTION_IS_SET)
+
+  def __len__(self) -> int:
+    return len(OPTION_IS_SET)
+
+
+SCHEDULE_OPTIONS: Mapping[str, tuple[Callable[[Schedule], bool], tuple[str, ...]]] = _ScheduleOptions()
 
 
 def check_schedule(schedule: Schedule, sampler: str) -> None:
   """Refuse a schedule option (away from its default) that `sampler` does not implement, naming it."""
-  for option, (is_set, names) in SCHEDULE_OPTIONS.items():
-    if is_set(schedule) and sampler not in names:
+  implemented = SAMPLERS[sampler].schedule_options if sampler in SAMPLERS else ()
+  for option, is_set in OPTION_IS_SET.items():
+    if is_set(schedule) and option not in implemented:
+      names = samplers_with(option)
       raise ValueError(f"sampler {sampler!r} does not implement the schedule option {option}="
                        f"{getattr(schedule, option)!r}; samplers that do: {', '.join(names)}")
 
@@ -99,10 +124,10 @@ def with_custom_steps(schedule: Schedule, num_steps: int | None, timesteps: Sequ
     raise ValueError("only one of timesteps and sigmas can be given")
   if timesteps is not None:
     values = tuple(float(t) for t in timesteps)
-    schedule, n = dataclasses.replace(schedule, custom_timesteps=values, custom_sigmas=()), len(values)
+    schedule, n = schedule.replace(custom_timesteps=values, custom_sigmas=()), len(values)
   elif sigmas is not None:
     values = tuple(float(v) for v in sigmas)
-    schedule, n = dataclasses.replace(schedule, custom_sigmas=values, custom_timesteps=()), len(values) - 1
+    schedule, n = schedule.replace(custom_sigmas=values, custom_timesteps=()), len(values) - 1
   else:
     if num_steps is None:
       raise ValueError("num_steps is needed unless timesteps or sigmas are given")

@@ -6,8 +6,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sdjax import samplers, schedules
-from sdjax.samplers import custom_steps
+from sdjax import samplers
+from sdjax.samplers import discretisation as disc
+from sdjax.samplers.denoiser import eps_from_x0, predict
 from sdjax.schedules import Schedule
 
 
@@ -21,7 +22,7 @@ def check_terminal_snr(schedule: Schedule, timesteps: np.ndarray, sampler: str,
 
 
 def _tables(schedule: Schedule, num_steps: int) -> dict[str, np.ndarray]:
-  timesteps = schedules.discrete_timesteps(schedule, num_steps)
+  timesteps = disc.discrete_timesteps(schedule, num_steps)
   check_terminal_snr(schedule, timesteps, "ddim/ddpm")
   return {"timesteps": timesteps, "prev": timesteps - schedule.num_train_timesteps // num_steps}
 
@@ -31,7 +32,7 @@ def _ddpm_tables(schedule: Schedule, num_steps: int) -> dict[str, np.ndarray]:
   DDPMScheduler.previous_timestep; DDIM steps back by T // n, which differs for trailing/linspace). Custom
   timesteps (set_timesteps(timesteps=...)) replace the spacing's."""
   if schedule.custom_timesteps:
-    timesteps = custom_steps.custom_timesteps(schedule, num_steps, "ddpm", integer=True).astype(np.int64)
+    timesteps = disc.custom_timesteps(schedule, num_steps, "ddpm", integer=True).astype(np.int64)
     check_terminal_snr(schedule, timesteps, "ddpm")
     tables = {"timesteps": timesteps}
   else:
@@ -62,11 +63,11 @@ def ddim_step(schedule, model_fn, carry, i, z, tables, options):
   x = carry["x"]
   t, abar, abar_prev = _alphas(schedule, i, tables)
   out = model_fn(x, t.astype(jnp.float32))
-  x0, eps = schedules.predict_x0_and_eps(schedule.prediction_type, out, x, abar)
+  x0, eps = predict(schedule.prediction_type, out, x, jnp.sqrt(abar), jnp.sqrt(1.0 - abar))
   if schedule.clip_sample:
     x0 = jnp.clip(x0, -schedule.clip_sample_range, schedule.clip_sample_range)
     if options.get("use_clipped_model_output", False):
-      eps = (x - jnp.sqrt(abar) * x0) / jnp.sqrt(1.0 - abar)
+      eps = eps_from_x0(x, x0, jnp.sqrt(abar), jnp.sqrt(1.0 - abar))
   variance = (1.0 - abar_prev) / (1.0 - abar) * (1.0 - abar / abar_prev)
   std = eta * jnp.sqrt(variance)
   direction = jnp.sqrt(1.0 - abar_prev - std**2) * eps
@@ -81,7 +82,7 @@ def ddpm_step(schedule, model_fn, carry, i, z, tables, options):
   x = carry["x"]
   t, abar, abar_prev = _alphas(schedule, i, tables, final=1.0)
   out = model_fn(x, t.astype(jnp.float32))
-  x0, _ = schedules.predict_x0_and_eps(schedule.prediction_type, out, x, abar)
+  x0, _ = predict(schedule.prediction_type, out, x, jnp.sqrt(abar), jnp.sqrt(1.0 - abar))
   if schedule.clip_sample:
     x0 = jnp.clip(x0, -schedule.clip_sample_range, schedule.clip_sample_range)
   alpha = abar / abar_prev
@@ -95,6 +96,8 @@ def _init(schedule, noise, tables):
   return {"x": noise}
 
 
-samplers.register("ddim", samplers.Sampler(_tables, _init, ddim_step, samplers.noised_vp, ("eta", "use_clipped_model_output"),
-                                           stochastic=True))
-samplers.register("ddpm", samplers.Sampler(_ddpm_tables, _init, ddpm_step, samplers.noised_vp, stochastic=True))
+samplers.register("ddim", samplers.Sampler(_tables, _init, ddim_step, samplers.noised_vp,
+                                           ("eta", "use_clipped_model_output"), stochastic=True,
+                                           schedule_options=("clip_sample",)))
+samplers.register("ddpm", samplers.Sampler(_ddpm_tables, _init, ddpm_step, samplers.noised_vp, stochastic=True,
+                                           schedule_options=("clip_sample", "custom_timesteps")))

@@ -19,7 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from sdjax import samplers, schedules
-from sdjax.samplers.dpmpp import data_prediction, multistep_timesteps
+from sdjax.samplers import discretisation as disc
+from sdjax.samplers.denoiser import eps_from_x0, predict
 from sdjax.schedules import Schedule
 
 ORDERS = (1, 2, 3)
@@ -30,16 +31,12 @@ def deis_sigmas(schedule: Schedule, num_steps: int) -> tuple[np.ndarray, np.ndar
   (n + 1 points, the last dropped, for linspace/leading); the final sigma is the training sigma at t = 0, or
   with `use_karras_sigmas` (Karras et al. 2022, eq. 5, rho = 7, timesteps rounded) the last Karras sigma again."""
   T = schedule.num_train_timesteps
-  if not 1 <= num_steps <= T:
-    raise ValueError(f"num_steps must be in [1, {T}], got {num_steps}")
-  timesteps = multistep_timesteps(schedule, num_steps)
+  disc.check_num_steps(schedule, num_steps)
+  timesteps = disc.multistep_timesteps(schedule, num_steps)
   train_sigmas = schedules.train_sigmas(schedule)
   if schedule.use_karras_sigmas:
-    rho = 7.0
-    lo, hi = float(train_sigmas[0]) ** (1 / rho), float(train_sigmas[-1]) ** (1 / rho)
-    sigmas = (hi + np.linspace(0, 1, num_steps) * (lo - hi)) ** rho
-    log_sigmas = np.log(train_sigmas)
-    timesteps = np.array([schedules._sigma_to_t(s, log_sigmas) for s in sigmas]).round().astype(np.int64)
+    sigmas = disc.karras(train_sigmas[0], train_sigmas[-1], num_steps)
+    timesteps = disc.sigmas_to_t(sigmas, np.log(train_sigmas)).round().astype(np.int64)
     sigmas = np.concatenate([sigmas, sigmas[-1:]])
   else:
     sigmas = np.concatenate([np.interp(timesteps, np.arange(T), train_sigmas), train_sigmas[:1]])
@@ -99,8 +96,8 @@ def deis_step(schedule, model_fn, carry, i, z, tables, options):
   alpha_next = 1.0 / jnp.sqrt(sig_next**2 + 1)
   out = model_fn(x, samplers.at(tables, "timesteps", i))
   # diffusers goes through the data prediction (where thresholding would apply) back to the noise.
-  x0 = data_prediction(schedule.prediction_type, out, x, alpha, sig * alpha)
-  eps = (x - alpha * x0) / (sig * alpha)
+  x0, _ = predict(schedule.prediction_type, out, x, alpha, sig * alpha)
+  eps = eps_from_x0(x, x0, alpha, sig * alpha)
   order = jnp.minimum(samplers.at(tables, "order", i), i + 1)  # warm-up: the first steps have no history
   c = jnp.asarray(tables["coef"])[i, order - 1]
   x_next = alpha_next * (x / alpha + c[0] * eps + c[1] * eps_1 + c[2] * eps_2)
@@ -109,4 +106,4 @@ def deis_step(schedule, model_fn, carry, i, z, tables, options):
 
 for _order, _name in zip(ORDERS, ("deis_1", "deis", "deis_3")):
   samplers.register(_name, samplers.Sampler(functools.partial(deis_tables, order=_order), _init, deis_step,
-                                            samplers.noised_vp_sigma))
+                                            samplers.noised_vp_sigma, schedule_options=("use_karras_sigmas",)))

@@ -13,12 +13,16 @@ as in diffusers' class, which has neither.
 """
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from sdjax import samplers, schedules
-from sdjax.samplers.dpmpp import alpha_sigma_lambda, data_prediction
+from sdjax.samplers import discretisation as disc
+from sdjax.samplers.denoiser import predict
+from sdjax.samplers.dpmpp import alpha_sigma_lambda
 from sdjax.schedules import Schedule
 
 
@@ -35,16 +39,12 @@ def order_list(num_steps: int, solver_order: int) -> list[int]:
 
 def singlestep_tables(schedule: Schedule, num_steps: int, solver_order: int) -> dict[str, np.ndarray]:
   T = schedule.num_train_timesteps
-  if not 1 <= num_steps <= T:
-    raise ValueError(f"num_steps must be in [1, {T}], got {num_steps}")
-  timesteps = np.linspace(0, T - 1, num_steps + 1).round()[::-1][:-1].astype(np.int64)
+  disc.check_num_steps(schedule, num_steps)
+  timesteps = disc.multistep_timesteps(schedule, num_steps, spacing="linspace")
   train_sigmas = schedules.train_sigmas(schedule)
   if schedule.use_karras_sigmas:
-    rho = 7.0
-    lo, hi = float(train_sigmas[0]) ** (1 / rho), float(train_sigmas[-1]) ** (1 / rho)
-    sigmas = (hi + np.linspace(0, 1, num_steps) * (lo - hi)) ** rho
-    log_sigmas = np.log(train_sigmas)
-    timesteps = np.array([schedules._sigma_to_t(s, log_sigmas) for s in sigmas]).round().astype(np.int64)
+    sigmas = disc.karras(train_sigmas[0], train_sigmas[-1], num_steps)
+    timesteps = disc.sigmas_to_t(sigmas, np.log(train_sigmas)).round().astype(np.int64)
   else:
     sigmas = np.interp(timesteps, np.arange(T), train_sigmas)
   return {"timesteps": timesteps.astype(np.float32), "sigmas": np.concatenate([sigmas, [0.0]]).astype(np.float32),
@@ -62,7 +62,7 @@ def singlestep_step(schedule, model_fn, carry, i, z, tables, options):
   sig = lambda j: samplers.at(tables, "sigmas", jnp.maximum(j, 0))
   alpha_0, sigma_0, lam_0 = alpha_sigma_lambda(sig(i))
   alpha_t, sigma_t, lam_t = alpha_sigma_lambda(sig(i + 1))
-  x0 = data_prediction(schedule.prediction_type, model_fn(x, samplers.at(tables, "timesteps", i)), x, alpha_0, sigma_0)
+  x0, _ = predict(schedule.prediction_type, model_fn(x, samplers.at(tables, "timesteps", i)), x, alpha_0, sigma_0)
   # Fewer earlier predictions than the order needs (img2img starting inside a group): lower the order, as diffusers.
   order = jnp.minimum(samplers.at(tables, "order", i), i + 1)
   anchor = jnp.where(order == 1, x, carry["anchor"])
@@ -87,7 +87,8 @@ def singlestep_step(schedule, model_fn, carry, i, z, tables, options):
   return {"x": x_next, "anchor": anchor, "x0_1": x0, "x0_2": carry["x0_1"]}
 
 
-samplers.register("dpmpp_2s", samplers.Sampler(lambda s, n: singlestep_tables(s, n, 2), _init, singlestep_step,
-                                               samplers.noised_vp_sigma))
-samplers.register("dpmpp_3s", samplers.Sampler(lambda s, n: singlestep_tables(s, n, 3), _init, singlestep_step,
-                                               samplers.noised_vp_sigma))
+# (lower_order_final: diffusers forces it on with a zero final sigma, so False is inert here)
+for _order in (2, 3):
+  samplers.register(f"dpmpp_{_order}s", samplers.Sampler(
+      functools.partial(singlestep_tables, solver_order=_order), _init, singlestep_step, samplers.noised_vp_sigma,
+      schedule_options=("use_karras_sigmas", "lower_order_final")))

@@ -11,61 +11,18 @@ in lambda, Lu et al. 2022), `use_exponential_sigmas`, `use_beta_sigmas` (Beta(0.
 from __future__ import annotations
 
 import functools
-import math
 
 import jax.numpy as jnp
 import numpy as np
 
 from sdjax import samplers, schedules
-from sdjax.samplers import custom_steps
+from sdjax.samplers import discretisation as disc
+from sdjax.samplers.denoiser import predict
 from sdjax.schedules import Schedule
 
-BETA_SIGMAS_AB = (0.6, 0.6)  # diffusers' _convert_to_beta defaults
-
-
-def _betainc(a: float, b: float, x: np.ndarray) -> np.ndarray:
-  """The regularized incomplete beta function I_x(a, b), float64, for x in (0, 1): the continued fraction of
-  Numerical Recipes' betacf (modified Lentz), on the side of (a + 1) / (a + b + 2) where it converges fast."""
-  x = np.asarray(x, np.float64)
-  swap = x > (a + 1) / (a + b + 2)
-  a_, b_ = np.where(swap, b, a), np.where(swap, a, b)
-  xs = np.where(swap, 1 - x, x)
-  tiny, qab, qap, qam = 1e-300, a_ + b_, a_ + 1, a_ - 1
-  guard = lambda v: np.where(np.abs(v) < tiny, tiny, v)
-  c, d = np.ones_like(xs), 1 / guard(1 - qab * xs / qap)
-  h = d
-  for m in range(1, 300):
-    m2 = 2 * m
-    aa = m * (b_ - m) * xs / ((qam + m2) * (a_ + m2))
-    d, c = 1 / guard(1 + aa * d), guard(1 + aa / c)
-    h = h * d * c
-    aa = -(a_ + m) * (qab + m) * xs / ((a_ + m2) * (qap + m2))
-    d, c = 1 / guard(1 + aa * d), guard(1 + aa / c)
-    h = h * d * c
-    if np.all(np.abs(d * c - 1) < 4e-16):
-      break
-  log_front = (math.lgamma(a + b) - np.vectorize(math.lgamma)(a_) - np.vectorize(math.lgamma)(b_)
-               + a_ * np.log(xs) + b_ * np.log1p(-xs))
-  v = np.exp(log_front) * h / a_
-  return np.where(swap, 1 - v, v)
-
-
-def beta_ppf(p: np.ndarray, a: float, b: float) -> np.ndarray:
-  """The Beta(a, b) inverse CDF (scipy.stats.beta.ppf) in float64: bisection on `_betainc` to the last bit;
-  exactly 0 and 1 at p = 0 and 1."""
-  p = np.asarray(p, np.float64)
-  lo, hi = np.zeros_like(p), np.ones_like(p)
-  inside = (p > 0) & (p < 1)
-  for _ in range(1100):  # halving a float64 interval in [0, 1] reaches adjacent floats in < 1100 steps
-    mid = 0.5 * (lo + hi)
-    active = inside & (mid > lo) & (mid < hi)
-    if not np.any(active):
-      break
-    below = _betainc(a, b, np.clip(mid, 1e-300, 1 - 2**-53)) < p
-    lo, hi = np.where(active & below, mid, lo), np.where(active & ~below, mid, hi)
-  x = np.where(np.abs(_betainc(a, b, np.clip(lo, 1e-300, 1 - 2**-53)) - p)
-               <= np.abs(_betainc(a, b, np.clip(hi, 1e-300, 1 - 2**-53)) - p), lo, hi)
-  return np.where(p <= 0, 0.0, np.where(p >= 1, 1.0, x))
+beta_ppf = disc.beta_ppf  # (kept here for users: the Beta inverse CDF of use_beta_sigmas)
+DPM_OPTIONS = ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "use_lu_lambdas", "thresholding",
+               "final_sigmas_type", "lower_order_final", "euler_at_final", "custom_timesteps")
 
 
 def order_table(schedule: Schedule, num_steps: int, solver_order: int) -> np.ndarray:
@@ -81,18 +38,6 @@ def order_table(schedule: Schedule, num_steps: int, solver_order: int) -> np.nda
   return order
 
 
-def multistep_timesteps(schedule: Schedule, num_steps: int) -> np.ndarray:
-  """Integer timesteps (descending) of diffusers' multistep solvers (DPM-Solver, UniPC, DEIS) for the spacing:
-  linspace/leading take n + 1 points and drop the last; trailing as DDIM's."""
-  T = schedule.num_train_timesteps
-  if schedule.timestep_spacing == "linspace":
-    return np.linspace(0, T - 1, num_steps + 1).round()[::-1][:-1].astype(np.int64)
-  if schedule.timestep_spacing == "leading":
-    ratio = T // (num_steps + 1)
-    return (np.arange(0, num_steps + 1) * ratio).round()[::-1][:-1].astype(np.int64) + schedule.steps_offset
-  return np.arange(T, 0, -T / num_steps).round().astype(np.int64) - 1
-
-
 def dpm_tables(schedule: Schedule, num_steps: int, *, unipc: bool = False) -> dict[str, np.ndarray]:
   """Integer timesteps and sigmas [n + 1] of diffusers' multistep DPM-Solver (with `unipc`, of
   UniPCMultistepScheduler, which differs only in rounding Karras timesteps for squaredcos_cap_v2 too:
@@ -100,8 +45,7 @@ def dpm_tables(schedule: Schedule, num_steps: int, *, unipc: bool = False) -> di
   Lu-lambda timesteps, and always its exponential and beta ones). The last sigma is 0, or the smallest training
   sigma with final_sigmas_type="sigma_min"."""
   T = schedule.num_train_timesteps
-  if not 1 <= num_steps <= T:
-    raise ValueError(f"num_steps must be in [1, {T}], got {num_steps}")
+  disc.check_num_steps(schedule, num_steps)
   if unipc:
     for field in ("use_lu_lambdas", "use_exponential_sigmas", "use_beta_sigmas", "thresholding"):
       if getattr(schedule, field):
@@ -109,34 +53,27 @@ def dpm_tables(schedule: Schedule, num_steps: int, *, unipc: bool = False) -> di
     if schedule.final_sigmas_type != "zero":
       raise ValueError(f"unipc: final_sigmas_type={schedule.final_sigmas_type!r} is not supported by sdjax")
   if schedule.custom_timesteps and not unipc:  # set_timesteps(timesteps=...): the training sigmas there
-    timesteps = custom_steps.custom_timesteps(schedule, num_steps, "dpmpp", integer=True).astype(np.int64)
+    timesteps = disc.custom_timesteps(schedule, num_steps, "dpmpp", integer=True).astype(np.int64)
     last = schedules.train_sigmas(schedule)[0] if schedule.final_sigmas_type == "sigma_min" else 0.0
     return {"timesteps": timesteps.astype(np.float32),
-            "sigmas": custom_steps.custom_interp_sigmas(schedule, timesteps, last)}
-  timesteps = multistep_timesteps(schedule, num_steps)
+            "sigmas": disc.custom_interp_sigmas(schedule, timesteps, last)}
+  timesteps = disc.multistep_timesteps(schedule, num_steps)
   train_sigmas = schedules.train_sigmas(schedule)
   log_sigmas = np.log(train_sigmas)  # float32, as diffusers
   lo, hi = float(train_sigmas[0]), float(train_sigmas[-1])
   round_t = unipc or schedule.beta_schedule != "squaredcos_cap_v2"
-  to_t = lambda sigmas: np.array([schedules._sigma_to_t(s, log_sigmas) for s in sigmas])
-  if schedule.use_karras_sigmas:  # Karras et al. (2022), eq. 5, rho = 7
-    rho = 7.0
-    sigmas = (hi ** (1 / rho) + np.linspace(0, 1, num_steps) * (lo ** (1 / rho) - hi ** (1 / rho))) ** rho
-    timesteps = to_t(sigmas)
-    timesteps = timesteps.round() if round_t else timesteps
-  elif schedule.use_lu_lambdas:  # uniform in log sigma (= -lambda), Lu et al. (2022)
-    lam_lo, lam_hi = float(log_sigmas[0]), float(log_sigmas[-1])
-    sigmas = np.exp(lam_hi + np.linspace(0, 1, num_steps) * (lam_lo - lam_hi))
-    timesteps = to_t(sigmas)
-    timesteps = timesteps.round() if round_t else timesteps
-  elif schedule.use_exponential_sigmas:
-    sigmas = np.exp(np.linspace(math.log(hi), math.log(lo), num_steps))
-    timesteps = to_t(sigmas)
-  elif schedule.use_beta_sigmas:
-    sigmas = lo + beta_ppf(1 - np.linspace(0, 1, num_steps), *BETA_SIGMAS_AB) * (hi - lo)
-    timesteps = to_t(sigmas)
-  else:
+  spacings = {"use_karras_sigmas": lambda: disc.karras(lo, hi, num_steps),
+              "use_lu_lambdas": lambda: disc.lu_lambdas(log_sigmas[0], log_sigmas[-1], num_steps),
+              "use_exponential_sigmas": lambda: disc.exponential(lo, hi, num_steps),
+              "use_beta_sigmas": lambda: disc.beta_sigmas(lo, hi, num_steps)}
+  spacing = next((option for option in spacings if getattr(schedule, option)), None)
+  if spacing is None:
     sigmas = np.interp(timesteps, np.arange(T), train_sigmas)
+  else:  # the spaced sigmas' timesteps; Karras and Lu-lambda ones rounded (but see round_t above)
+    sigmas = spacings[spacing]()
+    timesteps = disc.sigmas_to_t(sigmas, log_sigmas)
+    if round_t and spacing in ("use_karras_sigmas", "use_lu_lambdas"):
+      timesteps = timesteps.round()
   last = train_sigmas[0] if schedule.final_sigmas_type == "sigma_min" else 0.0
   sigmas = np.concatenate([sigmas, [last]]).astype(np.float32)
   return {"timesteps": timesteps.astype(np.int64).astype(np.float32), "sigmas": sigmas}
@@ -151,15 +88,6 @@ def alpha_sigma_lambda(sigma):
   alpha = 1.0 / jnp.sqrt(sigma**2 + 1)
   s = sigma * alpha
   return alpha, s, jnp.log(alpha) - jnp.log(s)
-
-
-def data_prediction(prediction_type: str, out, x, alpha, sigma):
-  """The model's x0 prediction at x = alpha x0 + sigma eps, from its output of `prediction_type`."""
-  if prediction_type == "epsilon":
-    return (x - sigma * out) / alpha
-  if prediction_type == "v_prediction":
-    return alpha * x - sigma * out
-  return out
 
 
 def dynamic_threshold(x0, ratio: float, max_value: float):
@@ -185,7 +113,7 @@ def _step(schedule, model_fn, carry, i, z, tables, sde: bool, solver_order: int 
   alpha_t, sigma_t, lam_t = alpha_sigma_lambda(sig(i + 1))
   out = model_fn(x, samplers.at(tables, "timesteps", i))
   # Data prediction x0 (the "++" variant works with x0 rather than epsilon).
-  x0 = data_prediction(schedule.prediction_type, out, x, alpha_s, sigma_s)
+  x0, _ = predict(schedule.prediction_type, out, x, alpha_s, sigma_s)
   if schedule.thresholding:
     x0 = dynamic_threshold(x0, schedule.dynamic_thresholding_ratio, schedule.sample_max_value)
   if "order" in tables:
@@ -242,7 +170,7 @@ def _register(order: int) -> None:
     step = functools.partial(_multistep_step, sde=sde, solver_order=order)
     samplers.register(f"dpmpp_{order}m" + ("_sde" if sde else ""),
                       samplers.Sampler(tables, _init3 if order == 3 else _init, step, samplers.noised_vp_sigma,
-                                       stochastic=sde))
+                                       stochastic=sde, schedule_options=DPM_OPTIONS))
 
 
 def _multistep_step(schedule, model_fn, carry, i, z, tables, options, *, sde: bool, solver_order: int):

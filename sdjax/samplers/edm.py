@@ -20,8 +20,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from sdjax import samplers, schedules
-from sdjax.samplers import dpmpp
+from sdjax.samplers import discretisation as disc
+from sdjax.samplers import dpmpp, euler
+from sdjax.samplers.denoiser import denoiser
 from sdjax.schedules import Schedule
+
+EDM_OPTIONS = ("edm", "final_sigmas_type")
+EDM_DPM_OPTIONS = EDM_OPTIONS + ("thresholding", "lower_order_final", "euler_at_final")
 
 
 def _check(schedule: Schedule, name: str) -> None:
@@ -41,9 +46,9 @@ def edm_sigmas(schedule: Schedule, num_steps: int, *, float64_ramp: bool) -> np.
   if schedule.sigma_schedule == "exponential":
     log_sigmas = schedules.torch_linspace_f32(math.log(lo), math.log(hi), num_steps).astype(np.float64)
     return np.exp(log_sigmas)[::-1].astype(np.float32)
-  lo_r, hi_r = lo ** (1 / rho), hi ** (1 / rho)
   if float64_ramp:
-    return ((hi_r + np.linspace(0, 1, num_steps) * (lo_r - hi_r)) ** rho).astype(np.float32)
+    return disc.karras(lo, hi, num_steps, rho).astype(np.float32)
+  lo_r, hi_r = lo ** (1 / rho), hi ** (1 / rho)
   ramp = schedules.torch_linspace_f32(0.0, 1.0, num_steps)
   base = np.float32(hi_r) + ramp * np.float32(lo_r - hi_r)  # float32 tensor with Python scalars, as torch
   return (base.astype(np.float64) ** np.float64(np.float32(rho))).astype(np.float32)
@@ -80,30 +85,12 @@ def dpm_init(schedule: Schedule, noise, tables):
   return {**init(schedule, noise, tables), "prev_x0": jnp.zeros_like(noise), "prev2_x0": jnp.zeros_like(noise)}
 
 
-def denoised(schedule: Schedule, model_fn, x, sigma, t):
-  """D(x, sigma) = c_skip x + c_out F(c_in x, c_noise) (EDM preconditioning, Karras et al. 2022, table 1)."""
-  sd2 = schedule.sigma_data**2
-  out = model_fn(x / jnp.sqrt(sigma**2 + sd2), t)
-  c_out = sigma * schedule.sigma_data / jnp.sqrt(sigma**2 + sd2)
-  if schedule.prediction_type == "v_prediction":
-    c_out = -c_out
-  return sd2 / (sigma**2 + sd2) * x + c_out * out
-
-
-def euler_step(schedule, model_fn, carry, i, z, tables, options):
-  """Karras et al. (2022), Algorithm 2 without churn (diffusers' s_churn = 0): one Euler step of dx/dsigma."""
-  x = carry["x"]
-  sigma, sigma_next = samplers.at(tables, "sigmas", i), samplers.at(tables, "sigmas", i + 1)
-  x0 = denoised(schedule, model_fn, x, sigma, samplers.at(tables, "timesteps", i))
-  return {"x": x + (x - x0) / sigma * (sigma_next - sigma)}
-
-
 def dpm_step(schedule, model_fn, carry, i, z, tables, options, *, sde: bool, solver_order: int):
   """Multistep DPM-Solver++ in sigma space (alpha = 1, lambda = -log sigma) on the EDM denoiser's predictions."""
   x, prev_x0 = carry["x"], carry["prev_x0"]
   sig = lambda j: samplers.at(tables, "sigmas", jnp.maximum(j, 0))
   sigma_s, sigma_t = sig(i), sig(i + 1)
-  x0 = denoised(schedule, model_fn, x, sigma_s, samplers.at(tables, "timesteps", i))
+  x0 = denoiser(model_fn, schedule)(x, sigma_s, samplers.at(tables, "timesteps", i))
   if schedule.thresholding:
     x0 = dpmpp.dynamic_threshold(x0, schedule.dynamic_thresholding_ratio, schedule.sample_max_value)
   order = jnp.minimum(samplers.at(tables, "order", i), i + 1)
@@ -129,10 +116,12 @@ def dpm_step(schedule, model_fn, carry, i, z, tables, options, *, sde: bool, sol
   return {"x": decay * x + update + noise, "prev_x0": x0, "prev2_x0": prev_x0}
 
 
-samplers.register("edm_euler", samplers.Sampler(euler_tables, init, euler_step, samplers.noised_sigma))
+# Euler's step on the EDM denoiser (Karras et al. 2022, Algorithm 2 without churn; diffusers' s_churn = 0).
+samplers.register("edm_euler", samplers.Sampler(euler_tables, init, euler.euler_step, samplers.noised_sigma,
+                                                schedule_options=EDM_OPTIONS))
 for _order in (1, 2, 3):
   for _sde in (False, True) if _order < 3 else (False,):  # (diffusers' EDM third-order update has no SDE form)
     samplers.register(f"edm_dpmpp_{_order}m" + ("_sde" if _sde else ""),
                       samplers.Sampler(functools.partial(dpm_tables, solver_order=_order), dpm_init,
                                        functools.partial(dpm_step, sde=_sde, solver_order=_order),
-                                       samplers.noised_sigma, stochastic=_sde))
+                                       samplers.noised_sigma, stochastic=_sde, schedule_options=EDM_DPM_OPTIONS))

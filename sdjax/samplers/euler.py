@@ -5,19 +5,22 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 
-from sdjax import samplers, schedules
-from sdjax.samplers import custom_steps
+from sdjax import samplers
+from sdjax.samplers import discretisation as disc
+from sdjax.samplers.denoiser import denoiser
 from sdjax.schedules import Schedule
+
+SCHEDULE_OPTIONS = ("use_karras_sigmas",)  # (and, for euler and heun, custom step lists)
 
 
 def sigma_tables(schedule: Schedule, num_steps: int) -> dict[str, np.ndarray]:
   """diffusers' EulerDiscreteScheduler timesteps and sigmas, or its custom timesteps / sigmas."""
   if schedule.custom_sigmas:
-    return custom_steps.custom_sigma_tables(schedule, num_steps, "euler")
+    return disc.custom_sigma_tables(schedule, num_steps, "euler")
   if schedule.custom_timesteps:
-    timesteps = custom_steps.custom_timesteps(schedule, num_steps, "euler/heun", integer=False).astype(np.float32)
-    return {"timesteps": timesteps, "sigmas": custom_steps.custom_interp_sigmas(schedule, timesteps)}
-  timesteps, sigmas = schedules.sigma_timesteps(schedule, num_steps)
+    timesteps = disc.custom_timesteps(schedule, num_steps, "euler/heun", integer=False).astype(np.float32)
+    return {"timesteps": timesteps, "sigmas": disc.custom_interp_sigmas(schedule, timesteps)}
+  timesteps, sigmas = disc.sigma_timesteps(schedule, num_steps)
   return {"timesteps": timesteps, "sigmas": sigmas}
 
 
@@ -29,21 +32,11 @@ def init_sigma_scaled(schedule: Schedule, noise, tables):
   return {"x": noise * s}
 
 
-def denoised(schedule: Schedule, model_fn, x, sigma, t):
-  """x0 predicted from the sigma-space sample x; the model sees x / sqrt(sigma^2 + 1) (the VP x_t)."""
-  scale = jnp.sqrt(sigma**2 + 1)
-  out = model_fn(x / scale, t)
-  if schedule.prediction_type == "epsilon":
-    return x - sigma * out
-  if schedule.prediction_type == "v_prediction":
-    return out * (-sigma / scale) + x / (sigma**2 + 1)
-  return out
-
-
 def euler_step(schedule, model_fn, carry, i, z, tables, options):
+  """One Euler step of dx/dsigma from sigma_i to sigma_{i+1} (also edm_euler's: the denoiser is EDM's there)."""
   x = carry["x"]
   sigma, sigma_next = samplers.at(tables, "sigmas", i), samplers.at(tables, "sigmas", i + 1)
-  x0 = denoised(schedule, model_fn, x, sigma, samplers.at(tables, "timesteps", i))
+  x0 = denoiser(model_fn, schedule)(x, sigma, samplers.at(tables, "timesteps", i))
   d = (x - x0) / sigma  # dx/dsigma of the probability-flow ODE (Karras et al. eq. 3)
   return {"x": x + d * (sigma_next - sigma)}
 
@@ -52,13 +45,16 @@ def euler_ancestral_step(schedule, model_fn, carry, i, z, tables, options):
   """Euler down to sigma_down, then fresh noise up to sigma_next (k-diffusion's `sample_euler_ancestral`)."""
   x = carry["x"]
   sigma, sigma_next = samplers.at(tables, "sigmas", i), samplers.at(tables, "sigmas", i + 1)
-  x0 = denoised(schedule, model_fn, x, sigma, samplers.at(tables, "timesteps", i))
+  x0 = denoiser(model_fn, schedule)(x, sigma, samplers.at(tables, "timesteps", i))
   sigma_up = jnp.sqrt(sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2)
   sigma_down = jnp.sqrt(sigma_next**2 - sigma_up**2)
   x = x + (x - x0) / sigma * (sigma_down - sigma)
   return {"x": x + z * sigma_up}
 
 
-samplers.register("euler", samplers.Sampler(sigma_tables, init_sigma_scaled, euler_step, samplers.noised_sigma))
-samplers.register("euler_a", samplers.Sampler(sigma_tables, init_sigma_scaled, euler_ancestral_step, samplers.noised_sigma,
-                                              stochastic=True))
+samplers.register("euler", samplers.Sampler(
+    sigma_tables, init_sigma_scaled, euler_step, samplers.noised_sigma,
+    schedule_options=SCHEDULE_OPTIONS + ("custom_timesteps", "custom_sigmas")))
+samplers.register("euler_a", samplers.Sampler(sigma_tables, init_sigma_scaled, euler_ancestral_step,
+                                              samplers.noised_sigma, stochastic=True,
+                                              schedule_options=SCHEDULE_OPTIONS))

@@ -8,7 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from sdjax import samplers
-from sdjax.samplers.euler import denoised, init_sigma_scaled, sigma_tables
+from sdjax.samplers.denoiser import denoiser
+from sdjax.samplers.euler import SCHEDULE_OPTIONS, init_sigma_scaled, sigma_tables
 
 
 def _tables(schedule, num_steps):
@@ -19,13 +20,13 @@ def _tables(schedule, num_steps):
 
 
 def heun_step(schedule, model_fn, carry, i, z, tables, options):
-  x = carry["x"]
+  x, denoised = carry["x"], denoiser(model_fn, schedule)
   sigma, sigma_next = samplers.at(tables, "sigmas", i), samplers.at(tables, "sigmas", i + 1)
-  d = (x - denoised(schedule, model_fn, x, sigma, samplers.at(tables, "timesteps", i))) / sigma
+  d = (x - denoised(x, sigma, samplers.at(tables, "timesteps", i))) / sigma
   x_euler = x + d * (sigma_next - sigma)
 
   def correct(x_euler):
-    x0 = denoised(schedule, model_fn, x_euler, sigma_next, samplers.at(tables, "next_timesteps", i))
+    x0 = denoised(x_euler, sigma_next, samplers.at(tables, "next_timesteps", i))
     d_next = (x_euler - x0) / sigma_next
     return x + 0.5 * (d + d_next) * (sigma_next - sigma)
 
@@ -46,4 +47,5 @@ def _strength_tables(schedule, num_steps, strength):
 
 
 samplers.register("heun", samplers.Sampler(_tables, init_sigma_scaled, heun_step, samplers.noised_sigma,
-                                           strength_tables=_strength_tables))
+                                           strength_tables=_strength_tables,
+                                           schedule_options=SCHEDULE_OPTIONS + ("custom_timesteps",)))

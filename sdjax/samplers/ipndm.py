@@ -20,7 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from sdjax import samplers
-from sdjax.samplers.euler import denoised, init_sigma_scaled, sigma_tables
+from sdjax.samplers.denoiser import denoiser
+from sdjax.samplers.euler import init_sigma_scaled, sigma_tables
 from sdjax.schedules import Schedule
 
 MAX_ORDER = 4
@@ -83,7 +84,7 @@ def max_order_of(options) -> int:
 def ipndm_step(schedule, model_fn, carry, i, z, tables, options):
   x, hist = carry["x"], carry["hist"]
   sigma, sigma_next = samplers.at(tables, "sigmas", i), samplers.at(tables, "sigmas", i + 1)
-  d = (x - denoised(schedule, model_fn, x, sigma, samplers.at(tables, "timesteps", i))) / sigma
+  d = (x - denoiser(model_fn, schedule)(x, sigma, samplers.at(tables, "timesteps", i))) / sigma
   # Order min(i + 1, max_order): i counts from the first step run, so img2img warms up again.
   order = jnp.minimum(i + 1, max_order_of(options))
   c = jnp.asarray(tables["coeffs"])[i, order - 1]
@@ -93,11 +94,13 @@ def ipndm_step(schedule, model_fn, carry, i, z, tables, options):
 
 
 def register_ipndm(name: str, base_tables: Callable[[Schedule, int], dict[str, np.ndarray]], variable: bool,
-                   init_fn: Callable = init) -> None:
-  """Register iPNDM (fixed weights) or, with `variable`, iPNDM-v over the step tables `base_tables`."""
+                   init_fn: Callable = init, schedule_options: tuple[str, ...] = ()) -> None:
+  """Register iPNDM (fixed weights) or, with `variable`, iPNDM-v over the step tables `base_tables`, which
+  implement `schedule_options`."""
   samplers.register(name, samplers.Sampler(with_coeffs(base_tables, variable), init_fn, ipndm_step,
-                                           samplers.noised_sigma, options=("max_order",)))
+                                           samplers.noised_sigma, options=("max_order",),
+                                           schedule_options=schedule_options))
 
 
-register_ipndm("ipndm", sigma_tables, variable=False)
-register_ipndm("ipndm_v", sigma_tables, variable=True)
+register_ipndm("ipndm", sigma_tables, variable=False, schedule_options=("use_karras_sigmas",))
+register_ipndm("ipndm_v", sigma_tables, variable=True, schedule_options=("use_karras_sigmas",))

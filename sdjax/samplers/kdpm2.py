@@ -17,8 +17,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sdjax import samplers, schedules
-from sdjax.samplers.euler import denoised, init_sigma_scaled
+from sdjax import samplers
+from sdjax.samplers import discretisation as disc
+from sdjax.samplers.denoiser import denoiser
+from sdjax.samplers.euler import init_sigma_scaled
 from sdjax.schedules import Schedule
 
 
@@ -36,20 +38,18 @@ def kdpm2_sigmas(schedule: Schedule, num_steps: int) -> tuple[np.ndarray, np.nda
   """(timesteps float32 [n], sigmas float32 [n + 1] (last 0), log sigmas of the training timesteps) of
   diffusers' KDPM2 schedulers: Euler's spacing; with `use_karras_sigmas`, Karras et al. (2022) eq. 5 (rho = 7)
   between the end sigmas, mapped back to timesteps by log-sigma interpolation and rounded."""
-  timesteps, sigmas = schedules.sigma_timesteps(schedule.replace(use_karras_sigmas=False), num_steps)
-  log_sigmas = np.log(schedules.train_sigmas(schedule))
+  timesteps, sigmas = disc.sigma_timesteps(schedule.replace(use_karras_sigmas=False), num_steps)
+  log_sigmas = disc.log_train_sigmas(schedule)
   if schedule.use_karras_sigmas:
     # The end sigmas sit at integer timesteps, so their float32 values are the float64 interpolants.
-    rho = 7.0
-    lo, hi = float(sigmas[-2]) ** (1 / rho), float(sigmas[0]) ** (1 / rho)
-    karras = (hi + np.linspace(0, 1, num_steps) * (lo - hi)) ** rho
-    timesteps = np.array([schedules._sigma_to_t(s, log_sigmas) for s in karras]).round().astype(np.float32)
+    karras = disc.karras(sigmas[-2], sigmas[0], num_steps)
+    timesteps = disc.sigmas_to_t(karras, log_sigmas).round().astype(np.float32)
     sigmas = np.concatenate([karras, [0.0]]).astype(np.float32)
   return timesteps, sigmas, log_sigmas
 
 
 def _mid_timesteps(mid_sigmas: np.ndarray, log_sigmas: np.ndarray) -> np.ndarray:
-  return np.array([schedules._sigma_to_t(np.float32(s), log_sigmas) for s in mid_sigmas], np.float32)
+  return disc.sigmas_to_t(np.asarray(mid_sigmas, np.float32), log_sigmas).astype(np.float32)
 
 
 def kdpm2_tables(schedule: Schedule, num_steps: int) -> dict[str, np.ndarray]:
@@ -72,14 +72,14 @@ def kdpm2_ancestral_tables(schedule: Schedule, num_steps: int) -> dict[str, np.n
 
 
 def _step(schedule, model_fn, carry, i, z, tables, ancestral: bool):
-  x = carry["x"]
+  x, denoised = carry["x"], denoiser(model_fn, schedule)
   sigma, sigma_next = samplers.at(tables, "sigmas", i), samplers.at(tables, "sigmas", i + 1)
   sigma_mid = samplers.at(tables, "mid_sigmas", i)
-  d = (x - denoised(schedule, model_fn, x, sigma, samplers.at(tables, "timesteps", i))) / sigma
+  d = (x - denoised(x, sigma, samplers.at(tables, "timesteps", i))) / sigma
 
   def midpoint(x):
     x_mid = x + d * (sigma_mid - sigma)
-    x0 = denoised(schedule, model_fn, x_mid, sigma_mid, samplers.at(tables, "mid_timesteps", i))
+    x0 = denoised(x_mid, sigma_mid, samplers.at(tables, "mid_timesteps", i))
     d_mid = (x_mid - x0) / sigma_mid
     if not ancestral:
       return x + d_mid * (sigma_next - sigma)
@@ -98,6 +98,8 @@ def kdpm2_ancestral_step(schedule, model_fn, carry, i, z, tables, options):
   return _step(schedule, model_fn, carry, i, z, tables, ancestral=True)
 
 
-samplers.register("kdpm2", samplers.Sampler(kdpm2_tables, init_sigma_scaled, kdpm2_step, samplers.noised_sigma))
+samplers.register("kdpm2", samplers.Sampler(kdpm2_tables, init_sigma_scaled, kdpm2_step, samplers.noised_sigma,
+                                            schedule_options=("use_karras_sigmas",)))
 samplers.register("kdpm2_a", samplers.Sampler(kdpm2_ancestral_tables, init_sigma_scaled, kdpm2_ancestral_step,
-                                              samplers.noised_sigma, stochastic=True))
+                                              samplers.noised_sigma, stochastic=True,
+                                              schedule_options=("use_karras_sigmas",)))

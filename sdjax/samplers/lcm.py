@@ -21,9 +21,10 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 
-from sdjax import samplers, schedules
+from sdjax import samplers
+from sdjax.samplers import discretisation as disc
 from sdjax.samplers.ddim import check_terminal_snr
-from sdjax.samplers import custom_steps
+from sdjax.samplers.denoiser import predict
 from sdjax.schedules import Schedule
 
 SIGMA_DATA = 0.5  # the consistency parameterisation's data standard deviation (diffusers' LCMScheduler)
@@ -56,7 +57,7 @@ def boundary_scalings(schedule: Schedule, timesteps: np.ndarray) -> tuple[np.nda
 def _custom(schedule: Schedule, num_steps: int, sampler: str, strength: float = 1.0) -> np.ndarray:
   """Custom timesteps (set_timesteps(timesteps=..., strength=...)): less the first n - int(n * strength)."""
   distilled_timesteps(schedule, 1, sampler=sampler)  # (checks original_inference_steps, as diffusers' LCM)
-  timesteps = custom_steps.custom_timesteps(schedule, num_steps, sampler, integer=True).astype(np.int64)
+  timesteps = disc.custom_timesteps(schedule, num_steps, sampler, integer=True).astype(np.int64)
   start = num_steps - min(int(num_steps * strength), num_steps)
   if start >= num_steps:
     raise ValueError(f"{sampler}: strength={strength} leaves none of the {num_steps} custom timesteps")
@@ -94,7 +95,8 @@ def lcm_step(schedule, model_fn, carry, i, z, tables, options):
   t = samplers.at(tables, "timesteps", i)
   abar_prev = schedule.alphas_cumprod[samplers.at(tables, "prev", i)]
   out = model_fn(x, t.astype(jnp.float32))
-  x0, _ = schedules.predict_x0_and_eps(schedule.prediction_type, out, x, schedule.alphas_cumprod[t])
+  abar = schedule.alphas_cumprod[t]
+  x0, _ = predict(schedule.prediction_type, out, x, jnp.sqrt(abar), jnp.sqrt(1.0 - abar))
   if schedule.clip_sample:
     x0 = jnp.clip(x0, -schedule.clip_sample_range, schedule.clip_sample_range)
   denoised = samplers.at(tables, "c_out", i) * x0 + samplers.at(tables, "c_skip", i) * x
@@ -115,7 +117,8 @@ def tcd_step(schedule, model_fn, carry, i, z, tables, options):
   abar_prev = schedule.alphas_cumprod[samplers.at(tables, "prev", i)]
   abar_s = schedule.alphas_cumprod[jnp.asarray(s_table)[i]]
   out = model_fn(x, t.astype(jnp.float32))
-  x0, eps = schedules.predict_x0_and_eps(schedule.prediction_type, out, x, schedule.alphas_cumprod[t])
+  abar = schedule.alphas_cumprod[t]
+  x0, eps = predict(schedule.prediction_type, out, x, jnp.sqrt(abar), jnp.sqrt(1.0 - abar))
   x_s = jnp.sqrt(abar_s) * x0 + jnp.sqrt(1.0 - abar_s) * eps  # the trajectory's point at s
   if eta == 0:
     return {"x": x_s}
@@ -125,5 +128,7 @@ def tcd_step(schedule, model_fn, carry, i, z, tables, options):
 
 
 samplers.register("lcm", samplers.Sampler(_lcm_tables, _init, lcm_step, samplers.noised_vp, stochastic=True,
-                                          strength_tables=_lcm_tables))
-samplers.register("tcd", samplers.Sampler(_tcd_tables, _init, tcd_step, samplers.noised_vp, ("eta",), stochastic=True))
+                                          strength_tables=_lcm_tables,
+                                          schedule_options=("clip_sample", "custom_timesteps")))
+samplers.register("tcd", samplers.Sampler(_tcd_tables, _init, tcd_step, samplers.noised_vp, ("eta",), stochastic=True,
+                                          schedule_options=("custom_timesteps",)))

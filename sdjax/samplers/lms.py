@@ -7,7 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from sdjax import samplers
-from sdjax.samplers.euler import denoised, init_sigma_scaled, sigma_tables
+from sdjax.samplers.denoiser import denoiser
+from sdjax.samplers.euler import SCHEDULE_OPTIONS, init_sigma_scaled, sigma_tables
 
 ORDER = 4
 
@@ -46,10 +47,11 @@ def _init(schedule, noise, tables):
 def lms_step(schedule, model_fn, carry, i, z, tables, options):
   x = carry["x"]
   sigma = samplers.at(tables, "sigmas", i)
-  d = (x - denoised(schedule, model_fn, x, sigma, samplers.at(tables, "timesteps", i))) / sigma
+  d = (x - denoiser(model_fn, schedule)(x, sigma, samplers.at(tables, "timesteps", i))) / sigma
   history = jnp.concatenate([d[None], carry["history"][:-1]], axis=0)
   c = samplers.at(tables, "lms", i).reshape((ORDER,) + (1,) * x.ndim)
   return {"x": x + jnp.sum(c * history, axis=0), "history": history}
 
 
-samplers.register("lms", samplers.Sampler(_tables, _init, lms_step, samplers.noised_sigma))
+samplers.register("lms", samplers.Sampler(_tables, _init, lms_step, samplers.noised_sigma,
+                                          schedule_options=SCHEDULE_OPTIONS))

@@ -11,8 +11,10 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 
-from sdjax import samplers, schedules
+from sdjax import samplers
+from sdjax.samplers import discretisation as disc
 from sdjax.samplers.ddim import check_terminal_snr
+from sdjax.samplers.denoiser import predict
 from sdjax.schedules import Schedule
 
 
@@ -21,7 +23,7 @@ def _tables(schedule: Schedule, num_steps: int) -> dict[str, np.ndarray]:
   if not 2 <= num_steps <= T:
     raise ValueError(f"pndm needs num_steps in [2, {T}], got {num_steps}")
   r = T // num_steps
-  ts = schedules.discrete_timesteps(schedule, num_steps)[::-1]  # ascending
+  ts = disc.discrete_timesteps(schedule, num_steps)[::-1]  # ascending
   model_t = np.concatenate([ts[:-1], ts[-2:-1], ts[-1:]])[::-1]  # [t_{n-1}, t_{n-2}, t_{n-2}, ..., t_0]
   check_terminal_snr(schedule, model_t, "pndm", allowed=())  # its transfer divides by abar_t
   t_from, t_to = model_t.copy(), model_t - r
@@ -36,6 +38,14 @@ def _tables(schedule: Schedule, num_steps: int) -> dict[str, np.ndarray]:
     w[3] = [23 / 12, -16 / 12, 5 / 12, 0]
   w[4:] = [55 / 24, -59 / 24, 37 / 24, -9 / 24]
   return {"timesteps": model_t.astype(np.float32), "t_from": t_from, "t_to": t_to, "weights": w}
+
+
+def _eps(schedule: Schedule, combined, sample, a_t, name: str):
+  """The noise of the combined (multistep) model output at `sample`, abar = a_t: as diffusers, PNDM combines the
+  raw outputs and converts the combination (epsilon or v_prediction)."""
+  if schedule.prediction_type not in ("epsilon", "v_prediction"):
+    raise ValueError(f"{name} supports prediction_type epsilon or v_prediction")
+  return predict(schedule.prediction_type, combined, sample, jnp.sqrt(a_t), jnp.sqrt(1 - a_t))[1]
 
 
 def _init(schedule, noise, tables):
@@ -55,10 +65,7 @@ def pndm_step(schedule, model_fn, carry, i, z, tables, options):
   a_t = ac[t_from]
   final = 1.0 if schedule.set_alpha_to_one else ac[0]
   a_prev = jnp.where(t_to >= 0, ac[jnp.maximum(t_to, 0)], final)
-  if schedule.prediction_type == "v_prediction":
-    combined = jnp.sqrt(a_t) * combined + jnp.sqrt(1 - a_t) * sample
-  elif schedule.prediction_type != "epsilon":
-    raise ValueError("pndm supports prediction_type epsilon or v_prediction")
+  combined = _eps(schedule, combined, sample, a_t, "pndm")
   # Liu et al. (2022) eq. 11: the transfer from t to t_prev along the predicted noise.
   denom = a_t * jnp.sqrt(1 - a_prev) + jnp.sqrt(a_t * (1 - a_t) * a_prev)
   x_next = jnp.sqrt(a_prev / a_t) * sample - (a_prev - a_t) * combined / denom
@@ -82,7 +89,7 @@ def _prk_tables(schedule: Schedule, num_steps: int) -> dict[str, np.ndarray]:
   if not 4 <= num_steps <= T:
     raise ValueError(f"pndm_prk needs num_steps in [4, {T}], got {num_steps}")
   r = T // num_steps
-  ts = schedules.discrete_timesteps(schedule, num_steps)[::-1]  # ascending
+  ts = disc.discrete_timesteps(schedule, num_steps)[::-1]  # ascending
   half = r // 2
   # The four noisiest timesteps and their midpoints, as diffusers' prk_timesteps: [t3, t2 + h, t2 + h, t2, t2,
   # t1 + h, ..., t0] for ascending t0..t3 (h = r // 2), three RK steps of four evaluations each.
@@ -131,10 +138,7 @@ def pndm_prk_step(schedule, model_fn, carry, i, z, tables, options):
   a_t = ac[t_from]
   final = 1.0 if schedule.set_alpha_to_one else ac[0]
   a_prev = jnp.where(t_to >= 0, ac[jnp.maximum(t_to, 0)], final)
-  if schedule.prediction_type == "v_prediction":
-    combined = jnp.sqrt(a_t) * combined + jnp.sqrt(1 - a_t) * sample
-  elif schedule.prediction_type != "epsilon":
-    raise ValueError("pndm_prk supports prediction_type epsilon or v_prediction")
+  combined = _eps(schedule, combined, sample, a_t, "pndm_prk")
   denom = a_t * jnp.sqrt(1 - a_prev) + jnp.sqrt(a_t * (1 - a_t) * a_prev)  # eq. 11, as pndm_step
   x_next = jnp.sqrt(a_prev / a_t) * sample - (a_prev - a_t) * combined / denom
   return {"x": x_next, "x_start": x_start, "acc": acc, "history": history}

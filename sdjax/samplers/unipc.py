@@ -17,28 +17,19 @@ import jax.numpy as jnp
 import numpy as np
 
 from sdjax import samplers, schedules
+from sdjax.samplers.denoiser import predict
 from sdjax.samplers.dpmpp import alpha_sigma_lambda as _lam
-from sdjax.samplers.dpmpp import data_prediction, dpm_tables
+from sdjax.samplers.dpmpp import dpm_tables
 from sdjax.schedules import Schedule
 
 ORDERS = (1, 2, 3)
+SCHEDULE_OPTIONS = ("use_karras_sigmas", "final_sigmas_type", "lower_order_final", "disable_corrector")
 
 
 def sampler_name(solver_order: int = 2, solver_type: str = "bh2", predict_x0: bool = True) -> str:
   """The registered name of a UniPC variant."""
   return ("unipc" + ("" if solver_order == 2 else f"_{solver_order}") + ("_bh1" if solver_type == "bh1" else "")
           + ("" if predict_x0 else "_eps"))
-
-
-def _prediction(prediction_type: str, out, x, alpha, sigma, predict_x0: bool):
-  """m: the model's x0 prediction (data prediction), or its epsilon prediction (noise prediction)."""
-  if predict_x0:
-    return data_prediction(prediction_type, out, x, alpha, sigma)
-  if prediction_type == "epsilon":
-    return out
-  if prediction_type == "v_prediction":
-    return alpha * out + sigma * x
-  return (x - alpha * out) / sigma
 
 
 def _b(h, predict_x0: bool, bh1: bool):
@@ -76,7 +67,8 @@ def make_step(solver_order: int, bh1: bool, predict_x0: bool):
     lam = lambda k: _lam(sig(k))[2]
     alpha_k, sigma_k, lam_k = _lam(sig(i))
     out = model_fn(x, samplers.at(tables, "timesteps", i))
-    m = _prediction(schedule.prediction_type, out, x, alpha_k, sigma_k, predict_x0)
+    # m: the model's x0 prediction (data prediction), or its epsilon prediction (noise prediction)
+    m = predict(schedule.prediction_type, out, x, alpha_k, sigma_k)[0 if predict_x0 else 1]
     # Orders: min(cap, steps done + 1), cap the table's (solver_order, or lower near the end).
     p_order = jnp.minimum(samplers.at(tables, "cap", i), i + 1)
     c_order = jnp.where((i == 0) | ~samplers.at(tables, "corrector", i), 0,
@@ -170,4 +162,4 @@ for _order in ORDERS:
     for _x0 in (True, False):
       samplers.register(sampler_name(_order, "bh1" if _bh1 else "bh2", _x0),
                         samplers.Sampler(make_tables(_order, _bh1, _x0), _init, make_step(_order, _bh1, _x0),
-                                         samplers.noised_vp_sigma))
+                                         samplers.noised_vp_sigma, schedule_options=SCHEDULE_OPTIONS))
