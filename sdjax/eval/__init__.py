@@ -1,0 +1,1 @@
+"""Evaluation metrics for image generation: FID and Inception features, CLIP score."""
