@@ -1,1 +1,6 @@
-"""Evaluation metrics for image generation: FID and Inception features, CLIP score."""
+"""Evaluation metrics for image generation: FID and Inception features, CLIP score.
+
+Modules (imported on demand, none eagerly): inception (the FID InceptionV3 and its weights), torch_pickle (a
+restricted .pth reader), fid (streaming statistics, Fréchet distance, KID), precision_recall (k-NN precision and
+recall), clip_score.
+"""
