@@ -52,8 +52,10 @@ def peak_tflops(device: jax.Device | None = None) -> float | None:
 def lowered_flops(fn: Callable, *args: Any) -> float:
   """XLA's FLOP count of `jax.jit(fn)(*args)` (arrays or ShapeDtypeStructs) from its lowering, in model-FLOPs
   mode; global, i.e. over all devices. Nothing is compiled or run."""
+  # A fresh function to trace: jax caches traces by function, and the model-FLOPs trace (XLA attention, no
+  # remat) must neither reuse nor become the trace that a later jax.jit(fn) of the same `fn` compiles.
   with model_flops.model_flops():
-    cost = jax.jit(fn).lower(*args).cost_analysis()
+    cost = jax.jit(lambda *a: fn(*a)).lower(*args).cost_analysis()
   cost = [cost] if isinstance(cost, dict) else (cost or [])
   return float(sum(c.get("flops", 0.0) for c in cost if c))
 
