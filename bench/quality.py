@@ -7,6 +7,12 @@ Trains scikit-learn classifiers (logistic regression; an RBF SVM as a stronger s
 real `train` split of the bundled digits, then reports their accuracy on the real `test` split (for
 scale) and on `num` generated samples per class against the class each was conditioned on. Also
 prints the run's training speed and compile times from its summary.json / metrics.jsonl.
+
+Also reports, with sdjax's shipped digit classifier (sdjax.eval.digits, trained by tools/train_digit_features.py),
+its accuracy on the same images and `digit_fid`: FID (MNIST classifier features), the Fréchet distance between the
+classifier's 128-d features of the generated images and of the real `test` split. It is not Inception FID and not
+comparable with published FIDs; lower is better, and `digit_fid_real_train` (the same number for as many real
+`train` digits, class-balanced) is the floor at that sample size.
 Requires the [test] extra (scikit-learn).
 """
 import argparse
@@ -40,6 +46,7 @@ def main():
   from sklearn.svm import SVC
 
   from sdjax.data import load_bundled
+  from sdjax.eval import digits
   from sdjax.sampling import sample_run
 
   x_train, y_train = load_bundled("train")
@@ -63,6 +70,10 @@ def main():
     pred = clf.predict(features(gen["images"]))
     report[f"{name}_generated_acc"] = float(np.mean(pred == gen["labels"]))
     report[f"{name}_generated_per_class"] = [float(np.mean(pred[gen["labels"] == k] == k)) for k in range(10)]
+  report["digit_classifier_real_test_acc"] = digits.digit_accuracy(x_test, y_test)
+  report["digit_classifier_generated_acc"] = digits.digit_accuracy(gen["images"], gen["labels"])
+  report["digit_fid"] = digits.digit_fid(gen["images"])  # FID (MNIST classifier features), not Inception FID
+  report["digit_fid_real_train"] = digits.digit_fid(x_train[balanced(y_train, args.num)])
 
   summary_path = os.path.join(args.workdir, "summary.json")
   if os.path.exists(summary_path):
@@ -89,25 +100,34 @@ def main():
     json.dump(report, f, indent=2)
 
 
+def balanced(labels: np.ndarray, per_class: int) -> np.ndarray:
+  """Indices of the first `per_class` examples of each class, class by class."""
+  return np.concatenate([np.flatnonzero(labels == k)[:per_class] for k in range(10)])
+
+
 def sweep(args, judges, x_test, y_test) -> None:
   """Judge accuracy of `--num` samples per class for each sampler at each NFE (the run's guidance scale unless
-  --guidance), one compile per (sampler, NFE). The NFE counts model evaluations per image as bench/samplers.py
+  --guidance), one compile per (sampler, NFE), and their digit_fid (FID with MNIST classifier features, not
+  Inception FID) in one extra column per NFE. The NFE counts model evaluations per image as bench/samplers.py
   does (heun/kdpm2: 2 per step but the last; pndm: one more than its steps). Samplers that do not implement the
   run's clip_sample run without it."""
   import time
 
   from bench.samplers import steps_for
   from sdjax import pipelines, samplers
+  from sdjax.eval import digits
   from sdjax.sampling import generate, load_run
 
   run, model = load_run(args.workdir)
   guidance = float(run.config.sample.guidance_scale if args.guidance is None else args.guidance)
   labels = pipelines.class_grid_labels(model.num_classes, args.num)
   real = {name: float(np.mean(clf.predict(features(x_test)) == y_test)) for name, clf in judges.items()}
+  real["digit_classifier"] = digits.digit_accuracy(x_test, y_test)
   print(f"checkpoint step {run.step}, guidance {guidance}, {len(labels)} samples per cell; judges on the real "
         f"test split: " + ", ".join(f"{k} {v:.3f}" for k, v in real.items()))
-  print("\n| sampler | " + " | ".join(f"NFE {n}: SVM / logreg" for n in args.nfe) + " |")
-  print("|---|" + "---|" * len(args.nfe))
+  print("\n| sampler | " + " | ".join(f"NFE {n}: SVM / logreg" for n in args.nfe) + " | "
+        + " | ".join(f"NFE {n}: digit FID" for n in args.nfe) + " |")
+  print("|---|" + "---|" * (2 * len(args.nfe)))
   results = []
   for spec in args.sweep:
     name, _, option = spec.partition(":")
@@ -117,19 +137,24 @@ def sweep(args, judges, x_test, y_test) -> None:
     except ValueError:  # e.g. clip_sample (the default run's DDPM setting) with a sigma-space sampler: off for it
       schedule = schedule.replace(clip_sample=False)
       samplers.check_schedule(schedule, name)
-    cells = []
+    cells, fid_cells = [], []
     for nfe in args.nfe:
       steps = steps_for(name, nfe)
       if steps is None:
         cells.append("—")
+        fid_cells.append("—")
         continue
       t0 = time.perf_counter()
       images, _ = generate(model._replace(schedule=schedule), run.mesh, labels, seed=args.seed, sampler=name,
                            num_steps=steps, guidance_scale=guidance, batch_size=500, progress=False)
       acc = {k: float(np.mean(clf.predict(features(images)) == labels)) for k, clf in judges.items()}
-      results.append({"sampler": spec, "nfe": nfe, "steps": steps, **acc, "seconds": time.perf_counter() - t0})
+      acc["digit_classifier"] = digits.digit_accuracy(images, labels)
+      digit_fid = digits.digit_fid(images)
+      results.append({"sampler": spec, "nfe": nfe, "steps": steps, **acc, "digit_fid": digit_fid,
+                      "seconds": time.perf_counter() - t0})
       cells.append(f"{acc['rbf_svm']:.3f} / {acc['logistic_regression']:.3f}")
-    print(f"| {spec} | " + " | ".join(cells) + " |", flush=True)
+      fid_cells.append(f"{digit_fid:.2f}")
+    print(f"| {spec} | " + " | ".join(cells + fid_cells) + " |", flush=True)
   with open(os.path.join(args.workdir, "quality_sweep.json"), "w") as f:
     json.dump({"checkpoint_step": run.step, "guidance": guidance, "num_per_class": args.num, "real": real,
                "results": results}, f, indent=2)
