@@ -49,6 +49,10 @@ def main(argv):
   except (ValueError, FileNotFoundError, FloatingPointError, LockedError) as e:
     sys.exit(f"error: {e}")
   print(f"done: step {summary['final_step']} in {workdir}")
+  if "digit_fid" in summary:
+    print(f"quality ({summary['digit_eval_images']} samples, sdjax's digit classifier): accuracy "
+          f"{summary['digit_accuracy']:.3f}, FID (MNIST classifier features, not Inception FID) "
+          f"{summary['digit_fid']:.2f}")
 
 
 if __name__ == "__main__":

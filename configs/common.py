@@ -230,6 +230,9 @@ def sample_classes(**overrides) -> ml_collections.ConfigDict:
   c.num_steps = 50
   c.guidance_scale = 2.0
   c.per_class = 8             # grid columns (samples per class) during training
+  # End of a digit run: samples per class judged by sdjax's digit classifier (accuracy and FID with its
+  # features, sdjax.eval.digits; not Inception FID); 0: skipped
+  c.eval_per_class = 50
   return _section(c, overrides)
 
 

@@ -30,6 +30,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model.norm_num_groups = 4
     c.sample.num_steps = 4
     c.sample.per_class = 2
+    c.sample.eval_per_class = 2
   elif arg:
     raise ValueError(f"configs/default.py: unknown variant {arg!r}; expected 'tiny' or nothing")
   return c.lock()

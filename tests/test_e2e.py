@@ -33,6 +33,10 @@ def test_train_kill_resume_sample(tmp_path):
   with open(os.path.join(ref_dir, "summary.json")) as f:
     summary = json.load(f)
   assert summary["flops_per_step"] > 0 and summary["peak_tflops"] == 0.5
+  # End-of-run quality of a digit run (sdjax.eval.digits), in summary.json and printed.
+  assert summary["digit_eval_images"] == 20 and 0.0 <= summary["digit_accuracy"] <= 1.0
+  assert np.isfinite(summary["digit_fid"]) and summary["digit_fid"] > 0
+  assert "quality (20 samples, sdjax's digit classifier): accuracy" in r.stdout
   with open(os.path.join(ref_dir, "metrics.jsonl")) as f:
     records = [json.loads(line) for line in f]
   for rec in records:
