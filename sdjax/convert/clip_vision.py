@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import glob
-import json
 import os
 from typing import Any, Mapping, NamedTuple
 
@@ -21,7 +20,7 @@ import jax
 import numpy as np
 from flax import linen as nn
 
-from sdjax.convert import tree
+from sdjax.convert import diffusers, tree
 from sdjax.convert.diffusers import PICKLE_SUFFIXES, read_state_dict, weight_files
 from sdjax.models import clip, clip_vision
 
@@ -81,17 +80,7 @@ def text_from_state_dict(config: clip.CLIPTextConfig, state_dict: Mapping[str, n
 
 
 def _read_config(folder: str) -> dict[str, Any]:
-  path = os.path.join(folder, "config.json")
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"{folder}: not a transformers model folder (no config.json)")
-  try:
-    with open(path) as f:
-      d = json.load(f)
-  except ValueError as e:
-    raise ValueError(f"{path}: not valid JSON ({e})") from None
-  if not isinstance(d, dict):
-    raise ValueError(f"{path}: expected a JSON object of config fields, got {type(d).__name__} {d!r:.60}")
-  return d
+  return diffusers._read_config(folder, "transformers model")
 
 
 def _read_weights(folder: str, allow_pickle: bool) -> dict[str, np.ndarray]:

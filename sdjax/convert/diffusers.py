@@ -89,10 +89,11 @@ def read_state_dict(path: str, *, allow_pickle: bool = False) -> dict[str, np.nd
   return safetensors_io.load(path)
 
 
-def _read_config(folder: str) -> dict[str, Any]:
+def _read_config(folder: str, kind: str = "diffusers component") -> dict[str, Any]:
+  """`folder`/config.json as a dict; a missing, unreadable or non-object file is one error naming it."""
   path = os.path.join(folder, "config.json")
   if not os.path.isfile(path):
-    raise FileNotFoundError(f"{folder}: not a diffusers component folder (no config.json)")
+    raise FileNotFoundError(f"{folder}: not a {kind} folder (no config.json)")
   try:
     with open(path) as f:
       d = json.load(f)

@@ -158,8 +158,11 @@ def normalize_state_dict(state_dict: dict[str, Any]) -> dict[str, Any]:
 
 
 class CLIPAttention(nn.Module):
-  """Multi-head self-attention: q_proj, k_proj, v_proj, out_proj (all with bias), causal plus padding mask."""
-  config: CLIPTextConfig
+  """Multi-head self-attention: q_proj, k_proj, v_proj, out_proj (all with bias); causal plus padding mask for
+  the text tower, over all tokens for the vision tower (`causal=False`, sdjax.models.clip_vision). `config` is a
+  CLIPTextConfig or CLIPVisionConfig (the fields read here have the same names in both)."""
+  config: Any
+  causal: bool = True
 
   @nn.compact
   def __call__(self, x, mask=None):
@@ -167,13 +170,13 @@ class CLIPAttention(nn.Module):
     b, l, _ = x.shape
     split = lambda a: a.reshape(b, l, cfg.num_attention_heads, cfg.head_dim)  # [B, L, H, D]
     q, k, v = (split(layers.dense(cfg.hidden_size, dtype=dtype, name=f"{n}_proj")(x)) for n in "qkv")
-    out = dot_product_attention(q, k, v, mask=mask, is_causal=True)
+    out = dot_product_attention(q, k, v, mask=mask, is_causal=self.causal)
     return layers.dense(cfg.hidden_size, dtype=dtype, name="out_proj")(out.reshape(b, l, cfg.hidden_size))
 
 
 class CLIPMLP(nn.Module):
   """fc1 -> activation -> fc2."""
-  config: CLIPTextConfig
+  config: Any  # CLIPTextConfig or CLIPVisionConfig
 
   @nn.compact
   def __call__(self, x):
@@ -184,25 +187,27 @@ class CLIPMLP(nn.Module):
 
 class CLIPEncoderLayer(nn.Module):
   """Pre-LayerNorm residual block: x + attn(ln1(x)), then x + mlp(ln2(x))."""
-  config: CLIPTextConfig
+  config: Any  # CLIPTextConfig or CLIPVisionConfig
+  causal: bool = True
 
   @nn.compact
   def __call__(self, x, mask=None):
     cfg, dtype = self.config, jnp.dtype(self.config.dtype)
-    x = x + CLIPAttention(cfg, name="self_attn")(
+    x = x + CLIPAttention(cfg, self.causal, name="self_attn")(
         layers.layer_norm(cfg.layer_norm_eps, dtype=dtype, name="layer_norm1")(x), mask)
     return x + CLIPMLP(cfg, name="mlp")(layers.layer_norm(cfg.layer_norm_eps, dtype=dtype, name="layer_norm2")(x))
 
 
 class CLIPEncoder(nn.Module):
-  """The stack of layers; returns the input and every layer's output."""
-  config: CLIPTextConfig
+  """The stack of layers; returns the input and every layer's output (causal: the text tower)."""
+  config: Any  # CLIPTextConfig or CLIPVisionConfig
+  causal: bool = True
 
   @nn.compact
   def __call__(self, x, mask=None) -> tuple[jax.Array, ...]:
     states = [x]
     for i in range(self.config.num_hidden_layers):
-      states.append(CLIPEncoderLayer(self.config, name=f"layers_{i}")(states[-1], mask))
+      states.append(CLIPEncoderLayer(self.config, self.causal, name=f"layers_{i}")(states[-1], mask))
     return tuple(states)
 
 

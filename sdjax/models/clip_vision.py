@@ -17,8 +17,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from sdjax.models import layers, validate
-from sdjax.models.attention import dot_product_attention
-from sdjax.models.clip import ACTIVATIONS, DROPOUT_KEYS, METADATA_KEYS, POSITION_AXES
+from sdjax.models.clip import ACTIVATIONS, DROPOUT_KEYS, METADATA_KEYS, POSITION_AXES, CLIPEncoder
 from sdjax.models.validate import MAX_LAYERS, MAX_SIZE, MAX_WIDTH, STR, floats, ints
 
 CLASS_EMBEDDING_KEY = "vision_model.embeddings.class_embedding"  # an nn.Parameter in transformers, no `.weight`
@@ -126,56 +125,6 @@ def normalize_state_dict(state_dict: dict[str, Any]) -> dict[str, Any]:
   return {CLASS_EMBEDDING_KEY + ".weight" if k == CLASS_EMBEDDING_KEY else k: v for k, v in state_dict.items()}
 
 
-class CLIPVisionAttention(nn.Module):
-  """Multi-head self-attention over all tokens (no mask): q_proj, k_proj, v_proj, out_proj, all with bias."""
-  config: CLIPVisionConfig
-
-  @nn.compact
-  def __call__(self, x):
-    cfg, dtype = self.config, jnp.dtype(self.config.dtype)
-    b, l, _ = x.shape
-    split = lambda a: a.reshape(b, l, cfg.num_attention_heads, cfg.head_dim)  # [B, L, H, D]
-    q, k, v = (split(layers.dense(cfg.hidden_size, dtype=dtype, name=f"{n}_proj")(x)) for n in "qkv")
-    out = dot_product_attention(q, k, v)
-    return layers.dense(cfg.hidden_size, dtype=dtype, name="out_proj")(out.reshape(b, l, cfg.hidden_size))
-
-
-class CLIPVisionMLP(nn.Module):
-  """fc1 -> activation -> fc2."""
-  config: CLIPVisionConfig
-
-  @nn.compact
-  def __call__(self, x):
-    cfg, dtype = self.config, jnp.dtype(self.config.dtype)
-    h = ACTIVATIONS[cfg.hidden_act](layers.dense(cfg.intermediate_size, dtype=dtype, name="fc1")(x))
-    return layers.dense(cfg.hidden_size, dtype=dtype, name="fc2")(h)
-
-
-class CLIPVisionEncoderLayer(nn.Module):
-  """Pre-LayerNorm residual block: x + attn(ln1(x)), then x + mlp(ln2(x))."""
-  config: CLIPVisionConfig
-
-  @nn.compact
-  def __call__(self, x):
-    cfg, dtype = self.config, jnp.dtype(self.config.dtype)
-    x = x + CLIPVisionAttention(cfg, name="self_attn")(
-        layers.layer_norm(cfg.layer_norm_eps, dtype=dtype, name="layer_norm1")(x))
-    return x + CLIPVisionMLP(cfg, name="mlp")(
-        layers.layer_norm(cfg.layer_norm_eps, dtype=dtype, name="layer_norm2")(x))
-
-
-class CLIPVisionEncoder(nn.Module):
-  """The stack of layers; returns the input and every layer's output."""
-  config: CLIPVisionConfig
-
-  @nn.compact
-  def __call__(self, x) -> tuple[jax.Array, ...]:
-    states = [x]
-    for i in range(self.config.num_hidden_layers):
-      states.append(CLIPVisionEncoderLayer(self.config, name=f"layers_{i}")(states[-1]))
-    return tuple(states)
-
-
 class ClassEmbedding(nn.Module):
   """The learned [CLS] token, one vector of hidden_size (transformers' `embeddings.class_embedding`)."""
   features: int
@@ -217,7 +166,7 @@ class CLIPVisionTransformer(nn.Module):
     cfg, dtype = self.config, jnp.dtype(self.config.dtype)
     x = CLIPVisionEmbeddings(cfg, name="embeddings")(pixel_values)
     x = layers.layer_norm(cfg.layer_norm_eps, dtype=dtype, name="pre_layrnorm")(x)
-    states = CLIPVisionEncoder(cfg, name="encoder")(x)
+    states = CLIPEncoder(cfg, causal=False, name="encoder")(x)
     last = states[-1]
     pooled = layers.layer_norm(cfg.layer_norm_eps, dtype=dtype, name="post_layernorm")(last[:, 0])  # [B, C]
     return last, pooled, states
