@@ -96,3 +96,16 @@ def test_train_step_runs_pallas_attention_per_shard_under_the_mesh():
   with pltpu.force_tpu_interpret_mode():
     text = t.lower_step(t.train_step(), t.abstract_state, batch).as_text()
   assert "manual_computation" in text or "shard_map" in text
+
+
+@pytest.mark.parametrize("value, message", [(float("nan"), "finite"), (float("inf"), "finite"), (-1.0, ">= 0")])
+def test_a_careless_peak_is_refused_naming_the_key(value, message):
+  import sys
+  sys.path.insert(0, ".")
+  from configs import default
+  from sdjax.train import trainer as trainer_lib
+
+  config = default.get_config("tiny")
+  config.train.peak_tflops = value
+  with pytest.raises(ValueError, match=f"config.train.peak_tflops must be .*{message}"):
+    trainer_lib.TrainConfig.from_config(config)

@@ -62,6 +62,9 @@ class TrainConfig:
     for field in ("num_steps", "sample_every", "max_skipped_steps", "peak_tflops"):
       if getattr(c, field) < 0:
         raise ValueError(f"config.train.{field} must be >= 0, got {getattr(c, field)}")
+    if not np.isfinite(c.peak_tflops):
+      raise ValueError(f"config.train.peak_tflops must be a finite number >= 0 (0: the device table), got "
+                       f"{c.peak_tflops}")
     if not 0.0 <= c.ema_decay < 1.0:
       raise ValueError(f"config.train.ema_decay must be in [0, 1), got {c.ema_decay}")
     return c
