@@ -213,10 +213,26 @@ def test_automatic_choice_per_backend():
   choose = attention.default_implementation
   assert choose(q, k, None, "tpu") == choose(q, k, key_mask, "tpu") == "pallas_tpu"
   assert choose(q, k, full_mask, "tpu") == "xla"
-  assert choose(q, k, None, "gpu") == "pallas_gpu"  # cuDNN is not available on this CPU
+  assert choose(q, k, None, "gpu") == "xla"  # short: plain XLA (cuDNN is not available on this CPU)
+  assert choose(long, long, None, "gpu") == choose(long, long, jnp.ones((1, 1, 1, 4096), bool), "gpu") == "pallas_gpu"
+  assert choose(long, long, jnp.ones((1, 1, 4096, 4096), bool), "gpu") == "xla"  # a mask Pallas does not take
+  assert choose(jnp.zeros((1, 4096, 1, 512)), jnp.zeros((1, 4096, 1, 512)), None, "gpu") == "xla"  # a VAE's D=512
   assert choose(q, k, None, "cpu") == "xla" and choose(long, long, None, "cpu") == "chunked"
   with pytest.raises(ValueError, match="takes only a key-padding mask"):
     dot_product_attention(q, k, k, mask=full_mask, implementation="pallas_tpu")
+
+
+def test_automatic_choice_on_a_gpu_with_cudnn(monkeypatch):
+  # cuDNN trains bf16/fp16 without a mask at D <= 128 and even lengths only: SD's 77 text keys go elsewhere
+  # (an H200 raised "Unsupported sequence length Q 4096, KV 77" at the first train step when they did not).
+  monkeypatch.setattr(attention, "cudnn_available", lambda: True)
+  choose = attention.default_implementation
+  x = lambda n, d=64, dtype=jnp.bfloat16: jnp.zeros((2, n, 5, d), dtype)
+  assert choose(x(4096), x(4096), None, "gpu") == choose(x(4096), x(78), None, "gpu") == "cudnn"
+  assert choose(x(4096), x(77), None, "gpu") == "xla"
+  assert choose(x(4096, dtype=jnp.float32), x(4096, dtype=jnp.float32), None, "gpu") == "pallas_gpu"
+  assert choose(x(4096, d=160), x(4096, d=160), None, "gpu") == "xla"
+  assert choose(x(4096), x(4096), jnp.ones((2, 1, 1, 4096), bool), "gpu") == "pallas_gpu"
 
 
 def test_unet_config_names_the_valid_implementations():

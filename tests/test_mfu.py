@@ -22,6 +22,27 @@ def test_lowered_flops_of_a_matmul_is_the_closed_form():
   assert mfu.lowered_flops(grads, jax.ShapeDtypeStruct(x.shape, x.dtype), w) == mfu.lowered_flops(grads, x, w)
 
 
+def test_a_backend_that_counts_nothing_before_compiling_is_counted_on_the_cpu_lowering(monkeypatch):
+  # jax 0.11's GPU client returns no FLOPs from a lowering (seen on an H200: MFU 0); the fallback lowers the
+  # same program for the CPU on unsharded shapes, also from inside a mesh with sharded inputs.
+  from jax.sharding import NamedSharding, PartitionSpec as P
+
+  from sdjax import parallel
+  original, calls = jax.stages.Lowered.cost_analysis, []
+
+  def nothing_the_first_time(self):
+    calls.append(self)
+    return {} if len(calls) == 1 else original(self)
+
+  monkeypatch.setattr(jax.stages.Lowered, "cost_analysis", nothing_the_first_time)
+  b, k, n = 16, 32, 24
+  mesh = parallel.make_mesh({"data": jax.device_count()})
+  x = jax.ShapeDtypeStruct((b, k), jnp.float32, sharding=NamedSharding(mesh, P("data")))
+  with jax.set_mesh(mesh):
+    assert mfu.lowered_flops(lambda x, w: x @ w, x, jnp.ones((k, n))) == 2 * b * k * n
+  assert len(calls) == 2
+
+
 def test_chunked_attention_and_remat_count_as_the_model_flops():
   q = jnp.ones((1, 256, 2, 8))
 

@@ -17,6 +17,7 @@ not in the table, or to compare against another number); CPUs have none, and a r
 from __future__ import annotations
 
 import dataclasses
+import logging
 from typing import Any, Callable
 
 import jax
@@ -55,7 +56,22 @@ def lowered_flops(fn: Callable, *args: Any) -> float:
   # A fresh function to trace: jax caches traces by function, and the model-FLOPs trace (XLA attention, no
   # remat) must neither reuse nor become the trace that a later jax.jit(fn) of the same `fn` compiles.
   with model_flops.model_flops():
-    cost = jax.jit(lambda *a: fn(*a)).lower(*args).cost_analysis()
+    count = _flops(jax.jit(lambda *a: fn(*a)).lower(*args).cost_analysis())
+    if not count:
+      # Some backends count nothing before compiling (jax 0.11's GPU client: 0 FLOPs, seen on an H200).
+      # The same program lowered for the CPU has the same dots and convolutions: count it there, on
+      # unsharded shapes (the count is global either way). No compile; the CPU client always exists.
+      shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), args)
+      try:
+        count = _flops(jax.jit(lambda *a: fn(*a)).trace(*shapes).lower(lowering_platforms=("cpu",))
+                       .cost_analysis())
+      except Exception as e:  # noqa: BLE001 - MFU is a report; a failure here must not stop training
+        logging.warning("no FLOP count for MFU: the lowering has no cost analysis here (%s: %s)",
+                        type(e).__name__, e)
+  return count
+
+
+def _flops(cost: Any) -> float:
   cost = [cost] if isinstance(cost, dict) else (cost or [])
   return float(sum(c.get("flops", 0.0) for c in cost if c))
 
