@@ -4,6 +4,8 @@ forward+backward, and agreement, at Stable Diffusion's sequence lengths.
   python bench/attention.py                           # on whatever backend JAX finds (CPU here; GPU adds cuDNN)
   python bench/attention.py --lengths 256 512 1024 2048 4096 --runs 3   # where "chunked" overtakes "xla"
   python bench/attention.py --memory-only --lengths 1024 4096 16384      # compile-only, no timing
+  python bench/attention.py --lengths 4096 --heads 8 --head-dim 40 --only chunked --blocks 1024x2048 4096x4096
+                                                      # tune the chunked block sizes (default 512x1024)
 
 Self-attention over [B, L, H, D], by default 8 heads of 64 (SD 2.x / SDXL head width; L = 4096 is the
 first U-Net level at 512 px, 16384 at 1024 px). Rows: "xla" (materialises [B, H, L, L] logits), "chunked"
@@ -65,10 +67,16 @@ def chunked_scan(q, k, v, query_chunk=1024, key_chunk=2048):
   return jnp.moveaxis(out, 0, 1).reshape(b, nq * qc, h, d)[:, :lq].astype(q.dtype)
 
 
-def implementations(dtype) -> dict:
+def implementations(dtype, blocks=(), only=None) -> dict:
   impls = {name: (lambda q, k, v, name=name: attention.dot_product_attention(q, k, v, implementation=name))
            for name in ("xla", "chunked")}
   impls["chunked-scan"] = chunked_scan
+  for block in blocks:  # "QxK": the chunked implementation with other block sizes than the default
+    qc, kc = (int(x) for x in block.split("x"))
+    impls[f"chunked {qc}x{kc}"] = lambda q, k, v, qc=qc, kc=kc: attention.dot_product_attention(
+        q, k, v, implementation="chunked", query_chunk=qc, key_chunk=kc)
+  if only:  # "xla" stays: it is the reference of the error column
+    impls = {name: fn for name, fn in impls.items() if name == "xla" or name in only or name.split(" ")[0] in only}
   if attention.cudnn_available() and dtype != jnp.float32:
     impls["cudnn"] = lambda q, k, v: attention.dot_product_attention(q, k, v, implementation="cudnn")
   return impls
@@ -83,9 +91,11 @@ def main():
   parser.add_argument("--dtype", default="float32")
   parser.add_argument("--runs", type=int, default=5)
   parser.add_argument("--memory-only", action="store_true", help="compile-only memory, no timing")
+  parser.add_argument("--blocks", nargs="+", default=[], help="extra chunked rows with these QxK block sizes")
+  parser.add_argument("--only", nargs="+", help="implementations to run (e.g. xla chunked)")
   args = parser.parse_args()
   dtype = jnp.dtype(args.dtype)
-  impls = implementations(dtype)
+  impls = implementations(dtype, args.blocks, args.only)
   print(f"jax {jax.__version__}, backend {jax.default_backend()}, devices {jax.devices()[0].device_kind}, "
         f"dtype {dtype}, heads {args.heads}x{args.head_dim}, batch {args.batch}")
   print("| L | implementation | fwd ms | fwd+bwd ms | fwd+bwd temp MiB | rel. error vs XLA float32 |")
