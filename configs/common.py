@@ -262,6 +262,29 @@ def export(**overrides) -> ml_collections.ConfigDict:
   return _section(c, overrides)
 
 
+def evaluation(**overrides) -> ml_collections.ConfigDict:
+  """config.eval: metrics of images rendered from the EMA params during training (sdjax.eval.evaluator), logged
+  as eval/<metric> to metrics.jsonl and TensorBoard. Paths are checked at start-up; defaults: the digit job's."""
+  c = ml_collections.ConfigDict()
+  c.every_steps = 0           # evaluate after every N-th step (not at step 0); 0: never
+  c.num_samples = 100         # images per evaluation (FID is biased upwards at small N: compare equal N)
+  c.batch_size = 100          # images rendered per call, split over the mesh's data x fsdp devices
+  c.sampler = "ddpm"          # the images' sampler, steps and guidance scale (the grid's need not match)
+  c.steps = 50
+  c.guidance = 2.0
+  # fid | kid | precision | recall | clip_score (text-to-image; clip_model) | digit_accuracy (digit runs)
+  c.metrics = ("fid",)
+  c.features = "digits"       # digits: the shipped MNIST classifier (not Inception FID) | inception
+  c.inception_weights = ""    # features=inception: pytorch-fid's pt_inception-2015-12-05-6726825d.pth
+  c.reference_stats = ""      # FID's real side, .npz with mu/sigma; "": digits' shipped test-split statistics
+  c.reference_images = ""     # kid/precision/recall's real images: a folder or bundled:test ("": digits' bundled:test)
+  c.clip_model = ""           # clip_score: a transformers CLIPModel folder
+  c.clip_tokenizer = ""       # its tokenizer folder; "": clip_model (where transformers' downloads keep it)
+  c.prompts = ""              # text-to-image: a file, one prompt a line; "": config.sample.prompts (cycled)
+  c.seed = 0                  # image i's starting noise from (seed, i): the same at every evaluation
+  return _section(c, overrides)
+
+
 def mesh(**overrides) -> ml_collections.ConfigDict:
   """The device mesh (sdjax.parallel)."""
   c = ml_collections.ConfigDict()

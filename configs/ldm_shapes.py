@@ -43,6 +43,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.train = common.train(num_steps=3000, ema_decay=0.999, cond_drop_prob=0.0, checkpoint_every=500,
                          sample_every=500)
   c.sample = common.sample_prompts()
+  # Off: needs Inception weights (and statistics of real shapes images) and a CLIP model folder.
+  c.eval = common.evaluation(num_samples=1000, batch_size=100, sampler="ddim", steps=25, guidance=3.0,
+                             metrics=("fid", "clip_score"), features="inception")
   c.mesh = common.mesh()
 
   if arg == "tiny":

@@ -69,8 +69,8 @@ What differs here, and why:
 - bfloat16 compute with float32 params instead of fp16 with a loss scaler; warm-up from 0 instead of 1e-6 x lr.
 - Latent draws: a `--store dist` cache gives a fresh posterior draw per epoch (the reference: per step; the
   same thing, each example being seen once per epoch).
-- Validation: sample grids of `sample.prompts` every 512,000 images instead of FID / CLIP on COCO;
-  `train.num_steps` stops at 5,120,000 images instead of at the quality target.
+- Validation: sample grids of `sample.prompts` every 512,000 images; FID / CLIP on COCO is `config.eval`, off
+  until its files are given; `train.num_steps` stops at 5,120,000 images instead of at the quality target.
 """
 import ml_collections
 
@@ -136,6 +136,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   with c.sample.unlocked():
     c.sample.size = 512         # image side of the grids (the cache has no image size)
   c.mesh = common.mesh()        # data parallel; --config.mesh.fsdp=N shards params and AdamW state
+  # The reference's quality check (FID and CLIP score of 30,000 COCO-2014 captions, DDIM 50 steps, guidance 8.0),
+  # off until given its files: eval.every_steps (e.g. that of EVAL_IMAGES), inception_weights, reference_stats
+  # (COCO's), clip_model (ViT-H/14 in the reference), prompts (the 30,000 captions, one a line).
+  c.eval = common.evaluation(num_samples=30_000, batch_size=512, sampler="ddim", steps=50, guidance=8.0,
+                             metrics=("fid", "clip_score"), features="inception")
 
   if tiny:                      # the same recipe on a tiny U-Net of the family, on a 16 px cache
     common.tiny_run(c)

@@ -33,6 +33,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.loss = common.loss()
   c.lora = common.lora()
   c.mesh = common.mesh()
+  # Off: needs Inception weights, reference statistics, a CLIP model folder and eval.prompts.
+  c.eval = common.evaluation(num_samples=1000, batch_size=8, sampler="ddim", steps=25, guidance=7.5,
+                             metrics=("fid", "clip_score"), features="inception")
   if tiny:                    # configs/ldm_shapes.py:tiny's data and run
     c.data = common.text_data()
     c.optim = common.optim(lr=1e-3)

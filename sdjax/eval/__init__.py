@@ -2,5 +2,5 @@
 
 Modules (imported on demand, none eagerly): inception (the FID InceptionV3 and its weights), torch_pickle (a
 restricted .pth reader), fid (streaming statistics, Fréchet distance, KID), precision_recall (k-NN precision and
-recall), clip_score.
+recall), clip_score, run (the eval CLI's library side), evaluator (config.eval: evaluation inside training runs).
 """

@@ -72,6 +72,25 @@ class SampleGrid:
   meta: dict
 
 
+@dataclasses.dataclass
+class EvalSamples:
+  """The images `Task.eval_samples` renders for config.eval, batch by batch: `fn(ema_params, *args(i))` -> images
+  [batch_size, H, W, C] in [-1, 1] for batch i < num_batches, split over the mesh's batch devices; rows past
+  `num_samples` (the last batch's padding) are dropped. `labels` [num_samples]: each image's class (or None);
+  `prompts`: each image's prompt (or None). The same seeds at every evaluation, so numbers compare across steps."""
+  fn: Any
+  args: Callable[[int], tuple]
+  num_samples: int
+  batch_size: int
+  image_shape: tuple[int, int, int]
+  labels: Any = None
+  prompts: tuple[str, ...] | None = None
+
+  @property
+  def num_batches(self) -> int:
+    return -(-self.num_samples // self.batch_size)
+
+
 class Frozen(NamedTuple):
   """Networks a task uses but does not train (VAE, text encoders, a LoRA's base): params on the mesh, and
   their shardings. They travel as the train step's third argument, never in the optimizer or checkpoint."""
@@ -136,6 +155,12 @@ class Task:
 
   def sample_grid(self, data: Any, frozen: Any) -> SampleGrid | None:
     """The grid written every train.sample_every steps and at the end; None: no grids."""
+    return None
+
+  def eval_samples(self, eval_config: Any, frozen: Any) -> EvalSamples | None:
+    """What config.eval judges every eval.every_steps steps (`eval_config`: sdjax.eval.evaluator.EvalConfig; its
+    sampler, steps, guidance, num_samples, batch_size and seed), rendered from the EMA params with the task's own
+    sampling code; None: the task cannot be evaluated (a run that asks is refused at start-up)."""
     return None
 
   def export(self, state: Any, workdir: str, data: Any, *, write: bool) -> dict[str, Any]:

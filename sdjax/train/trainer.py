@@ -1,4 +1,5 @@
-"""The one training driver: config -> task -> sharded state -> jitted steps, checkpoints, metrics, samples, export.
+"""The one training driver: config -> task -> sharded state -> jitted steps, checkpoints, metrics, samples,
+evaluations (config.eval, sdjax.eval.evaluator), export.
 
 It knows no task: `task.make(config, mesh)` builds the one `config.task` names (sdjax.train.task).
 """
@@ -9,7 +10,7 @@ import json
 import logging
 import os
 import time
-from typing import Any
+from typing import Any, Callable, NamedTuple
 
 import jax
 import ml_collections
@@ -19,6 +20,7 @@ from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
 from sdjax import checkpoint, io, parallel, preemption
+from sdjax.eval.evaluator import Batch, EvalConfig, Evaluator
 from sdjax.lock import WorkdirLock
 from sdjax.train import mfu, optim, task as task_lib
 from sdjax.train.metrics import MetricsWriter
@@ -176,6 +178,53 @@ def check_resume(config: ml_collections.ConfigDict, workdir: str) -> None:
                      f"a different model. Use a new --workdir, or set config.train.allow_diffusion_change=True")
 
 
+class _EvalInterrupted(Exception):
+  """A preemption notice arrived during an evaluation: its partial results are dropped."""
+
+
+class Evaluation(NamedTuple):
+  """`run(ema_params, stop)` -> {metric: value}; `label` names its FID (e.g. "FID (Inception)")."""
+  run: Callable[..., dict[str, float]]
+  label: str
+
+
+def make_eval(trainer: Trainer, eval_config: EvalConfig) -> Evaluation | None:
+  """config.eval's evaluation (sdjax.eval.evaluator), or None when no
+  evaluation falls within train.num_steps. Built before the first step: the feature network, the reference side
+  and the task's renderer, so that a missing file or a task that cannot be evaluated stops the run here.
+  `stop()` true between batches abandons the evaluation (_EvalInterrupted). eval.batch_size is rounded up to a
+  multiple of the mesh's batch devices."""
+  ec = eval_config
+  if not ec.enabled or ec.every_steps > trainer.train_config.num_steps:
+    return None
+  n = parallel.batch_devices(trainer.mesh)
+  if ec.batch_size % n:  # rendered split over the batch devices: round up, the extra rows are padding
+    ec = dataclasses.replace(ec, batch_size=-(-ec.batch_size // n) * n)
+    log.info("config.eval.batch_size rounded up to %d, a multiple of the %d batch devices", ec.batch_size, n)
+  samples = trainer.task.eval_samples(ec, trainer.frozen)
+  if samples is None:
+    raise ValueError(f"config.eval.every_steps={ec.every_steps}: task {trainer.task.name!r} renders no images to "
+                     "evaluate (set it to 0)")
+  ec.check_images(samples.image_shape, labels=samples.labels is not None, prompts=samples.prompts is not None,
+                  what=f"task {trainer.task.name!r}")
+  evaluator = Evaluator(ec, trainer.mesh)
+
+  def evaluate(ema_params, stop=lambda: False) -> dict[str, float]:
+    def batches():
+      for i in range(samples.num_batches):
+        if stop():
+          raise _EvalInterrupted
+        lo, hi = i * samples.batch_size, min((i + 1) * samples.batch_size, samples.num_samples)
+        images = samples.fn(ema_params, *samples.args(i))
+        yield Batch(images, hi - lo, None if samples.labels is None else samples.labels[lo:hi],
+                    None if samples.prompts is None else samples.prompts[lo:hi])
+
+    with jax.set_mesh(trainer.mesh):
+      return evaluator.evaluate(batches())
+
+  return Evaluation(evaluate, evaluator.label)
+
+
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Train (or resume) `config` in `workdir`; returns a summary dict (also written to summary.json).
 
@@ -196,8 +245,10 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 
 
 def _train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  eval_config = EvalConfig.from_config(config.get("eval"))  # paths checked before anything is built
   trainer = Trainer.from_config(config)
   task, tc, frozen = trainer.task, trainer.train_config, trainer.frozen_args
+  evaluate = make_eval(trainer, eval_config)
   train_step = trainer.train_step()
   lead = jax.process_index() == 0
 
@@ -316,6 +367,21 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
           last_saved = done
         if (tc.sample_every and done % tc.sample_every == 0) or done == num_steps:
           write_samples(done)
+        if evaluate is not None and done % eval_config.every_steps == 0:
+          t = time.perf_counter()
+          try:  # writes nothing but metrics: a kill here loses only this evaluation
+            result = evaluate.run(state.ema_params, stop=(lambda: term.requested) if jax.process_count() == 1
+                              else (lambda: False))
+          except _EvalInterrupted:
+            log.warning("preemption notice during the evaluation at step %d: its results are dropped", done)
+          else:
+            seconds = time.perf_counter() - t
+            metrics.write(done, {**{f"eval/{k}": v for k, v in result.items()}, "eval/seconds": seconds})
+            shown = ", ".join(f"{k} {v:.4g}" for k, v in result.items())
+            if lead:
+              pbar.write(f"eval at step {done} ({eval_config.num_samples} samples, {evaluate.label}): {shown} "
+                         f"[{seconds:.1f} s]")
+          window_start += time.perf_counter() - t  # not counted in the next window's steps/s
         # One process: our SIGTERM handler. Several: jax's preemption sync point (the coordination service
         # catches SIGTERM and all processes agree on the step), so every process saves the same step.
         if term.requested if jax.process_count() == 1 else ckpt.reached_preemption(done):

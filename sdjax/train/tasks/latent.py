@@ -208,6 +208,31 @@ class LatentDiffusion(DiffusionTask):
     """pipelines' params {"unet", "vae", "text_encoders"} from trainable + frozen params."""
     return {"unet": self.unet_params(params, frozen), "vae": frozen["vae"], "text_encoders": frozen["text"]}
 
+  def _sample_size(self) -> int:
+    size = self.image_shape[0] if self.image_shape else int(self.config.sample.get("size", 0) or 0)
+    if not size:
+      raise ValueError("config.sample.size must be set when training from cached latents")
+    return size
+
+  def _prompt(self, toks: list, texts: list[str], guidance: float, size: int) -> pipelines.Prompt:
+    """The conditioning of `texts`, with classifier-free guidance against the empty prompt when guidance > 1."""
+    n = len(texts)
+    return pipelines.Prompt(
+        ids=pipelines.tokenize(toks, self.sd.text_encoders, texts),
+        negative_ids=pipelines.tokenize(toks, self.sd.text_encoders, [""] * n) if guidance > 1 else None,
+        guidance_scale=np.full((n,), guidance, np.float32) if guidance > 1 else None,
+        time_ids=np.stack([pipelines.micro_conditioning(size, size)] * n) if self.sd.sdxl else None,
+        zero_negative=np.ones((n,), bool) if self.sd.sdxl and guidance > 1 else None)
+
+  def _txt2img_fn(self, sampler: str, steps: int, size: int):
+    """jitted (params, frozen, prompt, keys) -> images [B, size, size, C] in [-1, 1]."""
+
+    def fn(params, frozen, prompt, keys):
+      return pipelines.txt2img(self.sd, self.full_params(params, frozen), prompt, keys, height=size, width=size,
+                               sampler=sampler, num_steps=steps)
+
+    return jax.jit(fn)
+
   def sample_grid(self, data, frozen) -> task_lib.SampleGrid:
     """The validation grid: config.sample.prompts (one row each) x sample.per_class images."""
     sc = self.config.sample
@@ -216,29 +241,38 @@ class LatentDiffusion(DiffusionTask):
       raise ValueError("config.sample.prompts is empty: give the validation prompts for the sample grids")
     per = int(sc.per_prompt)
     texts = [p for p in prompts for _ in range(per)]
-    size = self.image_shape[0] if self.image_shape else int(self.config.sample.get("size", 0) or 0)
-    if not size:
-      raise ValueError("config.sample.size must be set when training from cached latents")
-    toks = self.tokenizers()
+    size = self._sample_size()
     n = len(texts)
     guidance = float(sc.guidance_scale)
-    prompt = pipelines.Prompt(
-        ids=pipelines.tokenize(toks, self.sd.text_encoders, texts),
-        negative_ids=pipelines.tokenize(toks, self.sd.text_encoders, [""] * n) if guidance > 1 else None,
-        guidance_scale=np.full((n,), guidance, np.float32) if guidance > 1 else None,
-        time_ids=np.stack([pipelines.micro_conditioning(size, size)] * n) if self.sd.sdxl else None,
-        zero_negative=np.ones((n,), bool) if self.sd.sdxl and guidance > 1 else None)
+    prompt = self._prompt(self.tokenizers(), texts, guidance, size)
     keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(self.config.seed + 1), i))(jnp.arange(n))
     rows = parallel.rows_sharding(self.mesh, n)
     prompt, keys = jax.device_put((prompt, keys), rows)
     sampler, steps = sc.sampler, int(sc.num_steps)
-
-    def fn(params, frozen, prompt, keys):
-      return pipelines.txt2img(self.sd, self.full_params(params, frozen), prompt, keys, height=size, width=size,
-                               sampler=sampler, num_steps=steps)
-
-    return task_lib.SampleGrid(jax.jit(fn), (frozen, prompt, keys), per,
+    return task_lib.SampleGrid(self._txt2img_fn(sampler, steps, size), (frozen, prompt, keys), per,
                       {"sampler": sampler, "steps": steps, "guidance_scale": guidance, "prompts": " | ".join(prompts)})
+
+  def eval_samples(self, eval_config, frozen) -> task_lib.EvalSamples:
+    """config.eval's images: the prompts of eval.prompts (a file, one a line; "": config.sample.prompts), cycled
+    to eval.num_samples; image i's noise from (eval.seed, i); batches of eval.batch_size (the last one padded)."""
+    from sdjax.eval.evaluator import read_prompts
+    ec = eval_config
+    prompts = read_prompts(ec.prompts) if ec.prompts else list(self.config.sample.get("prompts") or ())
+    if not prompts:
+      raise ValueError("config.eval.prompts is empty and so is config.sample.prompts: give the prompts to evaluate")
+    n, b, size = ec.num_samples, ec.batch_size, self._sample_size()
+    texts = tuple(prompts[i % len(prompts)] for i in range(n))
+    toks, fn = self.tokenizers(), self._txt2img_fn(ec.sampler, ec.steps, size)
+    rows = parallel.rows_sharding(self.mesh, b)
+    base = jax.random.key(ec.seed)
+
+    def args(i):
+      idx = np.arange(i * b, (i + 1) * b)
+      prompt = self._prompt(toks, [texts[j] if j < n else "" for j in idx], ec.guidance, size)
+      keys = jax.vmap(lambda j: jax.random.fold_in(base, j))(jnp.asarray(idx))
+      return (frozen, *jax.device_put((prompt, keys), rows))
+
+    return task_lib.EvalSamples(fn, args, n, b, (size, size, self.vae.config.out_channels), prompts=texts)
 
   def inference(self, state, frozen) -> pipelines.TextToImageModel:
     """The EMA params (a LoRA merged into its base) as a text-to-image model."""

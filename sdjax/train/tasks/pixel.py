@@ -88,6 +88,33 @@ class PixelDiffusion(DiffusionTask):
     return task_lib.SampleGrid(fn, args, self.per_class,
                                {"sampler": sc.sampler, "steps": sc.num_steps, "guidance_scale": sc.guidance_scale})
 
+  def _class_fn(self, sampler: str, steps: int, guidance: float):
+    """jitted (ema_params, labels, seed, indices) -> images in [-1, 1] (pipelines.class_conditional_fn)."""
+    return pipelines.class_conditional_fn(self.model, self.schedule, self.image_shape, sampler=sampler,
+                                          num_steps=steps, guidance_scale=guidance)
+
+  def _class_args(self, labels, indices, seed: int) -> tuple:
+    """(labels, seed, indices) of `_class_fn`, the rows split over the batch devices (replicated if uneven)."""
+    sharding = parallel.rows_sharding(self.mesh, len(labels))
+    return (jax.device_put(np.asarray(labels, np.int32), sharding), np.int32(seed),
+            jax.device_put(np.asarray(indices, np.int32), sharding))
+
+  def eval_samples(self, eval_config, frozen):
+    """config.eval's images: image i of class i % num_classes (every class equally often; class 0 for an
+    unconditional model, which ignores it) and starting noise from (eval.seed, i), in batches of eval.batch_size
+    (the last one padded with further indices)."""
+    ec = eval_config
+    n, b = ec.num_samples, ec.batch_size
+    conditional = bool(self.model_config.num_class_embeds)
+    labels = (np.arange(n) % self.num_classes if conditional else np.zeros(n)).astype(np.int32)
+    fn = self._class_fn(ec.sampler, ec.steps, ec.guidance)
+
+    def args(i):
+      idx = np.arange(i * b, (i + 1) * b)
+      return self._class_args(np.where(idx < n, labels[np.minimum(idx, n - 1)], 0), idx, ec.seed)
+
+    return task_lib.EvalSamples(fn, args, n, b, self.image_shape, labels=labels if conditional else None)
+
   def export(self, state, workdir, data, *, write):
     """A digit run's end-of-run quality (sdjax.eval.digits): `sample.eval_per_class` samples per class, rendered
     with the grid's sampler from the EMA params, judged by sdjax's shipped digit classifier: its accuracy against
@@ -99,12 +126,9 @@ class PixelDiffusion(DiffusionTask):
     from sdjax import io
     from sdjax.eval import digits
     labels = pipelines.class_grid_labels(self.num_classes, n)
-    sharding = parallel.rows_sharding(self.mesh, len(labels))
-    fn = pipelines.class_conditional_fn(self.model, self.schedule, self.image_shape, sampler=self.grid_sampler,
-                                        num_steps=self.grid_steps, guidance_scale=self.grid_guidance)
+    fn = self._class_fn(self.grid_sampler, self.grid_steps, self.grid_guidance)
     with jax.set_mesh(self.mesh):
-      out = fn(state.ema_params, jax.device_put(labels, sharding), np.int32(self.config.seed + 2),
-               jax.device_put(np.arange(len(labels), dtype=np.int32), sharding))
+      out = fn(state.ema_params, *self._class_args(labels, np.arange(len(labels)), self.config.seed + 2))
     images = io.to_uint8(np.asarray(multihost_utils.process_allgather(out, tiled=True)))
     return {"digit_eval_images": int(len(labels)), "digit_accuracy": digits.digit_accuracy(images, labels),
             "digit_fid": digits.digit_fid(images)}
