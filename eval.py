@@ -105,7 +105,7 @@ def evaluate(f: flags.FlagValues) -> dict:
       outdir = f.render_dir or (temp := tempfile.mkdtemp(prefix="sdjax-eval-"))
       render = sample_run(f.fake, outdir=outdir, seed=f.seed, num=f.num, steps=f.steps, sampler=f.sampler,
                           guidance_scale=f.guidance, batch_size=RENDER_BATCH,
-                          write_pngs=False, names=FLAG_OF)
+                          write_pngs=False, names=FLAG_OF, watermark=False)  # score the model's own pixels
       fake = ev.open_folder(outdir, "--fake")
       fake = ev.ImageSet(f"{f.fake} (step {render['checkpoint_step']}, {render['sampler']} {render['steps']} "
                          f"steps, guidance {render['guidance_scale']}, seed {f.seed})", array=fake.array)

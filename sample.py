@@ -5,6 +5,7 @@ Class-conditional pixel-space runs (the default job): a PNG grid (one row per cl
 
 Text-to-image (a diffusers folder, a single-file checkpoint, or a `task: ldm` training run): a resumable
 job, one PNG per image with its generation metadata; re-run the same command to finish an interrupted one.
+Images get diffusers' SDXL invisible watermark (sdjax.watermark; RGB, at least 256 px) unless --no_watermark.
   python sample.py --model path/to/sd15 --prompt "a red bicycle" --num_per_prompt 4 --outdir out/bikes
   python sample.py --model sd15.safetensors --tokenizer path/to/tokenizer --prompts prompts.jsonl --outdir out/p
 
@@ -32,6 +33,8 @@ flags.DEFINE_float("guidance", None, "Classifier-free guidance scale (default: t
                    "<= 1 turns guidance off).")
 flags.DEFINE_integer("batch_size", None, "Images per jitted batch (default 100; text jobs 8, rounded up to a "
                      "multiple of the device count).")
+flags.DEFINE_bool("no_watermark", False, "Write images without diffusers' SDXL invisible watermark (sdjax.watermark; "
+                  "on by default for RGB images of at least 256 px, recorded in each PNG's metadata).")
 # Text-to-image jobs.
 flags.DEFINE_string("model", None, "A diffusers pipeline folder or a single-file checkpoint (.safetensors).")
 flags.DEFINE_string("tokenizer", None, "CLIP tokenizer folder (single-file checkpoints carry none).")
@@ -85,7 +88,8 @@ def sample_classes():
   from sdjax.sampling import sample_run
   s = sample_run(FLAGS.workdir, outdir=FLAGS.outdir, seed=FLAGS.seed, num=FLAGS.num, steps=FLAGS.steps,
                  sampler=FLAGS.sampler, guidance_scale=FLAGS.guidance,
-                 batch_size=100 if FLAGS.batch_size is None else FLAGS.batch_size, names=FLAG_OF)
+                 batch_size=100 if FLAGS.batch_size is None else FLAGS.batch_size, names=FLAG_OF,
+                 watermark=not FLAGS.no_watermark)
   print(f"wrote {s['num_images']} images to {s['outdir']} (checkpoint step {s['checkpoint_step']}, "
         f"{s['sampler']} {s['steps']} steps, guidance {s['guidance_scale']}); "
         f"compile {s['compile_s']:.1f}s, {s['images_per_s']:.1f} images/s")
@@ -119,7 +123,7 @@ def text_job():
     model = jobs.load_workdir(FLAGS.workdir)
   job = jobs.Job(outdir, tuple(raw), defaults, batch_size=8 if FLAGS.batch_size is None else FLAGS.batch_size,
                  fsdp=FLAGS.fsdp, grid=FLAGS.grid, overwrite=FLAGS.overwrite, max_images=FLAGS.max_images,
-                 names=FLAG_OF)
+                 watermark=not FLAGS.no_watermark, names=FLAG_OF)
   try:
     s = jobs.run(job, model)
   except KeyboardInterrupt as e:

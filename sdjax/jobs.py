@@ -1,5 +1,6 @@
 """Resumable batch text-to-image jobs: prompts (flags, .txt or .jsonl) -> one PNG per image with its
-generation metadata, an index.jsonl, job.json, an optional grid and a summary.
+generation metadata, an index.jsonl, job.json, an optional grid and a summary. Every image written carries
+diffusers' SDXL invisible watermark (sdjax.watermark, applied on the host) unless `Job.watermark` is off.
 
 Image j of prompt p has an integer seed (the prompt's own `seed` + j, else one derived from (job seed, p,
 j)) and its key is `jax.random.key(seed)`, so an image depends on neither the batch size, the device count
@@ -7,7 +8,7 @@ nor the other images of its batch. Work is grouped by the static arguments of th
 size, steps, sampler, guidance on/off, rescale on/off, strength): one compile per group, fixed-size
 batches sharded over the mesh. A re-run of the same job renders only the images whose PNG is missing.
 
-(~485 lines, above the ~450 of the style guide on purpose: it is one job's life read top to bottom, its model,
+(~500 lines, above the ~450 of the style guide on purpose: it is one job's life read top to bottom, its model,
 its seeds, its output folder's records, its compile groups and their memory check; prompt parsing is already
 split out into sdjax.prompts.)
 """
@@ -28,13 +29,15 @@ from jax.experimental import multihost_utils
 from PIL import Image
 from tqdm.auto import tqdm
 
-from sdjax import io, memory, parallel, pipelines, preemption
+from sdjax import io, memory, parallel, pipelines, preemption, watermark
 # The prompts' API, part of the jobs' (jobs.read_prompts, jobs.Defaults, jobs.JobError, ...).
 from sdjax.prompts import (FIELDS, SEED_MAX, Defaults, JobError, Spec, check_outdir, check_settings,  # noqa: F401
                            name_of, read_prompts, resolve)
 
 # job.json fields that change the images (a re-run that changes one of them is refused).
-IMAGE_FIELDS = ("model_hash", "seed")
+IMAGE_FIELDS = ("model_hash", "seed", "watermark")
+# What a job.json written before a field existed meant by its absence (its images carry no watermark).
+OLD_DEFAULTS = {"watermark": False}
 
 
 class Interrupted(KeyboardInterrupt):
@@ -168,14 +171,16 @@ def truncated_texts(model: Model, texts: Sequence[str]) -> list[bool]:
   return out
 
 
-def record(item: Item, model: Model, truncated: bool = False) -> dict:
+def record(item: Item, model: Model, truncated: bool = False, watermarked: bool = True) -> dict:
   """The generation metadata of one image (PNG tEXt chunks and its index.jsonl line); `truncated`: its
-  prompt or negative prompt was cut to the text encoder's token length."""
+  prompt or negative prompt was cut to the text encoder's token length; `watermark`: sdjax.watermark.LABEL
+  when the job watermarks its images (`watermarked`) and the image is large enough to carry it, else "none"."""
   s = item.spec
   r = {"file": item.name, "prompt": s.prompt, "negative_prompt": s.negative_prompt, "seed": item.seed,
        "sampler": s.sampler, "steps": s.steps, "guidance_scale": s.guidance_scale,
        "guidance_rescale": s.guidance_rescale, "height": s.height, "width": s.width, "mode": s.mode,
-       "strength": s.strength, "model": model.model_id, "model_hash": model.hash, "sdjax_version": sdjax_version()}
+       "strength": s.strength, "model": model.model_id, "model_hash": model.hash, "sdjax_version": sdjax_version(),
+       "watermark": watermark.label(s.height, s.width, watermarked)}
   r.update({k: getattr(s, k) for k in ("init_image", "mask") if getattr(s, k)})
   if truncated:
     r["truncated"] = True
@@ -202,8 +207,8 @@ def check_job(outdir: str, job: dict, names: Mapping[str, str] | None = None) ->
   with open(path) as f:
     old = json.load(f)
   for key in IMAGE_FIELDS:
-    if old.get(key) != job[key]:
-      _changed(names, outdir, key, old.get(key), job[key])
+    if old.get(key, OLD_DEFAULTS.get(key)) != job[key]:
+      _changed(names, outdir, key, old.get(key, OLD_DEFAULTS.get(key)), job[key])
   for p, (a, b) in enumerate(zip(old.get("prompts", []), job["prompts"])):  # appended prompts are fine
     for key in sorted(set(a) | set(b)):
       if a.get(key) != b.get(key):
@@ -361,6 +366,7 @@ class Job:
   grid: bool = False
   overwrite: bool = False
   max_images: int | None = None  # stop after rendering this many (then re-run to continue)
+  watermark: bool = True  # diffusers' SDXL invisible watermark on every image written (sdjax.watermark)
   names: Mapping[str, str] | None = None  # how errors name the settings (sample.py: its flags; sdjax.prompts)
 
 
@@ -386,9 +392,10 @@ def run(job: Job, model: Model, *, devices: Sequence[jax.Device] | None = None, 
   if batch_size != job.batch_size:
     echo(f"note: batch_size {job.batch_size} -> {batch_size} (a multiple of the {ndev} devices)")
   info = {"sdjax_version": sdjax_version(), "model": model.model_id, "model_hash": model.hash,
-          "seed": job.defaults.seed, "prompts": [dataclasses.asdict(s) for s in specs],
+          "seed": job.defaults.seed, "watermark": job.watermark, "prompts": [dataclasses.asdict(s) for s in specs],
           "execution": {"batch_size": batch_size, "devices": len(devices), "fsdp": job.fsdp}}
-  records = {it.name: record(it, model, it.spec.prompt in cut or it.spec.negative_prompt in cut) for it in work}
+  records = {it.name: record(it, model, it.spec.prompt in cut or it.spec.negative_prompt in cut, job.watermark)
+             for it in work}
   check_memory(model, _groups(work), batch_size, mesh, job.names)
   done = _prepare_outdir(job, info, work, records, lead)
   todo = [it for it, d in zip(work, done) if not d]
@@ -404,7 +411,7 @@ def run(job: Job, model: Model, *, devices: Sequence[jax.Device] | None = None, 
       size = min(batch_size, -(-len(group_items) // ndev) * ndev)  # a small group: a smaller batch
       for start in range(0, len(group_items), size):
         _render_batch(model, params, group, group_items[start:start + size], size, mesh, job.outdir, records,
-                      stats, lead, bar, job.names)
+                      stats, lead, bar, job.names, job.watermark)
 
   summary = {"outdir": job.outdir, "images": len(work), "rendered": stats["rendered"], "skipped": skipped,
              "remaining": None, "groups": len(groups), "batch_size": batch_size, "devices": len(devices),
@@ -419,7 +426,9 @@ def run(job: Job, model: Model, *, devices: Sequence[jax.Device] | None = None, 
       if grid is None:
         echo("note: no grid.png: the prompts' image sizes differ")
       else:
-        io.save_png(os.path.join(job.outdir, "grid.png"), grid, {"model": model.model_id, "model_hash": model.hash})
+        grid, mark = watermark.mark(grid, job.watermark)  # an image the job writes, as its tiles
+        io.save_png(os.path.join(job.outdir, "grid.png"), grid,
+                    {"model": model.model_id, "model_hash": model.hash, "watermark": mark})
     summary["wall_s"] = time.perf_counter() - t_start
     _write_json(os.path.join(job.outdir, "summary.json"), summary)
   return summary
@@ -460,8 +469,10 @@ def _groups(work: Sequence[Item]) -> dict[tuple, list[Item]]:
   return groups
 
 
-def _render_batch(model, params, group, batch, size, mesh, outdir, records, stats, lead, bar, names=None):
-  """Render one batch (padded to `size` by repeating its last row); process 0 writes PNGs and index lines."""
+def _render_batch(model, params, group, batch, size, mesh, outdir, records, stats, lead, bar, names=None,
+                  watermarked=True):
+  """Render one batch (padded to `size` by repeating its last row); process 0 watermarks the images (when
+  `watermarked`, see `record`) and writes PNGs and index lines."""
   host = batch_inputs(model, group, list(batch) + [batch[-1]] * (size - len(batch)))
   sharding = parallel.batch_sharding(mesh)
   args = put(host, jax.tree.map(lambda _: sharding, host))
@@ -483,6 +494,7 @@ def _render_batch(model, params, group, batch, size, mesh, outdir, records, stat
   stats["compile_s"] += compile_s
   stats["rendered"] += len(batch)
   if lead:
+    images, _ = watermark.mark(np.asarray(images), watermarked)  # on the host: the jitted program stays pure
     with open(os.path.join(outdir, "index.jsonl"), "a") as f:
       for it, img in zip(batch, images):
         io.save_png(os.path.join(outdir, it.name), img, _png_text(records[it.name]))

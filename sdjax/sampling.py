@@ -1,5 +1,6 @@
 """Sampling from a trained sdjax run: restore EMA params from the workdir's latest checkpoint, render
-class-conditional images in fixed-size jitted batches, write a grid (one row per class) and PNGs."""
+class-conditional images in fixed-size jitted batches, write a grid (one row per class) and PNGs, watermarked
+(sdjax.watermark: RGB images of at least 256 px) unless turned off."""
 from __future__ import annotations
 
 import json
@@ -11,7 +12,7 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from sdjax import io, parallel, pipelines, runs, samplers
+from sdjax import io, parallel, pipelines, runs, samplers, watermark as wm
 
 
 def load_run(workdir: str) -> tuple[runs.Run, pipelines.ClassConditionalModel]:
@@ -23,7 +24,8 @@ def load_run(workdir: str) -> tuple[runs.Run, pipelines.ClassConditionalModel]:
 def generate(model: pipelines.ClassConditionalModel, mesh: jax.sharding.Mesh, labels: np.ndarray, *, seed: int,
              sampler: str, num_steps: int, guidance_scale: float, batch_size: int,
              progress: bool = True) -> tuple[np.ndarray, dict]:
-  """Images uint8 [N, H, W, C] for `labels` [N]; image i's noise depends only on (seed, i)."""
+  """Images uint8 [N, H, W, C] for `labels` [N]; image i's noise depends only on (seed, i). Not watermarked:
+  `sample_run`, which writes them, watermarks them."""
   n = len(labels)
   batch_size = min(batch_size, n)
   fn = pipelines.class_conditional_fn(model.unet, model.schedule, model.image_shape, sampler=sampler,
@@ -53,9 +55,11 @@ def generate(model: pipelines.ClassConditionalModel, mesh: jax.sharding.Mesh, la
 
 def sample_run(workdir: str, *, outdir: str | None = None, seed: int = 0, num: int = 8, steps: int | None = None,
                sampler: str | None = None, guidance_scale: float | None = None, batch_size: int = 100,
-               write_pngs: bool = True, names: Mapping[str, str] | None = None) -> dict:
+               write_pngs: bool = True, names: Mapping[str, str] | None = None, watermark: bool = True) -> dict:
   """Render `num` images per class from `workdir`'s latest checkpoint into `outdir`; every setting is
-  checked before the run is loaded (errors name each setting as `names` says, e.g. by the CLI's flags)."""
+  checked before the run is loaded (errors name each setting as `names` says, e.g. by the CLI's flags).
+  `watermark`: give the images (PNGs, samples.npz) and the grid diffusers' SDXL invisible watermark where they
+  can carry it (sdjax.watermark.mark); their metadata and the summary's `watermark` say whether they do."""
   from sdjax import prompts
   prompts.check_settings({"num": num, "seed": seed, "steps": steps, "guidance_scale": guidance_scale,
                           "batch_size": batch_size}, names)
@@ -79,9 +83,11 @@ def sample_run(workdir: str, *, outdir: str | None = None, seed: int = 0, num: i
   images, stats = generate(model, run.mesh, labels, seed=seed, sampler=sampler, num_steps=steps,
                            guidance_scale=guidance_scale, batch_size=batch_size)
   os.makedirs(outdir, exist_ok=True)
+  grid, grid_mark = wm.mark(io.make_grid(images, nrow=num), watermark)  # host-side, after the jitted sampler
+  images, mark = wm.mark(images, watermark)
   meta = {"workdir": os.path.abspath(workdir), "checkpoint_step": step, "seed": seed, "sampler": sampler,
-          "steps": steps, "guidance_scale": guidance_scale}
-  io.save_png(os.path.join(outdir, "grid.png"), io.make_grid(images, nrow=num), meta)
+          "steps": steps, "guidance_scale": guidance_scale, "watermark": mark}
+  io.save_png(os.path.join(outdir, "grid.png"), grid, {**meta, "watermark": grid_mark})
   if write_pngs:
     for i, (img, y) in enumerate(zip(images, labels)):
       io.save_png(os.path.join(outdir, f"class{y}_{i % num:04d}.png"), img, {**meta, "class": int(y), "index": i})
