@@ -33,6 +33,10 @@ flags.DEFINE_float("guidance", None, "Classifier-free guidance scale (default: t
                    "<= 1 turns guidance off).")
 flags.DEFINE_integer("batch_size", None, "Images per jitted batch (default 100; text jobs 8, rounded up to a "
                      "multiple of the device count).")
+flags.DEFINE_string("c2pa_key", None, "PEM private key: sign C2PA content credentials into each image of a text "
+                    "job (needs c2pa-python; sdjax.provenance).")
+flags.DEFINE_string("c2pa_cert", None, "PEM certificate chain of --c2pa_key, signing certificate first.")
+flags.DEFINE_enum("c2pa_prompt", "hash", ["hash", "text"], "Prompts in the C2PA manifest: their SHA-256 or text.")
 flags.DEFINE_bool("no_watermark", False, "Write images without diffusers' SDXL invisible watermark (sdjax.watermark; "
                   "on by default for RGB images of at least 256 px, recorded in each PNG's metadata).")
 # Text-to-image jobs.
@@ -63,13 +67,14 @@ FLAGS = flags.FLAGS
 
 TEXT_ONLY = ("model", "tokenizer", "tokenizer_2", "model_type", "prompt", "prompts", "negative_prompt",
              "num_per_prompt", "rescale", "height", "width", "init_image", "mask", "strength", "grid", "fsdp",
-             "overwrite", "max_images")
+             "overwrite", "max_images", "c2pa_key", "c2pa_cert", "c2pa_prompt")
 # How text-to-image job errors name a setting given here: by its flag (a prompts-file field by its line).
 FLAG_OF = {"prompts": "--prompts", "model": "--model", "tokenizer": "--tokenizer", "tokenizer_2": "--tokenizer_2",
            "seed": "--seed", "outdir": "--outdir", "overwrite": "--overwrite", "negative_prompt": "--negative_prompt",
            "guidance_scale": "--guidance", "guidance_rescale": "--rescale", "steps": "--steps", "height": "--height",
            "width": "--width", "num_images": "--num_per_prompt", "sampler": "--sampler", "init_image": "--init_image",
-           "mask": "--mask", "strength": "--strength", "batch_size": "--batch_size", "num": "--num"}
+           "mask": "--mask", "strength": "--strength", "batch_size": "--batch_size", "num": "--num",
+           "c2pa_key": "--c2pa_key", "c2pa_cert": "--c2pa_cert", "c2pa_prompt": "--c2pa_prompt"}
 
 
 def check_flags():
@@ -112,6 +117,8 @@ def text_job():
     path = getattr(FLAGS, name)
     if path and not os.path.exists(path):
       raise jobs.JobError(f"--{name}: {path} does not exist")
+  from sdjax import provenance
+  signer = provenance.load_signer(FLAGS.c2pa_key, FLAGS.c2pa_cert, FLAGS.c2pa_prompt, names=FLAG_OF)  # up front
   if FLAGS.model:
     outdir = FLAGS.outdir or os.path.join("generated", os.path.splitext(os.path.basename(os.path.normpath(FLAGS.model)))[0])
     jobs.check_outdir(outdir, FLAG_OF)
@@ -123,7 +130,7 @@ def text_job():
     model = jobs.load_workdir(FLAGS.workdir)
   job = jobs.Job(outdir, tuple(raw), defaults, batch_size=8 if FLAGS.batch_size is None else FLAGS.batch_size,
                  fsdp=FLAGS.fsdp, grid=FLAGS.grid, overwrite=FLAGS.overwrite, max_images=FLAGS.max_images,
-                 watermark=not FLAGS.no_watermark, names=FLAG_OF)
+                 watermark=not FLAGS.no_watermark, c2pa=signer, names=FLAG_OF)
   try:
     s = jobs.run(job, model)
   except KeyboardInterrupt as e:

@@ -29,15 +29,15 @@ from jax.experimental import multihost_utils
 from PIL import Image
 from tqdm.auto import tqdm
 
-from sdjax import io, memory, parallel, pipelines, preemption, watermark
+from sdjax import io, memory, parallel, pipelines, preemption, provenance, watermark
 # The prompts' API, part of the jobs' (jobs.read_prompts, jobs.Defaults, jobs.JobError, ...).
 from sdjax.prompts import (FIELDS, SEED_MAX, Defaults, JobError, Spec, check_outdir, check_settings,  # noqa: F401
                            name_of, read_prompts, resolve)
 
 # job.json fields that change the images (a re-run that changes one of them is refused).
-IMAGE_FIELDS = ("model_hash", "seed", "watermark")
-# What a job.json written before a field existed meant by its absence (its images carry no watermark).
-OLD_DEFAULTS = {"watermark": False}
+IMAGE_FIELDS = ("model_hash", "seed", "watermark", "c2pa")
+# What a job.json written before a field existed meant by its absence (its images carry no watermark, no C2PA).
+OLD_DEFAULTS = {"watermark": False, "c2pa": False}
 
 
 class Interrupted(KeyboardInterrupt):
@@ -367,6 +367,7 @@ class Job:
   overwrite: bool = False
   max_images: int | None = None  # stop after rendering this many (then re-run to continue)
   watermark: bool = True  # diffusers' SDXL invisible watermark on every image written (sdjax.watermark)
+  c2pa: provenance.Signer | None = None  # C2PA content credentials signed into every PNG (sdjax.provenance)
   names: Mapping[str, str] | None = None  # how errors name the settings (sample.py: its flags; sdjax.prompts)
 
 
@@ -392,7 +393,7 @@ def run(job: Job, model: Model, *, devices: Sequence[jax.Device] | None = None, 
   if batch_size != job.batch_size:
     echo(f"note: batch_size {job.batch_size} -> {batch_size} (a multiple of the {ndev} devices)")
   info = {"sdjax_version": sdjax_version(), "model": model.model_id, "model_hash": model.hash,
-          "seed": job.defaults.seed, "watermark": job.watermark, "prompts": [dataclasses.asdict(s) for s in specs],
+          "seed": job.defaults.seed, "watermark": job.watermark, "c2pa": job.c2pa is not None, "prompts": [dataclasses.asdict(s) for s in specs],
           "execution": {"batch_size": batch_size, "devices": len(devices), "fsdp": job.fsdp}}
   records = {it.name: record(it, model, it.spec.prompt in cut or it.spec.negative_prompt in cut, job.watermark)
              for it in work}
@@ -411,7 +412,7 @@ def run(job: Job, model: Model, *, devices: Sequence[jax.Device] | None = None, 
       size = min(batch_size, -(-len(group_items) // ndev) * ndev)  # a small group: a smaller batch
       for start in range(0, len(group_items), size):
         _render_batch(model, params, group, group_items[start:start + size], size, mesh, job.outdir, records,
-                      stats, lead, bar, job.names, job.watermark)
+                      stats, lead, bar, job.names, job.watermark, job.c2pa)
 
   summary = {"outdir": job.outdir, "images": len(work), "rendered": stats["rendered"], "skipped": skipped,
              "remaining": None, "groups": len(groups), "batch_size": batch_size, "devices": len(devices),
@@ -427,8 +428,8 @@ def run(job: Job, model: Model, *, devices: Sequence[jax.Device] | None = None, 
         echo("note: no grid.png: the prompts' image sizes differ")
       else:
         grid, mark = watermark.mark(grid, job.watermark)  # an image the job writes, as its tiles
-        io.save_png(os.path.join(job.outdir, "grid.png"), grid,
-                    {"model": model.model_id, "model_hash": model.hash, "watermark": mark})
+        provenance.save_png(os.path.join(job.outdir, "grid.png"), grid,
+                            {"model": model.model_id, "model_hash": model.hash, "watermark": mark}, job.c2pa)
     summary["wall_s"] = time.perf_counter() - t_start
     _write_json(os.path.join(job.outdir, "summary.json"), summary)
   return summary
@@ -470,7 +471,7 @@ def _groups(work: Sequence[Item]) -> dict[tuple, list[Item]]:
 
 
 def _render_batch(model, params, group, batch, size, mesh, outdir, records, stats, lead, bar, names=None,
-                  watermarked=True):
+                  watermarked=True, c2pa=None):
   """Render one batch (padded to `size` by repeating its last row); process 0 watermarks the images (when
   `watermarked`, see `record`) and writes PNGs and index lines."""
   host = batch_inputs(model, group, list(batch) + [batch[-1]] * (size - len(batch)))
@@ -497,6 +498,7 @@ def _render_batch(model, params, group, batch, size, mesh, outdir, records, stat
     images, _ = watermark.mark(np.asarray(images), watermarked)  # on the host: the jitted program stays pure
     with open(os.path.join(outdir, "index.jsonl"), "a") as f:
       for it, img in zip(batch, images):
-        io.save_png(os.path.join(outdir, it.name), img, _png_text(records[it.name]))
+        provenance.save_png(os.path.join(outdir, it.name), img, _png_text(records[it.name]), c2pa,
+                            records[it.name])  # signed (C2PA) when the job has a signer
         f.write(json.dumps(records[it.name]) + "\n")
   bar.update(len(batch))
