@@ -7,6 +7,11 @@ travel in a `StableDiffusion` (static: it is closed over or passed as a static a
 per image. Every random draw of image i (its starting noise, the stochastic samplers' step noise, the VAE
 posterior sample of img2img/inpainting) comes from key i alone, so an image does not depend on the batch
 it is rendered in, nor on the number of devices.
+
+An optional safety checker (diffusers' `StableDiffusionSafetyChecker` with its CLIPImageProcessor settings, on
+the `StableDiffusion` as `safety_checker` + `feature_extractor`, params under `params["safety_checker"]`) runs
+inside the same jitted function: `txt2img(..., safety_check=True)` (likewise img2img / inpaint) returns
+`(images, has_nsfw_concept [B] bool)` with flagged images replaced by black ones, as diffusers' pipelines.
 """
 from __future__ import annotations
 
@@ -18,8 +23,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from sdjax import parallel, samplers
+from sdjax.eval import clip_score
 from sdjax.guidance import classifier_free_guidance
 from sdjax.models import AutoencoderKL, CLIPTextModel, UNet
+from sdjax.models import safety_checker as safety_lib
 from sdjax.models import vae as vae_lib
 from sdjax.schedules import Schedule
 
@@ -93,13 +100,21 @@ class StableDiffusion:
   """The modules of a latent text-to-image model (SD 1.x / 2.x / SDXL, or an inpainting U-Net).
 
   force_zeros_for_empty_prompt: SDXL's rule — an image with no negative prompt gets zero negative
-  embeddings instead of the encoded empty string.
+  embeddings instead of the encoded empty string. safety_checker / feature_extractor: the optional NSFW
+  checker and its input preprocessing (both or neither; `run_safety_checker`).
   """
   unet: UNet
   vae: AutoencoderKL
   text_encoders: tuple[CLIPTextModel, ...]
   schedule: Schedule
   force_zeros_for_empty_prompt: bool = False
+  safety_checker: safety_lib.StableDiffusionSafetyChecker | None = None
+  feature_extractor: safety_lib.FeatureExtractorConfig | None = None
+
+  def __post_init__(self):
+    if (self.safety_checker is None) != (self.feature_extractor is None):
+      raise ValueError("StableDiffusion: safety_checker and feature_extractor go together (the checker needs its "
+                       "input preprocessing)")
 
   @property
   def sdxl(self) -> bool:
@@ -121,16 +136,22 @@ class StableDiffusion:
     return (height // f, width // f, self.vae.config.latent_channels)
 
 
-def from_components(models: dict[str, tuple], schedule: Schedule, *, model_type: str = ""
-                    ) -> tuple[StableDiffusion, dict[str, Any]]:
+def from_components(models: dict[str, tuple], schedule: Schedule, *, model_type: str = "",
+                    safety_checker: tuple | None = None) -> tuple[StableDiffusion, dict[str, Any]]:
   """(StableDiffusion, params) from `{"unet": (module, params), "vae": ..., "text_encoder"[, "_2"]: ...}`
-  (the `models` of `sdjax.convert.load_pipeline`)."""
+  (the `models` of `sdjax.convert.load_pipeline`). `safety_checker`: None, or the (module, params,
+  feature_extractor) of `sdjax.convert.safety_checker.load_safety_checker`; its params go under
+  `params["safety_checker"]`."""
   names = [n for n in ("text_encoder", "text_encoder_2") if n in models]
+  checker, checker_params, feature_extractor = safety_checker if safety_checker is not None else (None, None, None)
   sd = StableDiffusion(unet=models["unet"][0], vae=models["vae"][0],
                        text_encoders=tuple(models[n][0] for n in names), schedule=schedule,
-                       force_zeros_for_empty_prompt=model_type == "sdxl" or len(names) == 2)
+                       force_zeros_for_empty_prompt=model_type == "sdxl" or len(names) == 2,
+                       safety_checker=checker, feature_extractor=feature_extractor)
   params = {"unet": models["unet"][1], "vae": models["vae"][1],
             "text_encoders": tuple(models[n][1] for n in names)}
+  if checker is not None:
+    params["safety_checker"] = checker_params
   return sd, params
 
 
@@ -230,6 +251,46 @@ def decode(sd: StableDiffusion, params: Any, latents: jax.Array) -> jax.Array:
   return jnp.clip(sd.vae.apply({"params": params["vae"]}, z, method="decode"), -1.0, 1.0)
 
 
+def safety_checker_input(images: jax.Array, feature_extractor: safety_lib.FeatureExtractorConfig) -> jax.Array:
+  """Images [B, H, W, 3] in [-1, 1] -> the safety checker's pixel values [B, S, S, 3] (S = crop_size), as
+  diffusers' `run_safety_checker` makes them: `VaeImageProcessor.postprocess(output_type="pil")` (x * 0.5 + 0.5
+  clamped to [0, 1], times 255, rounded half to even, uint8), then the CLIPImageProcessor (PIL backend): Pillow's
+  bicubic resize of the shortest side to `size` (`sdjax.eval.clip_score.resize_shortest_side`, bit-exact), center
+  crop (top = (h - S) // 2), `rescale_factor` (float64, rounded to float32), (x - mean) / std in float32."""
+  fe = feature_extractor
+  u8 = jnp.round(jnp.clip(images.astype(jnp.float32) * 0.5 + 0.5, 0.0, 1.0) * 255.0).astype(jnp.uint8)
+  x = clip_score.resize_shortest_side(u8, fe.size)
+  _, h, w, _ = x.shape
+  top, left, s = (h - fe.crop_size) // 2, (w - fe.crop_size) // 2, fe.crop_size
+  x = x[:, top:top + s, left:left + s]
+  table = jnp.asarray((np.arange(256, dtype=np.float64) * fe.rescale_factor).astype(np.float32))
+  x = table[x.astype(jnp.int32)]
+  return (x - jnp.asarray(fe.image_mean, jnp.float32)) / jnp.asarray(fe.image_std, jnp.float32)
+
+
+def check_images(sd: StableDiffusion, params: Any, images: jax.Array) -> safety_lib.SafetyCheckerOutput:
+  """The safety checker's verdict and scores for images [B, H, W, 3] in [-1, 1] (no replacement)."""
+  if sd.safety_checker is None:
+    raise ValueError("this StableDiffusion has no safety checker (its pipeline folder has no safety_checker/; "
+                     "load one with sdjax.convert.safety_checker and pass it to from_components)")
+  if "safety_checker" not in params:
+    raise ValueError('params has no "safety_checker" entry (from_components puts the checker\'s params there)')
+  pixels = safety_checker_input(images, sd.feature_extractor)
+  return sd.safety_checker.apply({"params": params["safety_checker"]}, pixels)
+
+
+def run_safety_checker(sd: StableDiffusion, params: Any, images: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """diffusers' `run_safety_checker`, jittable: (images with every flagged one replaced by black (-1), and
+  has_nsfw_concept [B] bool) for images [B, H, W, 3] in [-1, 1]."""
+  flags = check_images(sd, params, images).has_nsfw_concept
+  return safety_lib.replace_flagged(images, flags), flags
+
+
+def _finish(sd: StableDiffusion, params: Any, latents: jax.Array, safety_check: bool):
+  images = decode(sd, params, latents)
+  return run_safety_checker(sd, params, images) if safety_check else images
+
+
 def denoise(sd: StableDiffusion, params: Any, prompt: Prompt, keys: jax.Array, latent_shape: Sequence[int], *,
             sampler: str, num_steps: int, noise: jax.Array | None = None, init_latents: jax.Array | None = None,
             strength: float = 1.0, inpaint_mask: jax.Array | None = None, extra: jax.Array | None = None,
@@ -275,39 +336,46 @@ def _check_batch(prompt: Prompt, keys: jax.Array, *arrays: jax.Array | None) -> 
 
 
 def txt2img(sd: StableDiffusion, params: Any, prompt: Prompt, keys: jax.Array, *, height: int, width: int,
-            sampler: str, num_steps: int, noise: jax.Array | None = None, **options: Any) -> jax.Array:
-  """Images [B, height, width, C] in [-1, 1] for `prompt`, image i from keys[i]."""
+            sampler: str, num_steps: int, noise: jax.Array | None = None, safety_check: bool = False,
+            **options: Any) -> jax.Array | tuple[jax.Array, jax.Array]:
+  """Images [B, height, width, C] in [-1, 1] for `prompt`, image i from keys[i].
+
+  safety_check (static under jit): run `sd.safety_checker` on the images and return `(images, has_nsfw_concept
+  [B] bool)`, flagged images black (-1), as `run_safety_checker`.
+  """
   _check_batch(prompt, keys, noise)
   if sd.inpainting:
     raise ValueError("this is an inpainting U-Net (9 input channels): use inpaint()")
   latents = denoise(sd, params, prompt, keys, sd.latent_shape(height, width), sampler=sampler,
                     num_steps=num_steps, noise=noise, **options)
-  return decode(sd, params, latents)
+  return _finish(sd, params, latents, safety_check)
 
 
 def img2img(sd: StableDiffusion, params: Any, prompt: Prompt, keys: jax.Array, image: jax.Array, *,
-            strength: float, sampler: str, num_steps: int, noise: jax.Array | None = None,
-            **options: Any) -> jax.Array:
+            strength: float, sampler: str, num_steps: int, noise: jax.Array | None = None, safety_check: bool = False,
+            **options: Any) -> jax.Array | tuple[jax.Array, jax.Array]:
   """`image` [B, H, W, C] in [-1, 1] re-rendered from `strength` (0, 1] of the way to noise: the first
-  num_steps - int(num_steps * strength) steps are skipped, as in diffusers' img2img pipelines."""
+  num_steps - int(num_steps * strength) steps are skipped, as in diffusers' img2img pipelines. safety_check:
+  as txt2img's."""
   _check_batch(prompt, keys, image, noise)
   if sd.inpainting:
     raise ValueError("this is an inpainting U-Net (9 input channels): use inpaint()")
   init = encode_image(sd, params, image, keys, salt=2)
   latents = denoise(sd, params, prompt, keys, init.shape[1:], sampler=sampler, num_steps=num_steps, noise=noise,
                     init_latents=init, strength=strength, **options)
-  return decode(sd, params, latents)
+  return _finish(sd, params, latents, safety_check)
 
 
 def inpaint(sd: StableDiffusion, params: Any, prompt: Prompt, keys: jax.Array, image: jax.Array, mask: jax.Array,
             *, sampler: str, num_steps: int, strength: float = 1.0, noise: jax.Array | None = None,
-            **options: Any) -> jax.Array:
+            safety_check: bool = False, **options: Any) -> jax.Array | tuple[jax.Array, jax.Array]:
   """Repaint where `mask` [B, H, W, 1] >= 0.5 (1 = generate) in `image` [B, H, W, C] in [-1, 1].
 
   An inpainting U-Net (9 channels) gets the mask and the masked image's latents as extra inputs
   (diffusers' StableDiffusionInpaintPipeline); an ordinary U-Net keeps the unmasked region by blending
   in the image's latents noised to each step's level, and the image's latents after the last step.
   The mask goes to latent resolution by nearest-neighbour sampling (torch's `interpolate` default).
+  safety_check: as txt2img's.
   """
   _check_batch(prompt, keys, image, mask, noise)
   if mask.shape != image.shape[:3] + (1,):
@@ -323,7 +391,7 @@ def inpaint(sd: StableDiffusion, params: Any, prompt: Prompt, keys: jax.Array, i
     blend_mask = mask_latent
   latents = denoise(sd, params, prompt, keys, init.shape[1:], sampler=sampler, num_steps=num_steps, noise=noise,
                     init_latents=init, strength=strength, inpaint_mask=blend_mask, extra=extra, **options)
-  return decode(sd, params, latents)
+  return _finish(sd, params, latents, safety_check)
 
 
 # --- host side: tokens, micro-conditioning, sharding ------------------------------------------------
