@@ -37,6 +37,8 @@ flags.DEFINE_string("c2pa_key", None, "PEM private key: sign C2PA content creden
                     "job (needs c2pa-python; sdjax.provenance).")
 flags.DEFINE_string("c2pa_cert", None, "PEM certificate chain of --c2pa_key, signing certificate first.")
 flags.DEFINE_enum("c2pa_prompt", "hash", ["hash", "text"], "Prompts in the C2PA manifest: their SHA-256 or text.")
+flags.DEFINE_bool("no_safety_checker", False, "Do not run the pipeline folder's NSFW safety checker (on by default "
+                  "when its model_index.json names one: flagged images are written black and recorded).")
 flags.DEFINE_bool("no_watermark", False, "Write images without diffusers' SDXL invisible watermark (sdjax.watermark; "
                   "on by default for RGB images of at least 256 px, recorded in each PNG's metadata).")
 # Text-to-image jobs.
@@ -67,7 +69,7 @@ FLAGS = flags.FLAGS
 
 TEXT_ONLY = ("model", "tokenizer", "tokenizer_2", "model_type", "prompt", "prompts", "negative_prompt",
              "num_per_prompt", "rescale", "height", "width", "init_image", "mask", "strength", "grid", "fsdp",
-             "overwrite", "max_images", "c2pa_key", "c2pa_cert", "c2pa_prompt")
+             "overwrite", "max_images", "c2pa_key", "c2pa_cert", "c2pa_prompt", "no_safety_checker")
 # How text-to-image job errors name a setting given here: by its flag (a prompts-file field by its line).
 FLAG_OF = {"prompts": "--prompts", "model": "--model", "tokenizer": "--tokenizer", "tokenizer_2": "--tokenizer_2",
            "seed": "--seed", "outdir": "--outdir", "overwrite": "--overwrite", "negative_prompt": "--negative_prompt",
@@ -123,7 +125,8 @@ def text_job():
     outdir = FLAGS.outdir or os.path.join("generated", os.path.splitext(os.path.basename(os.path.normpath(FLAGS.model)))[0])
     jobs.check_outdir(outdir, FLAG_OF)
     model = jobs.load_model(FLAGS.model, tokenizer=FLAGS.tokenizer, tokenizer_2=FLAGS.tokenizer_2,
-                            model_type=FLAGS.model_type, names=FLAG_OF)
+                            model_type=FLAGS.model_type, names=FLAG_OF,
+                            safety_checker=not FLAGS.no_safety_checker)
   else:
     outdir = FLAGS.outdir or os.path.join(FLAGS.workdir, "generated", "text")
     jobs.check_outdir(outdir, FLAG_OF)
@@ -149,6 +152,10 @@ def text_job():
   print(f"{s['rendered']} images rendered, {s['skipped']} skipped as already done, {s['remaining']} remaining "
         f"({s['images']} in the job) -> {s['outdir']}; compile {s['compile_s']:.1f}s, "
         f"{s['images_per_s']:.2f} images/s, wall {s['wall_s']:.1f}s")
+  if s.get("nsfw_flagged"):
+    from sdjax.models.safety_checker import NSFW_WARNING
+    print(f"{s['nsfw_flagged']} image(s) flagged by the safety checker (nsfw_content_detected in index.jsonl). "
+          + NSFW_WARNING)
 
 
 def main(argv):

@@ -35,9 +35,11 @@ from sdjax.prompts import (FIELDS, SEED_MAX, Defaults, JobError, Spec, check_out
                            name_of, read_prompts, resolve)
 
 # job.json fields that change the images (a re-run that changes one of them is refused).
-IMAGE_FIELDS = ("model_hash", "seed", "watermark", "c2pa")
-# What a job.json written before a field existed meant by its absence (its images carry no watermark, no C2PA).
-OLD_DEFAULTS = {"watermark": False, "c2pa": False}
+IMAGE_FIELDS = ("model_hash", "seed", "watermark", "c2pa", "safety_checker")
+# What a job.json written before a field existed meant by its absence (no watermark, no C2PA, no safety check).
+OLD_DEFAULTS = {"watermark": False, "c2pa": False, "safety_checker": False}
+# Per-image outcomes recorded with the settings (PNG text, index.jsonl) but not compared on re-runs.
+OUTCOMES = ("nsfw_content_detected",)
 
 
 class Interrupted(KeyboardInterrupt):
@@ -83,14 +85,18 @@ class Model:
 # --- sources ---------------------------------------------------------------------------------------------
 
 def load_model(path: str, *, tokenizer: str | None = None, tokenizer_2: str | None = None,
-               model_type: str | None = None, names: Mapping[str, str] | None = None) -> Model:
+               model_type: str | None = None, names: Mapping[str, str] | None = None,
+               safety_checker: bool = True, echo: Callable[[str], None] = print) -> Model:
   """A diffusers folder or a single-file checkpoint (whose tokenizers come from `tokenizer`[_2]); `names`:
-  how errors name the arguments (sdjax.prompts.name_of)."""
+  how errors name the arguments (sdjax.prompts.name_of). `safety_checker`: load the folder's NSFW checker
+  (sdjax.convert.safety_checker) when it has one, so that every image is checked inside the jitted render;
+  a model without one is said so through `echo`."""
   from sdjax import convert
   from sdjax.convert import single_file
   from sdjax.models import clip
   if not os.path.exists(path):
     raise JobError(f"{name_of(names, 'model')}: {path} does not exist")
+  checker = None
   if os.path.isfile(path):
     pipe = convert.load_single_file(path, model_type)
     size = single_file.default_configs(pipe.model_type)["unet"].get("sample_size")
@@ -98,7 +104,14 @@ def load_model(path: str, *, tokenizer: str | None = None, tokenizer_2: str | No
     pipe = convert.load_pipeline(path)
     with open(os.path.join(path, "unet", "config.json")) as f:
       size = json.load(f).get("sample_size")
-  sd, params = pipelines.from_components(pipe.models, pipe.schedule, model_type=pipe.model_type)
+    checker = convert.load_safety_checker(path) if safety_checker else None
+  if safety_checker and checker is None:
+    from sdjax.convert.safety_checker import no_safety_checker_message
+    echo("note: " + (no_safety_checker_message(path) if os.path.isdir(path) else
+                     f"{path}: a single-file checkpoint carries no safety checker: generated images are not "
+                     "checked for NSFW content"))
+  sd, params = pipelines.from_components(pipe.models, pipe.schedule, model_type=pipe.model_type,
+                                         safety_checker=checker)
   kinds = ("tokenizer", "tokenizer_2")[:len(sd.text_encoders)]
   toks = [pipe.tokenizers.get(n) for n in kinds]
   for i, folder in enumerate((tokenizer, tokenizer_2 or tokenizer)[:len(kinds)]):
@@ -265,19 +278,23 @@ def batch_inputs(model: Model, group: tuple, batch: Sequence[Item]) -> tuple:
 
 
 def render_fn(sd: pipelines.StableDiffusion, group: tuple, mesh) -> Callable:
-  """jit (params, prompt, seeds, image, mask) -> uint8 images [B, H, W, C], batch sharded over `mesh`."""
+  """jit (params, prompt, seeds, image, mask) -> (uint8 images [B, H, W, C], has_nsfw_concept [B] bool), batch
+  sharded over `mesh`. With a safety checker (sd.safety_checker) flagged images are black; without, no flag is
+  set."""
   mode, h, w, steps, sampler, _, _, strength = group
+  checked = sd.safety_checker is not None
 
   def fn(params, prompt, seeds, image, mask):
     keys = jax.vmap(jax.random.key)(seeds)
-    kw = {"sampler": sampler, "num_steps": steps}
+    kw = {"sampler": sampler, "num_steps": steps, "safety_check": checked}
     if mode == "txt2img":
       x = pipelines.txt2img(sd, params, prompt, keys, height=h, width=w, **kw)
     elif mode == "img2img":
       x = pipelines.img2img(sd, params, prompt, keys, image, strength=strength, **kw)
     else:
       x = pipelines.inpaint(sd, params, prompt, keys, image, mask, strength=strength, **kw)
-    return jnp.clip(jnp.round((x + 1.0) * 127.5), 0, 255).astype(jnp.uint8)  # as io.to_uint8
+    x, flags = x if checked else (x, jnp.zeros(x.shape[:1], bool))
+    return jnp.clip(jnp.round((x + 1.0) * 127.5), 0, 255).astype(jnp.uint8), flags  # as io.to_uint8
 
   return jax.jit(fn, out_shardings=parallel.batch_sharding(mesh))
 
@@ -393,7 +410,8 @@ def run(job: Job, model: Model, *, devices: Sequence[jax.Device] | None = None, 
   if batch_size != job.batch_size:
     echo(f"note: batch_size {job.batch_size} -> {batch_size} (a multiple of the {ndev} devices)")
   info = {"sdjax_version": sdjax_version(), "model": model.model_id, "model_hash": model.hash,
-          "seed": job.defaults.seed, "watermark": job.watermark, "c2pa": job.c2pa is not None, "prompts": [dataclasses.asdict(s) for s in specs],
+          "seed": job.defaults.seed, "watermark": job.watermark, "c2pa": job.c2pa is not None,
+          "safety_checker": model.sd.safety_checker is not None, "prompts": [dataclasses.asdict(s) for s in specs],
           "execution": {"batch_size": batch_size, "devices": len(devices), "fsdp": job.fsdp}}
   records = {it.name: record(it, model, it.spec.prompt in cut or it.spec.negative_prompt in cut, job.watermark)
              for it in work}
@@ -417,7 +435,8 @@ def run(job: Job, model: Model, *, devices: Sequence[jax.Device] | None = None, 
   summary = {"outdir": job.outdir, "images": len(work), "rendered": stats["rendered"], "skipped": skipped,
              "remaining": None, "groups": len(groups), "batch_size": batch_size, "devices": len(devices),
              "compile_s": stats["compile_s"], "render_s": stats["render_s"],
-             "images_per_s": stats["rendered"] / max(stats["render_s"], 1e-9)}
+             "images_per_s": stats["rendered"] / max(stats["render_s"], 1e-9),
+             "safety_checker": model.sd.safety_checker is not None, "nsfw_flagged": stats.get("nsfw", 0)}
   if lead:
     finished = [it for it in work if os.path.exists(os.path.join(job.outdir, it.name))]
     summary["remaining"] = len(work) - len(finished)
@@ -446,7 +465,7 @@ def _prepare_outdir(job: Job, info: dict, work: list[Item], records: dict, lead:
         os.remove(os.path.join(job.outdir, name))
     for name, rec in records.items() if job.overwrite else ():  # a changed job: drop images now stale
       path = os.path.join(job.outdir, name)
-      if os.path.exists(path) and dict(Image.open(path).text) != _png_text(rec):
+      if os.path.exists(path) and _settings(dict(Image.open(path).text)) != _png_text(rec):
         os.remove(path)
     _write_json(os.path.join(job.outdir, "job.json"), info)
   done = np.asarray([os.path.exists(os.path.join(job.outdir, it.name)) for it in work])
@@ -460,6 +479,11 @@ def _prepare_outdir(job: Job, info: dict, work: list[Item], records: dict, lead:
 
 def _png_text(rec: dict) -> dict:
   return {k: str(v) for k, v in rec.items() if k != "file"}
+
+
+def _settings(text: dict) -> dict:
+  """A PNG's text chunks without the per-image outcomes (what a re-run compares with `_png_text`)."""
+  return {k: v for k, v in text.items() if k not in OUTCOMES}
 
 
 def _groups(work: Sequence[Item]) -> dict[tuple, list[Item]]:
@@ -482,7 +506,7 @@ def _render_batch(model, params, group, batch, size, mesh, outdir, records, stat
     bar.unpause()  # the bar's images/s counts rendering, not compiling
   t = time.perf_counter()
   try:
-    images = multihost_utils.process_allgather(fn(params, *args), tiled=True)[:len(batch)]
+    images, nsfw = (a[:len(batch)] for a in multihost_utils.process_allgather(fn(params, *args), tiled=True))
   except jax.errors.JaxRuntimeError as e:
     if "RESOURCE_EXHAUSTED" not in str(e):
       if jax.process_count() > 1:
@@ -496,6 +520,10 @@ def _render_batch(model, params, group, batch, size, mesh, outdir, records, stat
   stats["rendered"] += len(batch)
   if lead:
     images, _ = watermark.mark(np.asarray(images), watermarked)  # on the host: the jitted program stays pure
+    if model.sd.safety_checker is not None:  # the checker's verdict, as diffusers names it (flagged: black)
+      for it, flag in zip(batch, np.asarray(nsfw)):
+        records[it.name]["nsfw_content_detected"] = bool(flag)
+      stats["nsfw"] = stats.get("nsfw", 0) + int(np.sum(nsfw))
     with open(os.path.join(outdir, "index.jsonl"), "a") as f:
       for it, img in zip(batch, images):
         provenance.save_png(os.path.join(outdir, it.name), img, _png_text(records[it.name]), c2pa,

@@ -188,3 +188,51 @@ def test_txt2img_replaces_flagged_images_inside_jit(checker):
   assert sd_plain.safety_checker is None and "safety_checker" not in params_plain
   with pytest.raises(ValueError, match="no safety checker"):
     pipelines.check_images(sd_plain, params_plain, images)
+
+
+def test_a_job_checks_every_image_and_records_the_verdict(tmp_path):
+  """A pipeline folder with a safety_checker/: jobs.load_model loads it (on by default), every PNG and index line
+  says nsfw_content_detected, flagged images are black, job.json records checking; --no_safety_checker's path
+  (safety_checker=False) and a folder without one say so through echo."""
+  import json
+
+  from PIL import Image
+
+  from sdjax import jobs
+  from sdjax.convert.random import write_random_pipeline
+  folder = str(tmp_path / "sd1")
+  write_random_pipeline(folder, "sd1", tokenizer=os.path.join(FIXTURES, "models", "tokenizer"))
+  notes = []
+  plain = jobs.load_model(folder, echo=notes.append)
+  assert plain.sd.safety_checker is None and "has no safety_checker" in notes[0]
+  for name in ("safety_checker", "feature_extractor"):
+    shutil.copytree(os.path.join(FOLDER, name), os.path.join(folder, name))
+  with open(os.path.join(folder, "model_index.json")) as f:
+    index = json.load(f)
+  with open(os.path.join(folder, "model_index.json"), "w") as f:
+    json.dump({**index, "safety_checker": ["stable_diffusion", "StableDiffusionSafetyChecker"],
+               "feature_extractor": ["transformers", "CLIPImageProcessor"]}, f)
+  model = jobs.load_model(folder, echo=notes.append)
+  assert model.sd.safety_checker is not None and len(notes) == 1 and model.hash == plain.hash
+  off = jobs.load_model(folder, safety_checker=False, echo=notes.append)
+  assert off.sd.safety_checker is None and len(notes) == 1  # turned off on purpose: no note
+  # Every concept threshold below any cosine: every image is flagged (the checker's params are the model's).
+  sc = dict(model.params["safety_checker"])
+  sc["concept_embeds_weights"] = {"embedding": jnp.full((17,), -2.0)}
+  model.params = dict(model.params, safety_checker=sc)
+  defaults = jobs.Defaults(steps=2, sampler="ddim", height=32, width=32, seed=1)
+  s = jobs.run(jobs.Job(str(tmp_path / "out"), (({"prompt": "a cat", "num_images": 2}, "#0"),), defaults,
+                        batch_size=2), model, progress=False, echo=lambda m: None)
+  assert s["safety_checker"] is True and s["nsfw_flagged"] == 2
+  with open(tmp_path / "out" / "index.jsonl") as f:
+    lines = [json.loads(line) for line in f]
+  assert [r["nsfw_content_detected"] for r in lines] == [True, True]
+  for r in lines:
+    with Image.open(tmp_path / "out" / r["file"]) as im:
+      assert im.text["nsfw_content_detected"] == "True" and not np.asarray(im).any()  # black
+  with open(tmp_path / "out" / "job.json") as f:
+    assert json.load(f)["safety_checker"] is True
+  # A re-run finds every image done (the verdict is an outcome, not a setting that would make them stale).
+  again = jobs.run(jobs.Job(str(tmp_path / "out"), (({"prompt": "a cat", "num_images": 2}, "#0"),), defaults,
+                            batch_size=2, overwrite=True), model, progress=False, echo=lambda m: None)
+  assert again["skipped"] == 2 and again["rendered"] == 0

@@ -129,8 +129,8 @@ def fake_renderer(monkeypatch):
   attention over 16k latent tokens is too slow for a test, and the watermark is applied after it anyway."""
   def compiled_for(model, params, group, args, mesh, names=None):
     _, h, w = group[:3]
-    return (lambda params, prompt, seeds, image, mask: np.stack(
-        [smooth_image(int(s), h, w) for s in np.asarray(seeds)])), 0.0
+    return (lambda params, prompt, seeds, image, mask: (np.stack(
+        [smooth_image(int(s), h, w) for s in np.asarray(seeds)]), np.zeros(len(seeds), bool))), 0.0
   monkeypatch.setattr(jobs, "compiled_for", compiled_for)
 
 
@@ -212,7 +212,7 @@ def test_a_job_folder_from_before_the_watermark_continues_only_unwatermarked(tmp
   # Its job.json has no "watermark": its images carry none, so continuing it needs --no_watermark (or a new
   # folder / --overwrite); with the watermark on, the refusal names the setting.
   from sdjax import jobs
-  info = {"model_hash": "h", "seed": 0, "c2pa": False, "prompts": []}
+  info = {"model_hash": "h", "seed": 0, "c2pa": False, "safety_checker": False, "prompts": []}
   (tmp_path / "job.json").write_text(json.dumps(info))
   jobs.check_job(str(tmp_path), {**info, "watermark": False})
   with pytest.raises(jobs.JobError, match="watermark=False, this one has True"):
