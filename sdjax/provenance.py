@@ -290,6 +290,49 @@ def save_png(path: str | os.PathLike, image: np.ndarray, metadata: Mapping[str, 
       os.remove(unsigned)
 
 
+def throwaway_chain(folder: str, days: int = 30) -> dict[str, str]:
+  """For tests and trials, never for publishing: a throwaway EC P-256 root CA and a signing certificate it issues, as C2PA wants one (v3 end entity, key
+  usage digitalSignature, extended key usage emailProtection, key identifiers): writes key.pem (PKCS#8),
+  chain.pem (leaf, then root), root.pem and root_key.pem into `folder`; returns their paths."""
+  import datetime
+
+  from cryptography import x509
+  from cryptography.hazmat.primitives import hashes, serialization
+  from cryptography.hazmat.primitives.asymmetric import ec
+  from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+  now = datetime.datetime.now(datetime.timezone.utc)
+  root_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+  root_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "sdjax test root CA")])
+  leaf_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "sdjax test signer")])
+  root = (x509.CertificateBuilder().subject_name(root_name).issuer_name(root_name).public_key(root_key.public_key())
+          .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(hours=1))
+          .not_valid_after(now + datetime.timedelta(days=days))
+          .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+          .add_extension(x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True)
+          .add_extension(x509.SubjectKeyIdentifier.from_public_key(root_key.public_key()), critical=False)
+          .sign(root_key, hashes.SHA256()))
+  leaf = (x509.CertificateBuilder().subject_name(leaf_name).issuer_name(root_name).public_key(key.public_key())
+          .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(hours=1))
+          .not_valid_after(now + datetime.timedelta(days=days))
+          .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+          .add_extension(x509.KeyUsage(True, False, False, False, False, False, False, False, False), critical=True)
+          .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.EMAIL_PROTECTION]), critical=False)
+          .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+          .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(root_key.public_key()), critical=False)
+          .sign(root_key, hashes.SHA256()))
+  pem = serialization.Encoding.PEM
+  paths = {n: os.path.join(folder, f"{n}.pem") for n in ("key", "chain", "root", "root_key")}
+  for name, k in (("key", key), ("root_key", root_key)):
+    with open(paths[name], "wb") as f:
+      f.write(k.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+  with open(paths["chain"], "wb") as f:
+    f.write(leaf.public_bytes(pem) + root.public_bytes(pem))
+  with open(paths["root"], "wb") as f:
+    f.write(root.public_bytes(pem))
+  return paths
+
+
 # --- reading back ------------------------------------------------------------------------------------------
 
 def read(path: str | os.PathLike, trust_anchors: str | bytes | None = None) -> dict | None:

@@ -2,7 +2,6 @@
 c2pa's Reader (generator, generation settings, prompts as text or SHA-256, a valid and, with the CA as trust
 anchor, trusted signature), tEXt metadata and pixels kept, tampering detected, atomic writes, and clear errors
 for bad keys and certificates and a missing c2pa-python."""
-import datetime
 import os
 import sys
 
@@ -20,50 +19,9 @@ RECORD = {"file": "00000_000.png", "prompt": "a red fox in snow", "negative_prom
 TEXT = {k: str(v) for k, v in RECORD.items() if k != "file"}  # what sdjax.jobs writes as tEXt chunks
 
 
-def make_chain(folder, days=30):
-  """A throwaway EC P-256 root CA and a signing certificate it issues, as C2PA wants one (v3 end entity, key
-  usage digitalSignature, extended key usage emailProtection, key identifiers): writes key.pem (PKCS#8),
-  chain.pem (leaf, then root), root.pem and root_key.pem into `folder`; returns their paths."""
-  from cryptography import x509
-  from cryptography.hazmat.primitives import hashes, serialization
-  from cryptography.hazmat.primitives.asymmetric import ec
-  from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-
-  now = datetime.datetime.now(datetime.timezone.utc)
-  root_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
-  root_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "sdjax test root CA")])
-  leaf_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "sdjax test signer")])
-  root = (x509.CertificateBuilder().subject_name(root_name).issuer_name(root_name).public_key(root_key.public_key())
-          .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(hours=1))
-          .not_valid_after(now + datetime.timedelta(days=days))
-          .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-          .add_extension(x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True)
-          .add_extension(x509.SubjectKeyIdentifier.from_public_key(root_key.public_key()), critical=False)
-          .sign(root_key, hashes.SHA256()))
-  leaf = (x509.CertificateBuilder().subject_name(leaf_name).issuer_name(root_name).public_key(key.public_key())
-          .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(hours=1))
-          .not_valid_after(now + datetime.timedelta(days=days))
-          .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-          .add_extension(x509.KeyUsage(True, False, False, False, False, False, False, False, False), critical=True)
-          .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.EMAIL_PROTECTION]), critical=False)
-          .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-          .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(root_key.public_key()), critical=False)
-          .sign(root_key, hashes.SHA256()))
-  pem = serialization.Encoding.PEM
-  paths = {n: os.path.join(folder, f"{n}.pem") for n in ("key", "chain", "root", "root_key")}
-  for name, k in (("key", key), ("root_key", root_key)):
-    with open(paths[name], "wb") as f:
-      f.write(k.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
-  with open(paths["chain"], "wb") as f:
-    f.write(leaf.public_bytes(pem) + root.public_bytes(pem))
-  with open(paths["root"], "wb") as f:
-    f.write(root.public_bytes(pem))
-  return paths
-
-
 @pytest.fixture(scope="module")
 def chain(tmp_path_factory):
-  return make_chain(str(tmp_path_factory.mktemp("c2pa")))
+  return provenance.throwaway_chain(str(tmp_path_factory.mktemp("c2pa")))
 
 
 def image(seed=0, h=16, w=24):
@@ -150,7 +108,7 @@ def test_bad_credentials(chain, tmp_path, monkeypatch):
   names = {"c2pa_key": "--c2pa_key", "c2pa_cert": "--c2pa_cert", "c2pa_prompt": "--c2pa_prompt"}
   load = lambda key, cert, mode="hash": provenance.load_signer(key, cert, mode, names=names)  # noqa: E731
   assert load(None, None) is None
-  other = make_chain(str(tmp_path), days=1)  # another key, and a root that is no signing certificate
+  other = provenance.throwaway_chain(str(tmp_path), days=1)  # another key, and a root that is no signing certificate
   fifo = str(tmp_path / "fifo")
   os.mkfifo(fifo)
   garbage = str(tmp_path / "garbage.pem")
