@@ -27,6 +27,7 @@ from sdjax.eval import clip_score
 from sdjax.guidance import classifier_free_guidance
 from sdjax.models import AutoencoderKL, CLIPTextModel, UNet
 from sdjax.models import safety_checker as safety_lib
+from sdjax.models import unet as unet_lib
 from sdjax.models import vae as vae_lib
 from sdjax.schedules import Schedule
 
@@ -119,6 +120,12 @@ class StableDiffusion:
   @property
   def sdxl(self) -> bool:
     return self.unet.config.addition_embed_type == "text_time"
+
+  @property
+  def embedded_guidance(self) -> bool:
+    """An LCM-distilled U-Net (`time_cond_proj_dim`): the guidance scale enters the U-Net as an embedding
+    (`timestep_cond`), with no classifier-free guidance (LatentConsistencyModelPipeline)."""
+    return self.unet.config.time_cond_proj_dim is not None
 
   @property
   def inpainting(self) -> bool:
@@ -221,7 +228,8 @@ def unet_fn(sd: StableDiffusion, params: Any):
     if "extra" in cond:
       x = jnp.concatenate([x, cond["extra"].astype(x.dtype)], axis=-1)
     added = {"text_embeds": cond["pooled"], "time_ids": cond["time_ids"]} if sd.sdxl else None
-    return sd.unet.apply({"params": params["unet"]}, x, t, cond["context"], added_cond=added)
+    return sd.unet.apply({"params": params["unet"]}, x, t, cond["context"], added_cond=added,
+                         timestep_cond=cond.get("timestep_cond"))
 
   return model
 
@@ -294,10 +302,15 @@ def _finish(sd: StableDiffusion, params: Any, latents: jax.Array, safety_check: 
 def denoise(sd: StableDiffusion, params: Any, prompt: Prompt, keys: jax.Array, latent_shape: Sequence[int], *,
             sampler: str, num_steps: int, noise: jax.Array | None = None, init_latents: jax.Array | None = None,
             strength: float = 1.0, inpaint_mask: jax.Array | None = None, extra: jax.Array | None = None,
-            **options: Any) -> jax.Array:
+            step_noise: jax.Array | None = None, **options: Any) -> jax.Array:
   """The guided sampling loop in latent space; returns diffusion-space latents [B, h, w, c].
 
-  `noise` overrides the starting noise drawn from `keys` (e.g. diffusers' `latents=` for comparisons).
+  An LCM-distilled U-Net (`sd.embedded_guidance`) runs as diffusers' LatentConsistencyModelPipeline: one U-Net
+  call per step with timestep_cond = `unet.guidance_embedding(guidance_scale - 1)` (Prompt.guidance_scale None:
+  scale 1, w = 0); negative prompts and guidance_rescale are not used (that pipeline has neither).
+  `noise` overrides the starting noise drawn from `keys` (e.g. diffusers' `latents=` for comparisons), and
+  `step_noise` [scan_length, B, h, w, c] the stochastic samplers' per-step noise (e.g. the noise diffusers'
+  scheduler drew).
   init_latents/strength: img2img; inpaint_mask (1 = generate, latent resolution): mask blending for an
   ordinary U-Net; extra: the inpainting U-Net's mask + masked-image latent channels.
   """
@@ -305,7 +318,14 @@ def denoise(sd: StableDiffusion, params: Any, prompt: Prompt, keys: jax.Array, l
   noise = image_noise(keys, latent_shape) if noise is None else noise
   if noise.shape != (b,) + tuple(latent_shape):
     raise ValueError(f"noise has shape {noise.shape}, expected {(b,) + tuple(latent_shape)}")
+  guidance = None
+  if sd.embedded_guidance:
+    scale = jnp.ones((b,), jnp.float32) if prompt.guidance_scale is None else prompt.guidance_scale
+    guidance = unet_lib.guidance_embedding(scale.astype(jnp.float32) - 1.0, sd.unet.config.time_cond_proj_dim)
+    prompt = prompt._replace(negative_ids=None, guidance_rescale=None, zero_negative=None)
   cond, uncond = conditioning(sd, params, prompt)
+  if guidance is not None:
+    cond["timestep_cond"] = guidance
   if extra is not None:
     cond["extra"] = extra
     if uncond is not None:
@@ -317,8 +337,7 @@ def denoise(sd: StableDiffusion, params: Any, prompt: Prompt, keys: jax.Array, l
     per_row = lambda v: v.astype(jnp.float32).reshape((-1, 1, 1, 1))
     rescale = 0.0 if prompt.guidance_rescale is None else per_row(prompt.guidance_rescale)
     model_fn = classifier_free_guidance(model, cond, uncond, per_row(prompt.guidance_scale), rescale)
-  step_noise = None
-  if samplers.get(sampler).stochastic:
+  if step_noise is None and samplers.get(sampler).stochastic:
     step_noise = _step_noise(keys, latent_shape, samplers.scan_length(sd.schedule, sampler, num_steps, strength))
   return samplers.sample(model_fn, noise, schedule=sd.schedule, sampler=sampler, num_steps=num_steps,
                          step_noise=step_noise, init_image=init_latents, strength=strength,

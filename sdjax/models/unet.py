@@ -9,7 +9,9 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import linen as nn
 
 from sdjax.models import attention, layers, remat as remat_lib, validate
@@ -28,7 +30,7 @@ _FIXED = {"act_fn": "silu", "center_input_sample": False, "class_embed_type": No
           "cross_attention_norm": None, "downsample_padding": 1, "dual_cross_attention": False,
           "encoder_hid_dim": None, "encoder_hid_dim_type": None, "mid_block_only_cross_attention": None,
           "mid_block_scale_factor": 1, "only_cross_attention": False, "resnet_out_scale_factor": 1.0,
-          "resnet_skip_time_act": False, "resnet_time_scale_shift": "default", "time_cond_proj_dim": None,
+          "resnet_skip_time_act": False, "resnet_time_scale_shift": "default",
           "time_embedding_act_fn": None, "time_embedding_dim": None, "time_embedding_type": "positional",
           "timestep_post_act": None, "attention_type": "default"}
 
@@ -50,6 +52,7 @@ _FIELDS = {
     "dropout": floats(0, 1, open_hi=True), "dtype": STR, "attention_implementation": OPTIONAL_STR,
     "sample_size": ints(1, MAX_SIZE, shape="either", optional=True),
     "addition_embed_type_num_heads": ints(1, MAX_WIDTH, optional=True),
+    "time_cond_proj_dim": ints(1, MAX_WIDTH, optional=True),
 }
 
 
@@ -82,6 +85,9 @@ class UNetConfig:
   addition_embed_type: str | None = None
   addition_time_embed_dim: int | None = None
   projection_class_embeddings_input_dim: int | None = None
+  # LCM-distilled U-Nets: the width of `timestep_cond` (the guidance-scale embedding, `guidance_embedding`), which
+  # time_embedding.cond_proj (no bias) maps onto the sinusoidal timestep embedding before linear_1.
+  time_cond_proj_dim: int | None = None
   dropout: float = 0.0
   dtype: str = "float32"  # compute dtype; params are always float32
   # Rematerialisation policy of each block (sdjax.models.remat.POLICIES; True/False = "full"/"none").
@@ -210,16 +216,51 @@ def init_args(config: UNetConfig, batch: int = 1, size: int | None = None) -> tu
   return x, t, context, labels, added
 
 
+def guidance_embedding(w: jax.Array, embedding_dim: int) -> jax.Array:
+  """diffusers' `get_guidance_scale_embedding` (LatentConsistencyModelPipeline): [B] guidance weights w (the
+  pipelines pass guidance_scale - 1) -> [B, embedding_dim] float32 = [sin(1000 w f), cos(1000 w f)] with
+  f_i = exp(-i log(10000) / (half - 1)), i < half = embedding_dim // 2, zero-padded to an odd width. The
+  frequencies are the float32 values torch computes (float32 log, division, product and exp)."""
+  if not isinstance(embedding_dim, int) or embedding_dim < 4:  # torch's frequencies are NaN below 4 (0 / 0)
+    raise ValueError(f"guidance_embedding: embedding_dim must be an int >= 4, got {embedding_dim!r}")
+  w = jnp.asarray(w, jnp.float32)
+  if w.ndim != 1:
+    raise ValueError(f"guidance_embedding: w must be [B], got shape {w.shape}")
+  half = embedding_dim // 2
+  step = np.float32(np.log(np.float32(10000.0))) / np.float32(half - 1)
+  freqs = jnp.asarray(np.exp(np.arange(half, dtype=np.float32) * -step), jnp.float32)
+  emb = (w * np.float32(1000.0))[:, None] * freqs[None, :]
+  emb = jnp.concatenate([jnp.sin(emb), jnp.cos(emb)], axis=1)
+  return jnp.pad(emb, ((0, 0), (0, embedding_dim % 2)))
+
+
+class CondTimestepEmbedding(nn.Module):
+  """diffusers `TimestepEmbedding` with `cond_proj_dim`: (x + cond_proj(cond)) -> linear_1 -> SiLU -> linear_2,
+  cond_proj without bias. Same parameter names as `layers.TimestepEmbedding`, plus cond_proj."""
+  features: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, cond):
+    x = x + layers.dense(x.shape[-1], use_bias=False, dtype=self.dtype, name="cond_proj")(cond)
+    x = layers.dense(self.features, dtype=self.dtype, name="linear_1")(x)
+    return layers.dense(self.features, dtype=self.dtype, name="linear_2")(nn.silu(x))
+
+
 class UNet(nn.Module):
   """`apply({"params": p}, x, t, context=None, class_labels=None)` -> prediction, both [B, H, W, C].
 
   x: [B, H, W, in_channels]; t: [B] float timesteps (training units); context: [B, L, D] for
-  cross-attention; class_labels: [B] int for class-conditional models (`num_class_embeds`).
+  cross-attention; class_labels: [B] int for class-conditional models (`num_class_embeds`); timestep_cond:
+  [B, time_cond_proj_dim] for an LCM-distilled U-Net (`time_cond_proj_dim`; `guidance_embedding` of
+  guidance_scale - 1). None there is diffusers' `timestep_cond=None` (no cond_proj term: cond_proj has no bias, so
+  this is the same as zeros); given to a U-Net without time_cond_proj_dim it is an error.
   """
   config: UNetConfig
 
   @nn.compact
-  def __call__(self, x, t, context=None, class_labels=None, added_cond=None, train: bool = False):
+  def __call__(self, x, t, context=None, class_labels=None, added_cond=None, train: bool = False,
+               timestep_cond=None):
     cfg = self.config
     dtype = jnp.dtype(cfg.dtype)
     chans = cfg.block_out_channels
@@ -237,7 +278,17 @@ class UNet(nn.Module):
     # Time (and class, and SDXL text/size) embedding, [B, 4*C0].
     temb = layers.timestep_embedding(t, chans[0], flip_sin_to_cos=cfg.flip_sin_to_cos,
                                      freq_shift=cfg.freq_shift)
-    emb = layers.TimestepEmbedding(cfg.time_embed_dim, dtype=dtype, name="time_embedding")(temb.astype(dtype))
+    if cfg.time_cond_proj_dim is None:
+      if timestep_cond is not None:
+        raise ValueError("timestep_cond given, but this UNet has no time_cond_proj_dim (not an LCM-distilled U-Net)")
+      emb = layers.TimestepEmbedding(cfg.time_embed_dim, dtype=dtype, name="time_embedding")(temb.astype(dtype))
+    else:
+      cond = jnp.zeros((x.shape[0], cfg.time_cond_proj_dim)) if timestep_cond is None else timestep_cond
+      if cond.shape != (x.shape[0], cfg.time_cond_proj_dim):
+        raise ValueError(f"UNet expects timestep_cond of shape [B, {cfg.time_cond_proj_dim}] "
+                         f"(time_cond_proj_dim), got {cond.shape}")
+      emb = CondTimestepEmbedding(cfg.time_embed_dim, dtype=dtype, name="time_embedding")(
+          temb.astype(dtype), cond.astype(dtype))
     if cfg.num_class_embeds is not None:
       emb = emb + nn.Embed(cfg.num_class_embeds, cfg.time_embed_dim, dtype=dtype, name="class_embedding",
                            embedding_init=nn.with_logical_partitioning(
