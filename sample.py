@@ -13,6 +13,7 @@ Multi-host text-to-image jobs: run the same command on every host (with --coordi
 --num_processes and --process_id, or their $SDJAX_... variables, as train.py); the hosts split each batch and
 process 0 writes the images to an --outdir they share.
 """
+import dataclasses
 import os
 import sys
 
@@ -37,6 +38,11 @@ flags.DEFINE_string("c2pa_key", None, "PEM private key: sign C2PA content creden
                     "job (needs c2pa-python; sdjax.provenance).")
 flags.DEFINE_string("c2pa_cert", None, "PEM certificate chain of --c2pa_key, signing certificate first.")
 flags.DEFINE_enum("c2pa_prompt", "hash", ["hash", "text"], "Prompts in the C2PA manifest: their SHA-256 or text.")
+flags.DEFINE_multi_string("lora", [], "PATH[:SCALE]: a LoRA file (diffusers or kohya naming) fused into the model "
+                          "at SCALE (default 1); repeatable (sdjax.lora_loading).")
+flags.DEFINE_string("preset", None, "Few-step model settings (sampler, steps, guidance, timestep spacing) from "
+                    "sdjax.presets: sdxl_turbo, sdxl_lightning, lcm, lcm_lora; --sampler/--steps/--guidance "
+                    "given explicitly win.")
 flags.DEFINE_bool("no_safety_checker", False, "Do not run the pipeline folder's NSFW safety checker (on by default "
                   "when its model_index.json names one: flagged images are written black and recorded).")
 flags.DEFINE_bool("no_watermark", False, "Write images without diffusers' SDXL invisible watermark (sdjax.watermark; "
@@ -69,14 +75,15 @@ FLAGS = flags.FLAGS
 
 TEXT_ONLY = ("model", "tokenizer", "tokenizer_2", "model_type", "prompt", "prompts", "negative_prompt",
              "num_per_prompt", "rescale", "height", "width", "init_image", "mask", "strength", "grid", "fsdp",
-             "overwrite", "max_images", "c2pa_key", "c2pa_cert", "c2pa_prompt", "no_safety_checker")
+             "overwrite", "max_images", "c2pa_key", "c2pa_cert", "c2pa_prompt", "no_safety_checker", "lora", "preset")
 # How text-to-image job errors name a setting given here: by its flag (a prompts-file field by its line).
 FLAG_OF = {"prompts": "--prompts", "model": "--model", "tokenizer": "--tokenizer", "tokenizer_2": "--tokenizer_2",
            "seed": "--seed", "outdir": "--outdir", "overwrite": "--overwrite", "negative_prompt": "--negative_prompt",
            "guidance_scale": "--guidance", "guidance_rescale": "--rescale", "steps": "--steps", "height": "--height",
            "width": "--width", "num_images": "--num_per_prompt", "sampler": "--sampler", "init_image": "--init_image",
            "mask": "--mask", "strength": "--strength", "batch_size": "--batch_size", "num": "--num",
-           "c2pa_key": "--c2pa_key", "c2pa_cert": "--c2pa_cert", "c2pa_prompt": "--c2pa_prompt"}
+           "c2pa_key": "--c2pa_key", "c2pa_cert": "--c2pa_cert", "c2pa_prompt": "--c2pa_prompt", "lora": "--lora",
+           "preset": "--preset"}
 
 
 def check_flags():
@@ -110,11 +117,27 @@ def text_job():
     raise jobs.JobError("a text-to-image job needs --prompt TEXT (repeatable) or --prompts FILE")
   raw = jobs.read_prompts(FLAGS.prompts, names=FLAG_OF) if FLAGS.prompts else [
       ({"prompt": p}, f"--prompt #{i}") for i, p in enumerate(FLAGS.prompt)]
+  from sdjax import lora_loading, presets
+  try:
+    preset = presets.get(FLAGS.preset) if FLAGS.preset else None
+  except ValueError as e:
+    raise jobs.JobError(f"--preset: {e}") from None
+  try:
+    loras = [lora_loading.parse_spec(spec) for spec in FLAGS.lora]
+  except ValueError as e:
+    raise jobs.JobError(f"--lora: {e}") from None
+  if loras and not FLAGS.model:
+    raise jobs.JobError("--lora applies to --model (a pipeline folder or checkpoint), not to a training run")
+  for path, _ in loras:
+    if not os.path.exists(path):
+      raise jobs.JobError(f"--lora: {path} does not exist")
+  steps = FLAGS.steps if FLAGS.steps is not None else preset.steps if preset else 25
+  guidance = FLAGS.guidance if FLAGS.guidance is not None else preset.guidance_scale if preset else 7.5
   defaults = jobs.Defaults(
       negative_prompt=FLAGS.negative_prompt, num_images=FLAGS.num_per_prompt, seed=FLAGS.seed,
-      steps=25 if FLAGS.steps is None else FLAGS.steps, guidance_scale=7.5 if FLAGS.guidance is None else FLAGS.guidance,
-      guidance_rescale=FLAGS.rescale, sampler=FLAGS.sampler, height=FLAGS.height or FLAGS.width,
-      width=FLAGS.width or FLAGS.height, init_image=FLAGS.init_image, mask=FLAGS.mask, strength=FLAGS.strength)
+      steps=steps, guidance_scale=guidance,
+      guidance_rescale=FLAGS.rescale, sampler=FLAGS.sampler or (preset.sampler if preset else None),
+      height=FLAGS.height or FLAGS.width, width=FLAGS.width or FLAGS.height, init_image=FLAGS.init_image, mask=FLAGS.mask, strength=FLAGS.strength)
   for name in ("init_image", "mask", "tokenizer", "tokenizer_2"):
     path = getattr(FLAGS, name)
     if path and not os.path.exists(path):
@@ -126,14 +149,19 @@ def text_job():
     jobs.check_outdir(outdir, FLAG_OF)
     model = jobs.load_model(FLAGS.model, tokenizer=FLAGS.tokenizer, tokenizer_2=FLAGS.tokenizer_2,
                             model_type=FLAGS.model_type, names=FLAG_OF,
-                            safety_checker=not FLAGS.no_safety_checker)
+                            safety_checker=not FLAGS.no_safety_checker, loras=loras)
   else:
     outdir = FLAGS.outdir or os.path.join(FLAGS.workdir, "generated", "text")
     jobs.check_outdir(outdir, FLAG_OF)
     model = jobs.load_workdir(FLAGS.workdir)
+  if preset:  # e.g. trailing timestep spacing, checked against the preset's sampler
+    try:
+      model.sd = dataclasses.replace(model.sd, schedule=presets.schedule_for(FLAGS.preset, model.sd.schedule))
+    except ValueError as e:
+      raise jobs.JobError(f"--preset {FLAGS.preset}: {e}") from None
   job = jobs.Job(outdir, tuple(raw), defaults, batch_size=8 if FLAGS.batch_size is None else FLAGS.batch_size,
                  fsdp=FLAGS.fsdp, grid=FLAGS.grid, overwrite=FLAGS.overwrite, max_images=FLAGS.max_images,
-                 watermark=not FLAGS.no_watermark, c2pa=signer, names=FLAG_OF)
+                 watermark=not FLAGS.no_watermark, c2pa=signer, preset=FLAGS.preset, names=FLAG_OF)
   try:
     s = jobs.run(job, model)
   except KeyboardInterrupt as e:

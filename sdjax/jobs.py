@@ -35,7 +35,7 @@ from sdjax.prompts import (FIELDS, SEED_MAX, Defaults, JobError, Spec, check_out
                            name_of, read_prompts, resolve)
 
 # job.json fields that change the images (a re-run that changes one of them is refused).
-IMAGE_FIELDS = ("model_hash", "seed", "watermark", "c2pa", "safety_checker")
+IMAGE_FIELDS = ("model_hash", "seed", "watermark", "c2pa", "safety_checker", "preset")
 # What a job.json written before a field existed meant by its absence (no watermark, no C2PA, no safety check).
 OLD_DEFAULTS = {"watermark": False, "c2pa": False, "safety_checker": False}
 # Per-image outcomes recorded with the settings (PNG text, index.jsonl) but not compared on re-runs.
@@ -86,11 +86,14 @@ class Model:
 
 def load_model(path: str, *, tokenizer: str | None = None, tokenizer_2: str | None = None,
                model_type: str | None = None, names: Mapping[str, str] | None = None,
-               safety_checker: bool = True, echo: Callable[[str], None] = print) -> Model:
+               safety_checker: bool = True, loras: Sequence[tuple[str, float]] = (),
+               echo: Callable[[str], None] = print) -> Model:
   """A diffusers folder or a single-file checkpoint (whose tokenizers come from `tokenizer`[_2]); `names`:
   how errors name the arguments (sdjax.prompts.name_of). `safety_checker`: load the folder's NSFW checker
   (sdjax.convert.safety_checker) when it has one, so that every image is checked inside the jitted render;
-  a model without one is said so through `echo`."""
+  a model without one is said so through `echo`. `loras`: (file, scale) pairs fused into the U-Net and text
+  encoder weights (sdjax.lora_loading: diffusers or kohya naming); the model hash then covers the text encoders
+  too."""
   from sdjax import convert
   from sdjax.convert import single_file
   from sdjax.models import clip
@@ -112,6 +115,16 @@ def load_model(path: str, *, tokenizer: str | None = None, tokenizer_2: str | No
                      "checked for NSFW content"))
   sd, params = pipelines.from_components(pipe.models, pipe.schedule, model_type=pipe.model_type,
                                          safety_checker=checker)
+  lora_hash = None
+  if loras:
+    from sdjax import lora_loading
+    from sdjax.convert import params_hash
+    try:
+      params = lora_loading.fuse(params, list(loras))
+    except (ValueError, FileNotFoundError) as e:
+      raise JobError(f"{name_of(names, 'lora')}: {e}") from None
+    echo("fused LoRAs: " + ", ".join(f"{p} x{s:g}" for p, s in loras))
+    lora_hash = params_hash({k: v for k, v in params.items() if k in ("unet", "text_encoders")})
   kinds = ("tokenizer", "tokenizer_2")[:len(sd.text_encoders)]
   toks = [pipe.tokenizers.get(n) for n in kinds]
   for i, folder in enumerate((tokenizer, tokenizer_2 or tokenizer)[:len(kinds)]):
@@ -124,7 +137,7 @@ def load_model(path: str, *, tokenizer: str | None = None, tokenizer_2: str | No
     sampler = pipe.sampler
   except ValueError:
     sampler = None
-  return Model(sd, params, toks, os.path.abspath(path), size * sd.downscale if size else None, sampler)
+  return Model(sd, params, toks, os.path.abspath(path), size * sd.downscale if size else None, sampler, lora_hash)
 
 
 def load_workdir(workdir: str) -> Model:
@@ -264,10 +277,12 @@ def batch_inputs(model: Model, group: tuple, batch: Sequence[Item]) -> tuple:
   """Host arrays (prompt, seeds [B], image [B, H, W, 3] | None, mask [B, H, W, 1] | None) for a batch."""
   mode, h, w, _, _, cfg, rescale, _ = group
   sd, specs = model.sd, [it.spec for it in batch]
+  embedded = sd.embedded_guidance  # an LCM U-Net: the scale is an input at any value, no negative branch
   ids = pipelines.tokenize(model.tokenizers, sd.text_encoders, [s.prompt for s in specs])
-  neg = pipelines.tokenize(model.tokenizers, sd.text_encoders, [s.negative_prompt for s in specs]) if cfg else None
+  neg = pipelines.tokenize(model.tokenizers, sd.text_encoders, [s.negative_prompt for s in specs]) \
+      if cfg and not embedded else None
   prompt = pipelines.Prompt(
-      ids, neg, np.asarray([s.guidance_scale for s in specs], np.float32) if cfg else None,
+      ids, neg, np.asarray([s.guidance_scale for s in specs], np.float32) if cfg or embedded else None,
       np.asarray([s.guidance_rescale for s in specs], np.float32) if cfg and rescale else None,
       np.stack([pipelines.micro_conditioning(h, w)] * len(batch)) if sd.sdxl else None,
       np.asarray([not s.negative_prompt for s in specs]) if sd.sdxl and cfg else None)
@@ -385,6 +400,7 @@ class Job:
   max_images: int | None = None  # stop after rendering this many (then re-run to continue)
   watermark: bool = True  # diffusers' SDXL invisible watermark on every image written (sdjax.watermark)
   c2pa: provenance.Signer | None = None  # C2PA content credentials signed into every PNG (sdjax.provenance)
+  preset: str | None = None  # the sdjax.presets name the model's schedule was set up with (recorded in job.json)
   names: Mapping[str, str] | None = None  # how errors name the settings (sample.py: its flags; sdjax.prompts)
 
 
@@ -411,7 +427,7 @@ def run(job: Job, model: Model, *, devices: Sequence[jax.Device] | None = None, 
     echo(f"note: batch_size {job.batch_size} -> {batch_size} (a multiple of the {ndev} devices)")
   info = {"sdjax_version": sdjax_version(), "model": model.model_id, "model_hash": model.hash,
           "seed": job.defaults.seed, "watermark": job.watermark, "c2pa": job.c2pa is not None,
-          "safety_checker": model.sd.safety_checker is not None, "prompts": [dataclasses.asdict(s) for s in specs],
+          "safety_checker": model.sd.safety_checker is not None, "preset": job.preset, "prompts": [dataclasses.asdict(s) for s in specs],
           "execution": {"batch_size": batch_size, "devices": len(devices), "fsdp": job.fsdp}}
   records = {it.name: record(it, model, it.spec.prompt in cut or it.spec.negative_prompt in cut, job.watermark)
              for it in work}

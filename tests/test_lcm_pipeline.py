@@ -106,3 +106,15 @@ def test_timestep_cond(loaded):
       {**sd.unet.config.to_diffusers_config(), "time_cond_proj_dim": None}))
   with pytest.raises(ValueError, match="no time_cond_proj_dim"):
     jax.eval_shape(lambda: plain.init(jax.random.key(0), x, jnp.zeros(1), context, timestep_cond=jnp.zeros((1, 8))))
+
+
+def test_a_job_passes_the_guidance_of_an_lcm_unet_at_any_scale():
+  """jobs: an LCM U-Net gets its guidance scale as an input even at <= 1 (diffusers embeds w = scale - 1 at any
+  value) and no negative prompts (it has no unconditional branch)."""
+  from sdjax import jobs
+  model = jobs.load_model(os.path.join(FOLDER, "pipeline"), safety_checker=False, echo=lambda s: None)
+  defaults = jobs.Defaults(steps=2, sampler="lcm", height=32, width=32, seed=1, guidance_scale=0.5)
+  items = jobs.items(jobs.resolve((({"prompt": "a cat", "negative_prompt": "dog"}, "#0"),), defaults, model), 0)
+  group = items[0].spec.group
+  prompt, seeds, image, mask = jobs.batch_inputs(model, group, items)
+  assert prompt.negative_ids is None and prompt.guidance_scale.tolist() == [0.5] and image is None

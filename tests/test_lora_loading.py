@@ -104,3 +104,28 @@ def test_parse_spec():
   for bad in (":0.5", "a:nan", ""):
     with pytest.raises(ValueError, match="PATH:SCALE"):
       lora_loading.parse_spec(bad)
+
+
+def test_jobs_load_model_fuses_loras_and_names_the_flag(tmp_path):
+  """sample.py --lora PATH[:SCALE] -> jobs.load_model(loras=...): the fused weight is W + scale * (alpha / r) B A,
+  the model hash changes with it, and a LoRA that does not fit the model is one error naming --lora."""
+  from safetensors.numpy import save_file
+
+  from sdjax import jobs
+  from sdjax.convert import tree
+  from sdjax.convert.random import write_random_pipeline
+  folder = str(tmp_path / "sd1")
+  write_random_pipeline(folder, "sd1", tokenizer=os.path.join(FIXTURES, "models", "tokenizer"))
+  base = jobs.load_model(folder, echo=lambda s: None)
+  rng = np.random.default_rng(0)
+  down, up = rng.standard_normal((2, 16)).astype(np.float32), rng.standard_normal((16, 2)).astype(np.float32)
+  name = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
+  path = str(tmp_path / "lora.safetensors")
+  save_file({f"unet.{name}.lora_A.weight": down, f"unet.{name}.lora_B.weight": up}, path)
+  fused = jobs.load_model(folder, loras=[(path, 0.5)], echo=lambda s: None)
+  want = tree.from_flax(base.params["unet"])[f"{name}.weight"] + 0.5 * up @ down  # alpha = rank: factor 1
+  np.testing.assert_allclose(tree.from_flax(fused.params["unet"])[f"{name}.weight"], want, rtol=1e-6, atol=1e-6)
+  assert fused.hash != base.hash
+  with pytest.raises(jobs.JobError, match=r"^--lora: .*do not fit the weight"):
+    jobs.load_model(folder, loras=[(os.path.join(FIXTURES, "lora_fusion", "diffusers.safetensors"), 0.7)],
+                    names={"lora": "--lora"}, echo=lambda s: None)

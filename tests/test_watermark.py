@@ -212,7 +212,7 @@ def test_a_job_folder_from_before_the_watermark_continues_only_unwatermarked(tmp
   # Its job.json has no "watermark": its images carry none, so continuing it needs --no_watermark (or a new
   # folder / --overwrite); with the watermark on, the refusal names the setting.
   from sdjax import jobs
-  info = {"model_hash": "h", "seed": 0, "c2pa": False, "safety_checker": False, "prompts": []}
+  info = {"model_hash": "h", "seed": 0, "c2pa": False, "safety_checker": False, "preset": None, "prompts": []}
   (tmp_path / "job.json").write_text(json.dumps(info))
   jobs.check_job(str(tmp_path), {**info, "watermark": False})
   with pytest.raises(jobs.JobError, match="watermark=False, this one has True"):
