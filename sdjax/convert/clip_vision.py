@@ -12,7 +12,6 @@ line naming every missing, unexpected and mis-shaped tensor.
 from __future__ import annotations
 
 import dataclasses
-import glob
 import os
 from typing import Any, Mapping, NamedTuple
 
@@ -21,7 +20,7 @@ import numpy as np
 from flax import linen as nn
 
 from sdjax.convert import diffusers, tree
-from sdjax.convert.diffusers import PICKLE_SUFFIXES, read_state_dict, weight_files
+from sdjax.convert.diffusers import read_folder_weights
 from sdjax.models import clip, clip_vision
 
 TEXT_PREFIXES = ("text_model.", "text_projection.")
@@ -83,20 +82,6 @@ def _read_config(folder: str) -> dict[str, Any]:
   return diffusers._read_config(folder, "transformers model")
 
 
-def _read_weights(folder: str, allow_pickle: bool) -> dict[str, np.ndarray]:
-  try:
-    files = weight_files(folder, "model")
-  except FileNotFoundError:
-    pickled = sorted(p for p in glob.glob(os.path.join(folder, "*")) if p.endswith(PICKLE_SUFFIXES))
-    if not (allow_pickle and pickled):
-      raise
-    files = pickled[:1]
-  state = {}
-  for path in files:
-    state.update(read_state_dict(path, allow_pickle=allow_pickle))
-  return state
-
-
 def _config(cls, d: dict, folder: str, **overrides):
   try:
     config = cls.from_diffusers_config(d)
@@ -109,7 +94,8 @@ def load_clip_vision(folder: str, *, allow_pickle: bool = False, **overrides) ->
   """(CLIPVisionModelWithProjection, params) from a transformers `CLIPVisionModelWithProjection` folder
   (config.json + model.safetensors). `overrides` set sdjax-only fields such as dtype="bfloat16"."""
   config = _config(clip_vision.CLIPVisionConfig, _read_config(folder), folder, **overrides)
-  return vision_from_state_dict(config, _read_weights(folder, allow_pickle), what=folder)
+  return vision_from_state_dict(config, read_folder_weights(folder, "model", allow_pickle=allow_pickle),
+                                what=folder)
 
 
 def load_clip_model(folder: str, *, allow_pickle: bool = False, dtype: str = "float32") -> CLIPModel:
@@ -127,7 +113,7 @@ def load_clip_model(folder: str, *, allow_pickle: bool = False, dtype: str = "fl
   vision_config = _config(clip_vision.CLIPVisionConfig, d, folder, dtype=dtype)
   text_config = _config(clip.CLIPTextConfig, d, folder, dtype=dtype, with_projection=True,
                         **({"projection_dim": d["projection_dim"]} if d.get("projection_dim") is not None else {}))
-  state = _read_weights(folder, allow_pickle)
+  state = read_folder_weights(folder, "model", allow_pickle=allow_pickle)
   vision_state = {k: v for k, v in state.items() if k.startswith(VISION_PREFIXES)}
   text_state = {k: v for k, v in state.items() if k.startswith(TEXT_PREFIXES)}
   other = sorted(k for k in state if not k.startswith(VISION_PREFIXES + TEXT_PREFIXES) and k != "logit_scale")

@@ -69,6 +69,23 @@ def weight_files(folder: str, weights_name: str, variant: str | None = None) -> 
   raise FileNotFoundError(f"{folder}: no {stem}.safetensors (or sharded index) found; files: {found}{hint}")
 
 
+def read_folder_weights(folder: str, weights_name: str, variant: str | None = None, *,
+                        allow_pickle: bool = False) -> dict[str, np.ndarray]:
+  """The state dict of a model folder: its `weights_name` safetensors (sharded or not, `weight_files`), or,
+  when there are none and `allow_pickle`, its first pickled file (PICKLE_SUFFIXES)."""
+  try:
+    files = weight_files(folder, weights_name, variant)
+  except FileNotFoundError:
+    pickled = sorted(p for p in glob.glob(os.path.join(folder, "*")) if p.endswith(PICKLE_SUFFIXES))
+    if not (allow_pickle and pickled):
+      raise
+    files = pickled[:1]
+  state = {}
+  for path in files:
+    state.update(read_state_dict(path, allow_pickle=allow_pickle))
+  return state
+
+
 def read_state_dict(path: str, *, allow_pickle: bool = False) -> dict[str, np.ndarray]:
   """A weights file (safetensors; pickled only with allow_pickle) as {key: numpy array}."""
   if not os.path.isfile(path):
@@ -148,17 +165,7 @@ def load_component(folder: str, kind: str | None = None, *, variant: str | None 
     config = config_from_dict(kind, d, **overrides)
   except ValueError as e:
     raise ValueError(f"{os.path.join(folder, 'config.json')}: {e}") from None
-  k = KINDS[kind]
-  try:
-    files = weight_files(folder, k.weights_name, variant)
-  except FileNotFoundError:
-    pickled = [p for p in sorted(glob.glob(os.path.join(folder, "*"))) if p.endswith(PICKLE_SUFFIXES)]
-    if not (allow_pickle and pickled):
-      raise
-    files = pickled[:1]
-  state = {}
-  for path in files:
-    state.update(read_state_dict(path, allow_pickle=allow_pickle))
+  state = read_folder_weights(folder, KINDS[kind].weights_name, variant, allow_pickle=allow_pickle)
   return load_state_dict(kind, config, state, what=folder)
 
 

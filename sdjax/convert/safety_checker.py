@@ -18,17 +18,14 @@ folder) and pass the result to `sdjax.pipelines.from_components(..., safety_chec
 from __future__ import annotations
 
 import dataclasses
-import glob
 import json
 import os
 import re
 from typing import Any, NamedTuple
 
-import numpy as np
-
 from sdjax.convert import clip_vision as clip_vision_convert
 from sdjax.convert import diffusers
-from sdjax.convert.diffusers import PICKLE_SUFFIXES, read_state_dict, weight_files
+from sdjax.convert.diffusers import read_folder_weights
 from sdjax.convert.tree import WeightMismatchError
 from sdjax.models import safety_checker as sc
 from sdjax.models.clip_vision import CLASS_EMBEDDING_KEY
@@ -68,20 +65,6 @@ def read_feature_extractor(folder: str) -> sc.FeatureExtractorConfig:
     raise ValueError(f"{path}: {e}") from None
 
 
-def _read_weights(folder: str, variant: str | None, allow_pickle: bool) -> dict[str, np.ndarray]:
-  try:
-    files = weight_files(folder, "model", variant)
-  except FileNotFoundError:
-    pickled = sorted(p for p in glob.glob(os.path.join(folder, "*")) if p.endswith(PICKLE_SUFFIXES))
-    if not (allow_pickle and pickled):
-      raise
-    files = pickled[:1]
-  state = {}
-  for path in files:
-    state.update(read_state_dict(path, allow_pickle=allow_pickle))
-  return state
-
-
 def from_state_dict(config, state_dict, *, what: str = "safety checker") -> tuple:
   """(StableDiffusionSafetyChecker, params) from diffusers' state dict and a `CLIPVisionConfig`."""
   module = sc.StableDiffusionSafetyChecker(config)
@@ -108,7 +91,8 @@ def load_safety_checker_component(checker_folder: str, feature_extractor_folder:
   if feature_extractor.crop_size != config.image_size:
     raise ValueError(f"{feature_extractor_folder}: crop_size {feature_extractor.crop_size} does not match the safety "
                      f"checker's image_size {config.image_size} ({checker_folder})")
-  module, params = from_state_dict(config, _read_weights(checker_folder, variant, allow_pickle), what=checker_folder)
+  state = read_folder_weights(checker_folder, "model", variant, allow_pickle=allow_pickle)
+  module, params = from_state_dict(config, state, what=checker_folder)
   return SafetyChecker(module, params, feature_extractor)
 
 
