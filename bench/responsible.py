@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -27,19 +26,12 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from sdjax import io, pipelines, provenance  # noqa: E402
 from sdjax.models import safety_checker as sc  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from models import median_time  # noqa: E402  bench/models.py: median of timed calls after a warm-up
 
 VIT_L14 = {"model_type": "clip", "projection_dim": 768,
            "vision_config": {"hidden_size": 1024, "intermediate_size": 4096, "num_attention_heads": 16,
                              "num_hidden_layers": 24, "patch_size": 14, "image_size": 224, "hidden_act": "quick_gelu"}}
-
-
-def median_s(fn, reps: int) -> float:
-  times = []
-  for _ in range(reps):
-    t0 = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - t0)
-  return statistics.median(times)
 
 
 def main():
@@ -65,7 +57,7 @@ def main():
     t0 = time.perf_counter()
     jax.block_until_ready(check({"safety_checker": params}, images))
     first = time.perf_counter() - t0
-    s = median_s(lambda: jax.block_until_ready(check({"safety_checker": params}, images)), args.reps)
+    s = median_time(lambda: jax.block_until_ready(check({"safety_checker": params}, images)), args.reps)[0]
     print(f"| safety checker (ViT-L/14), batch {args.batch} | {size} px | {first:.1f} | {1e3 * s / args.batch:.0f} |",
           flush=True)
 
@@ -77,9 +69,9 @@ def main():
     for size in sizes:
       img = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
       path = os.path.join(tmp, f"{size}.png")
-      plain = median_s(lambda: io.save_png(path, img, text), args.reps)
-      signed = median_s(lambda: provenance.save_png(path, img, text, signer, record), args.reps)
-      read = median_s(lambda: provenance.read(path), args.reps)
+      plain = median_time(lambda: io.save_png(path, img, text), args.reps)[0]
+      signed = median_time(lambda: provenance.save_png(path, img, text, signer, record), args.reps)[0]
+      read = median_time(lambda: provenance.read(path), args.reps)[0]
       print(f"| PNG write, unsigned | {size} px | — | {1e3 * plain:.0f} |")
       print(f"| PNG write + C2PA signature (extra: {1e3 * (signed - plain):.0f} ms) | {size} px | — | "
             f"{1e3 * signed:.0f} |")

@@ -16,15 +16,15 @@ images after common edits: bits wrong (of 48, per image) and how many still matc
 import argparse
 import io
 import os
-import statistics
 import sys
-import time
 
 import numpy as np
 from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from sdjax import watermark  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from models import median_time  # noqa: E402  bench/models.py: median of timed calls after a warm-up
 
 
 def photo(rng, n, size):
@@ -40,15 +40,6 @@ def photo(rng, n, size):
     img += rng.normal(0, 1.5, img.shape)
     out[i] = np.clip(np.round(img), 0, 255)
   return out
-
-
-def timed(fn, reps):
-  times = []
-  for _ in range(reps):
-    t = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - t)
-  return statistics.median(times)
 
 
 def reference_fn():
@@ -104,14 +95,14 @@ def main():
   for size in map(int, args.sizes.split(",")):
     u = photo(rng, args.batch, size)
     watermark.apply(u[:1])  # warm-up
-    apply_s = timed(lambda: watermark.apply(u), args.reps) / args.batch
+    apply_s = median_time(lambda: watermark.apply(u), args.reps)[0] / args.batch
     marked = watermark.apply(u)
-    detect_s = timed(lambda: watermark.detect(marked[0]), args.reps)
+    detect_s = median_time(lambda: watermark.detect(marked[0]), args.reps)[0]
     errors = [watermark.detect(m).errors for m in marked]
     row = {"size": size, "apply_ms": 1e3 * apply_s, "detect_ms": 1e3 * detect_s, "errors": errors,
            "mpix_s": size * size / apply_s / 1e6}
     if ref is not None:
-      row["ref_ms"] = 1e3 * timed(lambda: ref(u), args.reps) / args.batch
+      row["ref_ms"] = 1e3 * median_time(lambda: ref(u), args.reps)[0] / args.batch
       row["identical"] = bool(np.array_equal(ref(u), marked))
     rows.append(row)
     for name, edit in EDITS.items():
