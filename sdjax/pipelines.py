@@ -264,16 +264,12 @@ def safety_checker_input(images: jax.Array, feature_extractor: safety_lib.Featur
   diffusers' `run_safety_checker` makes them: `VaeImageProcessor.postprocess(output_type="pil")` (x * 0.5 + 0.5
   clamped to [0, 1], times 255, rounded half to even, uint8), then the CLIPImageProcessor (PIL backend): Pillow's
   bicubic resize of the shortest side to `size` (`sdjax.eval.clip_score.resize_shortest_side`, bit-exact), center
-  crop (top = (h - S) // 2), `rescale_factor` (float64, rounded to float32), (x - mean) / std in float32."""
+  crop (top = (h - S) // 2), `rescale_factor` (float64, rounded to float32), (x - mean) / std in float32: the
+  processor steps are `sdjax.eval.clip_score.preprocess` with the feature extractor's settings."""
   fe = feature_extractor
   u8 = jnp.round(jnp.clip(images.astype(jnp.float32) * 0.5 + 0.5, 0.0, 1.0) * 255.0).astype(jnp.uint8)
-  x = clip_score.resize_shortest_side(u8, fe.size)
-  _, h, w, _ = x.shape
-  top, left, s = (h - fe.crop_size) // 2, (w - fe.crop_size) // 2, fe.crop_size
-  x = x[:, top:top + s, left:left + s]
-  table = jnp.asarray((np.arange(256, dtype=np.float64) * fe.rescale_factor).astype(np.float32))
-  x = table[x.astype(jnp.int32)]
-  return (x - jnp.asarray(fe.image_mean, jnp.float32)) / jnp.asarray(fe.image_std, jnp.float32)
+  return clip_score.preprocess(u8, fe.crop_size, size=fe.size, rescale_factor=fe.rescale_factor,
+                               mean=fe.image_mean, std=fe.image_std)
 
 
 def check_images(sd: StableDiffusion, params: Any, images: jax.Array) -> safety_lib.SafetyCheckerOutput:

@@ -88,13 +88,16 @@ def resize_shortest_side(images: jax.Array, size: int) -> jax.Array:
   return x.astype(jnp.uint8)
 
 
-def preprocess(images: jax.Array, image_size: int) -> jax.Array:
+def preprocess(images: jax.Array, image_size: int, *, size: int | None = None, rescale_factor: float = 1 / 255,
+               mean=CLIP_MEAN, std=CLIP_STD) -> jax.Array:
   """uint8 RGB images [B, H, W, 3] (any H, W) -> CLIP pixel values float32 [B, image_size, image_size, 3].
 
-  CLIPImageProcessor (PIL backend) step by step: bicubic resize of the shortest side, center crop, x / 255
-  (rounded to float32 from float64, as transformers' `rescale`), (x - mean) / std in float32. Jittable; all
-  images of one call share a size. Images must already be uint8 (sdjax.io.to_uint8 turns [-1, 1] floats into
-  them): torchmetrics feeds the processor uint8 images, and the resize rounds to uint8 as Pillow does.
+  CLIPImageProcessor (PIL backend) step by step: bicubic resize of the shortest side to `size` (default
+  image_size), center crop to image_size, x * rescale_factor (rounded to float32 from float64, as transformers'
+  `rescale`), (x - mean) / std in float32. Jittable; all images of one call share a size. Images must already be
+  uint8 (sdjax.io.to_uint8 turns [-1, 1] floats into them): torchmetrics feeds the processor uint8 images, and
+  the resize rounds to uint8 as Pillow does. The keywords are a preprocessor_config.json's other settings (the
+  safety checker's feature extractor, sdjax.pipelines.safety_checker_input).
   """
   images = jnp.asarray(images)
   if images.ndim != 4 or images.shape[-1] != 3:
@@ -102,13 +105,13 @@ def preprocess(images: jax.Array, image_size: int) -> jax.Array:
   if images.dtype != jnp.uint8:
     raise ValueError(f"preprocess expects uint8 images in [0, 255], got {images.dtype} (convert [-1, 1] floats "
                      "with sdjax.io.to_uint8)")
-  x = resize_shortest_side(images, image_size)
+  x = resize_shortest_side(images, image_size if size is None else size)
   _, h, w, _ = x.shape
   top, left = (h - image_size) // 2, (w - image_size) // 2
   x = x[:, top:top + image_size, left:left + image_size]
-  table = jnp.asarray((np.arange(256, dtype=np.float64) * (1 / 255)).astype(np.float32))
+  table = jnp.asarray((np.arange(256, dtype=np.float64) * rescale_factor).astype(np.float32))
   x = table[x.astype(jnp.int32)]
-  return (x - jnp.asarray(CLIP_MEAN, jnp.float32)) / jnp.asarray(CLIP_STD, jnp.float32)
+  return (x - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)
 
 
 def _normalise(x: jax.Array) -> jax.Array:
