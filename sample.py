@@ -137,7 +137,8 @@ def text_job():
       negative_prompt=FLAGS.negative_prompt, num_images=FLAGS.num_per_prompt, seed=FLAGS.seed,
       steps=steps, guidance_scale=guidance,
       guidance_rescale=FLAGS.rescale, sampler=FLAGS.sampler or (preset.sampler if preset else None),
-      height=FLAGS.height or FLAGS.width, width=FLAGS.width or FLAGS.height, init_image=FLAGS.init_image, mask=FLAGS.mask, strength=FLAGS.strength)
+      height=FLAGS.height or FLAGS.width, width=FLAGS.width or FLAGS.height, init_image=FLAGS.init_image,
+      mask=FLAGS.mask, strength=FLAGS.strength)
   for name in ("init_image", "mask", "tokenizer", "tokenizer_2"):
     path = getattr(FLAGS, name)
     if path and not os.path.exists(path):

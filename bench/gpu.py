@@ -358,7 +358,8 @@ class Driver:
         mfu = f"{r['mfu']:.1%}" if r.get("mfu") else "—"
         print(f"| {r['attention']} | {r['batch']} | {r['s_per_step']:.3f} | {r['images_per_s']:.1f} | "
               f"{r['tflops']:.0f} | {mfu} | {r['compile_s']:.0f} | {r['peak_gib'] or 0:.1f} |")
-    print("\n## txt2img (512 px, 25 DDIM steps, guidance 7.5)\n\n| impl | batch | s/batch | images/s |\n|---|---|---|---|")
+    print("\n## txt2img (512 px, 25 DDIM steps, guidance 7.5)\n\n| impl | batch | s/batch | images/s |\n"
+          "|---|---|---|---|")
     for r in self.results:
       if r["kind"] == "txt2img":
         print(f"| {r['impl']} | {r['batch']} | {r['s_per_batch']:.3f} | {r['images_per_s']:.2f} |")

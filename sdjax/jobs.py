@@ -427,7 +427,8 @@ def run(job: Job, model: Model, *, devices: Sequence[jax.Device] | None = None, 
     echo(f"note: batch_size {job.batch_size} -> {batch_size} (a multiple of the {ndev} devices)")
   info = {"sdjax_version": sdjax_version(), "model": model.model_id, "model_hash": model.hash,
           "seed": job.defaults.seed, "watermark": job.watermark, "c2pa": job.c2pa is not None,
-          "safety_checker": model.sd.safety_checker is not None, "preset": job.preset, "prompts": [dataclasses.asdict(s) for s in specs],
+          "safety_checker": model.sd.safety_checker is not None, "preset": job.preset,
+          "prompts": [dataclasses.asdict(s) for s in specs],
           "execution": {"batch_size": batch_size, "devices": len(devices), "fsdp": job.fsdp}}
   records = {it.name: record(it, model, it.spec.prompt in cut or it.spec.negative_prompt in cut, job.watermark)
              for it in work}
@@ -439,7 +440,7 @@ def run(job: Job, model: Model, *, devices: Sequence[jax.Device] | None = None, 
   groups = _groups(todo)
   params = put(model.params, pipelines.param_shardings(model.params, mesh)) if todo else None
 
-  stats = {"compile_s": 0.0, "render_s": 0.0, "rendered": 0}
+  stats = {"compile_s": 0.0, "render_s": 0.0, "rendered": 0, "nsfw": 0}
   with preemption.OnSigterm(raise_=Interrupted), tqdm(
       total=len(todo), unit="img", desc="sample", disable=not (lead and progress), dynamic_ncols=True) as bar:
     for group, group_items in groups.items():
@@ -452,7 +453,7 @@ def run(job: Job, model: Model, *, devices: Sequence[jax.Device] | None = None, 
              "remaining": None, "groups": len(groups), "batch_size": batch_size, "devices": len(devices),
              "compile_s": stats["compile_s"], "render_s": stats["render_s"],
              "images_per_s": stats["rendered"] / max(stats["render_s"], 1e-9),
-             "safety_checker": model.sd.safety_checker is not None, "nsfw_flagged": stats.get("nsfw", 0)}
+             "safety_checker": model.sd.safety_checker is not None, "nsfw_flagged": stats["nsfw"]}
   if lead:
     finished = [it for it in work if os.path.exists(os.path.join(job.outdir, it.name))]
     summary["remaining"] = len(work) - len(finished)
@@ -539,7 +540,7 @@ def _render_batch(model, params, group, batch, size, mesh, outdir, records, stat
     if model.sd.safety_checker is not None:  # the checker's verdict, as diffusers names it (flagged: black)
       for it, flag in zip(batch, np.asarray(nsfw)):
         records[it.name]["nsfw_content_detected"] = bool(flag)
-      stats["nsfw"] = stats.get("nsfw", 0) + int(np.sum(nsfw))
+      stats["nsfw"] += int(np.sum(nsfw))
     with open(os.path.join(outdir, "index.jsonl"), "a") as f:
       for it, img in zip(batch, images):
         provenance.save_png(os.path.join(outdir, it.name), img, _png_text(records[it.name]), c2pa,

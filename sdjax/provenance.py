@@ -291,8 +291,9 @@ def save_png(path: str | os.PathLike, image: np.ndarray, metadata: Mapping[str, 
 
 
 def throwaway_chain(folder: str, days: int = 30) -> dict[str, str]:
-  """For tests and trials, never for publishing: a throwaway EC P-256 root CA and a signing certificate it issues, as C2PA wants one (v3 end entity, key
-  usage digitalSignature, extended key usage emailProtection, key identifiers): writes key.pem (PKCS#8),
+  """For tests and trials, never for publishing: a throwaway EC P-256 root CA and a signing certificate it
+  issues, as C2PA wants one (v3 end entity, key usage digitalSignature, extended key usage emailProtection, key
+  identifiers): writes key.pem (PKCS#8),
   chain.pem (leaf, then root), root.pem and root_key.pem into `folder`; returns their paths."""
   import datetime
 

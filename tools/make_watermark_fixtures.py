@@ -9,9 +9,9 @@ image equal to them: VaeImageProcessor's pil_to_numpy / numpy_to_pt / normalize,
 `StableDiffusionXLWatermarker.apply_watermark`, then `VaeImageProcessor.postprocess(..., output_type="pil")`.
 Stored per case: the input (`{case}_in`: the PNG bytes of the batch stacked vertically), the output as its
 difference to the input (`{case}_delta`, int16: it compresses), the sha256 of the watermarker's float32 input
-and output (channels last, for sdjax.watermark.apply_float), and the 48 bits `WatermarkDecoder("bits", 48).decode(bgr, "dwtDct")` reads from
-the input and from the output (as uint8 BGR, what cv2.imread gives). Cases under diffusers' and imwatermark's
-size limits record what diffusers does with them (unchanged, or imwatermark's RuntimeError).
+and output (channels last, for sdjax.watermark.apply_float), and the 48 bits that
+`WatermarkDecoder("bits", 48).decode(bgr, "dwtDct")` reads from the input and from the output (as uint8 BGR,
+what cv2.imread gives). Cases under diffusers' and imwatermark's size limits record what diffusers does with them (unchanged, or imwatermark's RuntimeError).
 """
 import hashlib
 import io
