@@ -84,8 +84,10 @@ class LoraFile:
 def _file(path: str) -> str:
   if os.path.isdir(path):
     return lora_lib._weights_file(path)  # noqa: SLF001 (same folder convention as sdjax.lora.load)
-  if not os.path.isfile(path):
+  if not os.path.exists(path):
     raise FileNotFoundError(f"LoRA weights not found: {path}")
+  if not os.path.isfile(path):  # a FIFO, a device (a link to /dev/zero), a socket: never read it
+    raise ValueError(f"LoRA weights {path}: not a regular file")
   return path
 
 
@@ -143,9 +145,12 @@ def read(path: str) -> LoraFile:
     alpha = float(np.asarray(factors["alpha"], np.float64).reshape(())) if "alpha" in factors else None
     if alpha is None and not kohya:
       alpha = lora_lib._alpha(metadata, component, down.shape[0], file)  # noqa: SLF001
+    if not (np.isfinite(down).all() and np.isfinite(up).all() and (alpha is None or np.isfinite(alpha))):
+      problems.append(f"{component} {module}: NaN or inf in its factors or alpha")
+      continue
     layers.setdefault(component, {})[module] = Layer(down, up, alpha)
   if problems:
-    raise ValueError(f"{file}: incomplete LoRA layers:\n  " + "\n  ".join(problems[:10]))
+    raise ValueError(f"{file}: incomplete or non-finite LoRA layers:\n  " + "\n  ".join(problems[:10]))
   return LoraFile(file, "kohya" if kohya else "diffusers", layers)
 
 

@@ -88,6 +88,8 @@ def test_unmatched_and_misfit_keys_raise(tmp_path, params):
       "component": ({"text_encoder_2.encoder.layers.0.mlp.fc1.lora_A.weight": f(2, 32),
                      "text_encoder_2.encoder.layers.0.mlp.fc1.lora_B.weight": f(64, 2)}, "text_encoder_2, which"),
       "half": ({"unet.conv_in.lora_A.weight": f(2, 4, 3, 3)}, "not both down"),
+      "nan": ({"unet.conv_in.lora_A.weight": f(2, 4, 3, 3),
+               "unet.conv_in.lora_B.weight": np.full((8, 2, 1, 1), np.nan, np.float32)}, r"unet conv_in: NaN or inf"),
   }
   for name, (tensors, match) in cases.items():
     path = os.path.join(tmp_path, f"{name}.safetensors")
@@ -129,3 +131,13 @@ def test_jobs_load_model_fuses_loras_and_names_the_flag(tmp_path):
   with pytest.raises(jobs.JobError, match=r"^--lora: .*do not fit the weight"):
     jobs.load_model(folder, loras=[(os.path.join(FIXTURES, "lora_fusion", "diffusers.safetensors"), 0.7)],
                     names={"lora": "--lora"}, echo=lambda s: None)
+
+
+def test_a_lora_path_that_is_no_regular_file_is_refused_unread(tmp_path, params):
+  # A FIFO would block a reader forever and a link to /dev/zero never ends: both are refused before opening.
+  fifo, zero = str(tmp_path / "fifo.safetensors"), str(tmp_path / "zero.safetensors")
+  os.mkfifo(fifo)
+  os.symlink("/dev/zero", zero)
+  for path in (fifo, zero):
+    with pytest.raises(ValueError, match="not a regular file"):
+      lora_loading.fuse(params, [(path, 1.0)])
