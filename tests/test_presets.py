@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from sdjax import presets, samplers, schedules
+from test_watermark import sample_cli  # noqa: F401 - sample.py loaded in-process (a fixture)
 
 # SDXL's (and SD 1.x's) forward process; steps_offset 1 as in their scheduler configs (trailing spacing ignores it).
 SCHEDULE = schedules.make_schedule("scaled_linear", 1000, 0.00085, 0.012, steps_offset=1)
@@ -40,3 +41,23 @@ def test_the_presets():
   # A schedule setting the preset's sampler does not implement is refused, not silently dropped.
   with pytest.raises(ValueError, match="does not implement the schedule option use_karras_sigmas"):
     presets.schedule_for("lcm", SCHEDULE.replace(use_karras_sigmas=True))
+
+
+def test_sample_py_refuses_a_careless_preset_or_lora_before_loading_the_model(sample_cli, tmp_path, monkeypatch):
+  """--preset bogus, --lora PATH:nan, a --lora file that does not exist and --lora on a training run are one
+  error naming the flag, before any model is loaded."""
+  from sdjax import jobs
+  monkeypatch.setattr(jobs, "load_model", lambda *a, **kw: pytest.fail("loaded a model"))
+  monkeypatch.setattr(jobs, "load_workdir", lambda *a, **kw: pytest.fail("loaded a run"))
+  cases = [(["--model", str(tmp_path), "--preset", "bogus"], r"^--preset: unknown preset 'bogus'"),
+           (["--model", str(tmp_path), "--lora", "x.safetensors:nan"], r"^--lora: .*finite number SCALE"),
+           (["--model", str(tmp_path), "--lora", str(tmp_path / "none.safetensors")], r"^--lora: .* does not exist"),
+           (["--workdir", str(tmp_path), "--lora", "x.safetensors"], r"^--lora applies to --model")]
+  flags = sample_cli.FLAGS
+  for argv, match in cases:
+    try:
+      flags(["sample.py", "--prompt", "x", "--outdir", str(tmp_path / "o"), *argv])
+      with pytest.raises(jobs.JobError, match=match):
+        sample_cli.text_job()
+    finally:
+      flags.unparse_flags()

@@ -6,6 +6,7 @@ import importlib.util
 import io
 import json
 import os
+import sys
 
 import numpy as np
 import pytest
@@ -177,10 +178,14 @@ def test_job_grid_is_watermarked(sd1, tmp_path, monkeypatch):
 
 @pytest.fixture(scope="module")
 def sample_cli():
-  """sample.py loaded in-process (its flags on absl's global FLAGS, defined once)."""
-  spec = importlib.util.spec_from_file_location("sdjax_sample_cli", os.path.join(ROOT, "sample.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
+  """sample.py loaded in-process (its flags on absl's global FLAGS, defined once per process: other test modules
+  import this fixture, and a second load would define every flag again)."""
+  module = sys.modules.get("sdjax_sample_cli")
+  if module is None:
+    spec = importlib.util.spec_from_file_location("sdjax_sample_cli", os.path.join(ROOT, "sample.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    sys.modules["sdjax_sample_cli"] = module
   yield module
   module.FLAGS.unparse_flags()
 
