@@ -18,7 +18,8 @@ def _get(cfg: Mapping[str, Any], key: str, default: Any) -> Any:
 
 
 def image_size(cfg: Mapping[str, Any]) -> int:
-  """The side of the training images: data.resolution, or 28 for the bundled digits (32 for shapes)."""
+  """The side of the training images: data.resolution, or 28 for the bundled digits (32 for shapes and the
+  coloured digits)."""
   res = int(_get(cfg, "resolution", 0))
   if res:
     return res
@@ -26,6 +27,9 @@ def image_size(cfg: Mapping[str, Any]) -> int:
     return BUNDLED_SIZE
   if _get(cfg, "source", "bundled") == "shapes":
     from sdjax.data.shapes import SIZE
+    return SIZE
+  if _get(cfg, "source", "bundled") == "colored_digits":
+    from sdjax.data.colored_digits import SIZE
     return SIZE
   raise ValueError(f"config.data.resolution must be set (> 0) for data.source={cfg.get('source')!r}: "
                    f"images are resized and cropped to resolution x resolution")

@@ -10,6 +10,8 @@ latent records carry `mean`/`logvar` (or `latent`) instead of `image`.
 - `records`: a directory written by `python -m sdjax.data.prepare` (image-caption folders and manifests).
 - `latents`: a directory written by `python -m sdjax.data.cache_latents`.
 - `shapes`: procedural captioned shapes ("a red circle", sdjax.data.shapes), no files.
+- `colored_digits`: the bundled digits painted and captioned ("a red 7 on a black background",
+  sdjax.data.colored_digits), no files beyond the bundled ones.
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ from typing import Any
 
 from sdjax.data import bundled, records
 
-SOURCES = ("bundled", "tfds", "records", "latents", "shapes")
+SOURCES = ("bundled", "tfds", "records", "latents", "shapes", "colored_digits")
 
 
 class TfdsSource:
@@ -99,6 +101,9 @@ def open_source(kind: str, *, name: str = "", split: str = "train", data_dir: st
   if kind == "shapes":
     from sdjax.data.shapes import ShapesSource
     return ShapesSource(split)
+  if kind == "colored_digits":
+    from sdjax.data.colored_digits import ColoredDigitsSource
+    return ColoredDigitsSource(split)
   if kind in ("records", "latents"):
     if not path:
       raise ValueError(f"config.data.path: the {kind} directory is empty")
