@@ -8,9 +8,9 @@ accuracy on the bundled `test` split (500 digits), and writes into --outdir:
   digits_test_stats.npz  mu / sigma (float64) of the features of the whole `test` split, pytorch-fid's format
 It refuses to write weights whose test accuracy is below --min-accuracy (0.98).
 
-Training: optax.adam with a cosine decay from --lr 3e-3 to 0 over all steps, batch 100, dropout 0.5 on the
-features; every training image is randomly rotated (+-12 degrees), scaled (0.9-1.1) and shifted (+-2 pixels) by
-scipy.ndimage (bilinear, zero fill; scipy comes with the [test] extra). Everything random is seeded: parameters from
+Training (sdjax.eval.digits.train_classifier): optax.adam with a cosine decay from --lr 3e-3 to 0 over all steps,
+batch 100, dropout 0.5 on the features; every training image is randomly rotated (+-12 degrees), scaled (0.9-1.1)
+and shifted (+-2 pixels) by scipy.ndimage (bilinear, zero fill; scipy comes with the [test] extra). Everything random is seeded: parameters from
 jax.random.PRNGKey(seed), dropout from jax.random.fold_in(jax.random.PRNGKey(seed + 1), step), batch order and
 augmentation from np.random.default_rng(seed), so a rerun with the same jax/flax/optax/scipy versions on CPU writes
 the same weights.
@@ -24,31 +24,10 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-import optax  # noqa: E402
 
 from sdjax.data import load_bundled  # noqa: E402
 from sdjax.eval import digits, fid  # noqa: E402
-
-MAX_DEGREES, SCALE, MAX_SHIFT = 12.0, (0.9, 1.1), 2.0
-
-
-def augmented(images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-  """Each uint8 [B, 28, 28, 1] image rotated by a random angle in +-12 degrees and scaled by a random factor in
-  [0.9, 1.1] about its centre, then shifted by a random (dy, dx) in [-2, 2]^2 (bilinear, zero fill, rounded)."""
-  from scipy import ndimage
-  out = np.empty_like(images)
-  centre = np.array([13.5, 13.5])
-  for i, image in enumerate(images):
-    angle = np.deg2rad(rng.uniform(-MAX_DEGREES, MAX_DEGREES))
-    scale = rng.uniform(*SCALE)
-    shift = rng.uniform(-MAX_SHIFT, MAX_SHIFT, 2)
-    m = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]]) / scale  # output -> input
-    warped = ndimage.affine_transform(image[:, :, 0].astype(np.float32), m, centre - m @ centre - shift, order=1)
-    out[i, :, :, 0] = np.clip(np.round(warped), 0, 255)
-  return out
 
 
 def main():
@@ -65,38 +44,15 @@ def main():
   t0 = time.perf_counter()
   x_train, y_train = load_bundled("train")
   x_test, y_test = load_bundled("test")
-  params = digits.init_params(args.seed)
-  steps_per_epoch = len(x_train) // args.batch_size
-  opt = optax.adam(optax.cosine_decay_schedule(args.lr, args.epochs * steps_per_epoch))
-  opt_state = opt.init(params)
-  dropout_key = jax.random.PRNGKey(args.seed + 1)
-  net = digits.DigitNet()
+  test_acc = 0.0
 
-  @jax.jit
-  def step(params, opt_state, x, y, step_index):
-    def loss_fn(p):
-      rngs = {"dropout": jax.random.fold_in(dropout_key, step_index)}
-      logits = net.apply({"params": p}, digits.preprocess(x), train=True, rngs=rngs)[1]
-      return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-    loss, grads = jax.value_and_grad(loss_fn)(params)
-    updates, opt_state = opt.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, loss
+  def report(epoch, params, loss):
+    nonlocal test_acc
+    test_acc = float(np.mean(np.argmax(digits.logits(params, x_test), -1) == y_test))
+    print(f"epoch {epoch + 1}/{args.epochs}: train loss {loss:.4f}, test accuracy {test_acc:.4f}", flush=True)
 
-  rng = np.random.default_rng(args.seed)
-  for epoch in range(args.epochs):
-    order = rng.permutation(len(x_train))
-    losses = []
-    for i in range(steps_per_epoch):
-      idx = order[i * args.batch_size:(i + 1) * args.batch_size]
-      params, opt_state, loss = step(params, opt_state, jnp.asarray(augmented(x_train[idx], rng)),
-                                     jnp.asarray(y_train[idx]), np.int32(epoch * steps_per_epoch + i))
-      losses.append(loss)
-    params_np = jax.device_get(params)
-    test_acc = float(np.mean(np.argmax(digits.logits(params_np, x_test), -1) == y_test))
-    print(f"epoch {epoch + 1}/{args.epochs}: train loss {float(np.mean(losses)):.4f}, test accuracy {test_acc:.4f}",
-          flush=True)
-
-  params = jax.device_get(params)
+  params = digits.train_classifier(x_train, y_train, seed=args.seed, epochs=args.epochs, batch_size=args.batch_size,
+                                   lr=args.lr, on_epoch=report)
   train_acc = float(np.mean(np.argmax(digits.logits(params, x_train), -1) == y_train))
   print(f"final: train accuracy {train_acc:.4f}, test accuracy {test_acc:.4f} "
         f"({int(round(test_acc * len(y_test)))}/{len(y_test)}), {time.perf_counter() - t0:.1f} s")

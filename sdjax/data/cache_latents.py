@@ -1,6 +1,8 @@
 """Encode a dataset with the VAE (and optionally the text encoders) once; LDM training then reads the latents.
 
   python -m sdjax.data.cache_latents --data data/photos --vae sd15/vae --resolution 512 --output data/photos-z
+  python -m sdjax.data.cache_latents --source colored_digits --vae runs/vae_digits/vae --resolution 32 \\
+      --output runs/colored_digits_z
   python -m sdjax.data.cache_latents --tfds oxford_flowers102 --split train --caption_key label \\
       --vae sd15/vae --resolution 512 --batch_size 64 --output data/flowers-z
   # SDXL, prompt embeddings cached too (the text encoders are then not needed at training time):
@@ -343,7 +345,9 @@ def define_flags(fv: flags.FlagValues) -> None:
   d = {"flag_values": fv}
   flags.DEFINE_string("data", None, "a directory written by `python -m sdjax.data.prepare`", **d)
   flags.DEFINE_string("tfds", None, "a TFDS dataset prepared in ArrayRecord format (instead of --data)", **d)
-  flags.DEFINE_string("split", "train", "TFDS split", **d)
+  flags.DEFINE_enum("source", None, ["shapes", "colored_digits"], "a built-in captioned source that needs no "
+                    "files (instead of --data / --tfds)", **d)
+  flags.DEFINE_string("split", "train", "TFDS split (and --source's)", **d)
   flags.DEFINE_string("data_dir", None, "TFDS data dir (default: $SDJAX_DATA_DIR)", **d)
   flags.DEFINE_string("image_key", "image", "TFDS feature holding the image", **d)
   flags.DEFINE_string("caption_key", None, "field holding the caption (records: caption; TFDS: none unless given)",
@@ -369,9 +373,12 @@ def define_flags(fv: flags.FlagValues) -> None:
 
 
 def open_input(f: flags.FlagValues) -> tuple[Any, str, str | None]:
-  """(source, its description, caption field or None) from --data or --tfds."""
-  if bool(f.data) == bool(f.tfds):
-    raise ValueError("pass exactly one of --data (a directory written by sdjax.data.prepare) or --tfds NAME")
+  """(source, its description, caption field or None) from --data, --tfds or --source."""
+  if sum(map(bool, (f.data, f.tfds, f.source))) != 1:
+    raise ValueError("pass exactly one of --data (a directory written by sdjax.data.prepare), --tfds NAME or "
+                     "--source shapes|colored_digits")
+  if f.source:
+    return sources.open_source(f.source, split=f.split), f"{f.source}:{f.split}", "caption"
   if f.data:
     path = os.path.abspath(os.path.expanduser(f.data))
     return sources.open_source("records", path=path), f"records:{path}", f.caption_key or "caption"
