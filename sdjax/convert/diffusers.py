@@ -226,8 +226,10 @@ def check_compatible(models: Mapping[str, tuple], where: str) -> None:
                      f"encoder(s) give {width} features ({' + '.join(str(c.hidden_size) for c in encoders)})")
   latent = models["vae"][0].config.latent_channels
   if ucfg.in_channels not in (latent, 2 * latent + 1):  # 2 * latent + 1: the inpainting U-Net
+    upscaler = ("; latent + 3 is an x4 upscaler's U-Net: load such a pipeline with sdjax.upscale.load"
+                if ucfg.in_channels == latent + 3 else "")
     raise ValueError(f"{where}: the U-Net takes {ucfg.in_channels} channels, the VAE has {latent} latent "
-                     f"channels (expected {latent}, or {2 * latent + 1} for inpainting)")
+                     f"channels (expected {latent}, or {2 * latent + 1} for inpainting){upscaler}")
   if ucfg.addition_embed_type == "text_time":
     pooled = encoders[-1].projection_dim if encoders[-1].with_projection else encoders[-1].hidden_size
     if pooled + 6 * ucfg.addition_time_embed_dim != ucfg.projection_class_embeddings_input_dim:

@@ -193,22 +193,31 @@ class FeedForward(nn.Module):
 
 
 class BasicTransformerBlock(nn.Module):
-  """Self-attention, optional cross-attention to `context`, GEGLU feed-forward; pre-LayerNorm residuals."""
+  """Self-attention, optional cross-attention to `context`, GEGLU feed-forward; pre-LayerNorm residuals.
+
+  only_cross_attention (diffusers' flag of the same name, used by the x4 upscaler's U-Net): attn1 attends to
+  `context` instead of to x (its to_k / to_v then take the context's width); attn2 is unchanged. It needs
+  cross_attention.
+  """
   dim: int
   heads: int
   head_dim: int
   cross_attention: bool = False
   dtype: Dtype = jnp.float32
   attention_implementation: str | None = None
+  only_cross_attention: bool = False
 
   @nn.compact
   def __call__(self, x, context=None):
     attn = lambda name: Attention(self.heads, self.head_dim, self.dim, dtype=self.dtype,
                                   implementation=self.attention_implementation, name=name)
-    x = x + attn("attn1")(layer_norm(dtype=self.dtype, name="norm1")(x))
+    if self.only_cross_attention and not self.cross_attention:
+      raise ValueError("only_cross_attention needs a transformer block with cross-attention")
+    if self.cross_attention and context is None:
+      raise ValueError("this transformer block has cross-attention and needs a context")
+    x = x + attn("attn1")(layer_norm(dtype=self.dtype, name="norm1")(x),
+                          context if self.only_cross_attention else None)
     if self.cross_attention:
-      if context is None:
-        raise ValueError("this transformer block has cross-attention and needs a context")
       x = x + attn("attn2")(layer_norm(dtype=self.dtype, name="norm2")(x), context)
     x = x + FeedForward(self.dim, dtype=self.dtype, name="ff")(layer_norm(dtype=self.dtype, name="norm3")(x))
     return x
@@ -217,7 +226,8 @@ class BasicTransformerBlock(nn.Module):
 class Transformer2D(nn.Module):
   """GroupNorm -> proj_in -> transformer blocks over H*W tokens -> proj_out, plus the input (residual).
 
-  `use_linear_projection` selects dense (SD 2.x) or 1x1 conv (SD 1.x) projections.
+  `use_linear_projection` selects dense (SD 2.x) or 1x1 conv (SD 1.x) projections; `only_cross_attention`:
+  see BasicTransformerBlock.
   """
   heads: int
   head_dim: int
@@ -227,6 +237,7 @@ class Transformer2D(nn.Module):
   use_linear_projection: bool = False
   dtype: Dtype = jnp.float32
   attention_implementation: str | None = None
+  only_cross_attention: bool = False
 
   @nn.compact
   def __call__(self, x, context=None):
@@ -240,6 +251,7 @@ class Transformer2D(nn.Module):
     for i in range(self.depth):
       y = BasicTransformerBlock(inner, self.heads, self.head_dim, self.cross_attention, dtype=self.dtype,
                                 attention_implementation=self.attention_implementation,
+                                only_cross_attention=self.only_cross_attention,
                                 name=f"transformer_blocks_{i}")(y, context)
     if self.use_linear_projection:
       y = dense(c, dtype=self.dtype, name="proj_out")(y).reshape(b, h, w, c)

@@ -16,7 +16,7 @@ from flax import linen as nn
 
 from sdjax.models import attention, layers, remat as remat_lib, validate
 from sdjax.models.validate import BOOL, MAX_COUNT, MAX_LAYERS, MAX_SIZE, MAX_WIDTH, OPTIONAL_BOOL, OPTIONAL_STR
-from sdjax.models.validate import STR, STRS, floats, ints
+from sdjax.models.validate import STR, STRS, Field, floats, ints
 
 DOWN_BLOCKS = ("DownBlock2D", "CrossAttnDownBlock2D")
 UP_BLOCKS = ("UpBlock2D", "CrossAttnUpBlock2D")
@@ -29,7 +29,7 @@ _FIXED = {"act_fn": "silu", "center_input_sample": False, "class_embed_type": No
           "class_embeddings_concat": False, "conv_in_kernel": 3, "conv_out_kernel": 3,
           "cross_attention_norm": None, "downsample_padding": 1, "dual_cross_attention": False,
           "encoder_hid_dim": None, "encoder_hid_dim_type": None, "mid_block_only_cross_attention": None,
-          "mid_block_scale_factor": 1, "only_cross_attention": False, "resnet_out_scale_factor": 1.0,
+          "mid_block_scale_factor": 1, "resnet_out_scale_factor": 1.0,
           "resnet_skip_time_act": False, "resnet_time_scale_shift": "default",
           "time_embedding_act_fn": None, "time_embedding_dim": None, "time_embedding_type": "positional",
           "timestep_post_act": None, "attention_type": "default"}
@@ -45,7 +45,8 @@ _FIELDS = {
     # 0: an attention block of projections only (diffusers builds the same)
     "transformer_layers_per_block": ints(0, MAX_LAYERS, shape="either"),
     "cross_attention_dim": ints(1, MAX_WIDTH, optional=True), "use_linear_projection": OPTIONAL_BOOL,
-    "upcast_attention": OPTIONAL_BOOL, "norm_num_groups": _WIDTH, "norm_eps": floats(0, open_lo=True),
+    "upcast_attention": OPTIONAL_BOOL, "only_cross_attention": Field("bool", shape="either"),
+    "norm_num_groups": _WIDTH, "norm_eps": floats(0, open_lo=True),
     "flip_sin_to_cos": OPTIONAL_BOOL, "freq_shift": floats(), "num_class_embeds": ints(1, MAX_COUNT, optional=True),
     "addition_embed_type": OPTIONAL_STR, "addition_time_embed_dim": ints(1, MAX_WIDTH, optional=True),
     "projection_class_embeddings_input_dim": ints(1, MAX_WIDTH, optional=True),
@@ -76,6 +77,10 @@ class UNetConfig:
   # Softmax in float32. Every sdjax attention path computes logits and softmax in float32 anyway; the
   # field is kept so diffusers configs round-trip.
   upcast_attention: bool = False
+  # diffusers' flag, per down block (a bool: every block; up block i uses the entry of down block n - 1 - i, the
+  # same level): the attention blocks' attn1 attends to the context instead of to the image tokens (the x4
+  # upscaler: [True, True, True, False]). The mid block ignores it, as diffusers' UNetMidBlock2DCrossAttn does.
+  only_cross_attention: bool | tuple[bool, ...] = False
   norm_num_groups: int = 32
   norm_eps: float = 1e-5
   flip_sin_to_cos: bool = True
@@ -120,7 +125,10 @@ class UNetConfig:
       if c % self.norm_num_groups:
         raise ValueError(f"UNetConfig.block_out_channels: {c} is not divisible by norm_num_groups="
                          f"{self.norm_num_groups}")
-    for field in ("attention_head_dim", "num_attention_heads", "transformer_layers_per_block"):
+    if any(self.per_block(self.only_cross_attention)) and self.cross_attention_dim is None:
+      raise ValueError("UNetConfig.only_cross_attention needs cross_attention_dim (attn1 attends to the context)")
+    for field in ("attention_head_dim", "num_attention_heads", "transformer_layers_per_block",
+                  "only_cross_attention"):
       value = getattr(self, field)
       if isinstance(value, tuple) and len(value) != n:
         raise ValueError(f"UNetConfig.{field} has {len(value)} entries, block_out_channels has {n}")
@@ -360,6 +368,8 @@ class UNetBlock(nn.Module):
     c = cfg.block_out_channels[self.level]
     heads = cfg.heads[self.level]
     depth = cfg.per_block(cfg.transformer_layers_per_block)[self.level]
+    # Up block i has the flag of down block n - 1 - i (diffusers reverses the list), i.e. of its level.
+    only_cross = self.kind != "mid" and cfg.per_block(cfg.only_cross_attention)[self.level]
     last = len(cfg.block_out_channels) - 1
 
     def resnet(j, x):
@@ -372,7 +382,7 @@ class UNetBlock(nn.Module):
       return layers.Transformer2D(heads, c // heads, depth, cfg.norm_num_groups,
                                   cfg.cross_attention_dim is not None, cfg.use_linear_projection,
                                   dtype=dtype, attention_implementation=cfg.attention_implementation,
-                                  name=f"attentions_{j}")(x, context)
+                                  only_cross_attention=only_cross, name=f"attentions_{j}")(x, context)
 
     outs = []
     if self.kind == "down":
