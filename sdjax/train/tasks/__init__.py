@@ -5,6 +5,8 @@
   ldm        text-conditioned latent diffusion from a frozen VAE and text encoder(s), trained from scratch or
              fine-tuned from a diffusers checkpoint, fully or with LoRA (latent.py)
   vae        an AutoencoderKL: reconstruction + KL, optional patch-GAN (autoencoder.py)
+  upscale    text-guided latent super-resolution with Stable Diffusion's x4-upscaler structure, exported as a
+             diffusers StableDiffusionUpscalePipeline (upscale.py; subclasses ldm)
 
 diffusion.py holds what the two diffusion tasks share. Tasks outside sdjax register themselves when their
 module is imported (e.g. by the config file that names them).

@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -41,6 +41,43 @@ def _path(value: str, base: str, sub: str, field: str) -> str:
   return path
 
 
+class FrozenParts(NamedTuple):
+  """The frozen networks a latent task's config names, loaded on the host (see `load_frozen_parts`)."""
+  pretrained: str                 # config.pretrained, expanded ("" when training from scratch)
+  base: str                       # the pipeline folder missing parts come from (pretrained or frozen.from_pipeline)
+  vae: Any                        # (module, params) of the VAE
+  names: list[str]                # "text_encoder"[, "text_encoder_2"]
+  encoders: list[tuple]           # (module, params) per text encoder, in `names` order
+  tokenizer_paths: list[str]      # one tokenizer folder per text encoder
+
+
+def load_frozen_parts(config: ml_collections.ConfigDict) -> FrozenParts:
+  """The VAE, text encoder(s) and tokenizer folder(s) of config.pretrained / config.frozen / config.data; errors
+  name the config key whose folder is missing or is no pipeline."""
+  pretrained = os.path.expanduser(config.get("pretrained") or "")
+  fc = config.get("frozen") or {}
+  base = pretrained or os.path.expanduser(fc.get("from_pipeline") or "")
+  for field, folder in (("pretrained", pretrained), ("frozen.from_pipeline", base)):
+    if folder and not os.path.isfile(os.path.join(folder, "model_index.json")):
+      raise FileNotFoundError(f"config.{field}: {folder} is not a diffusers pipeline folder (no model_index.json)")
+  vae = convert.load_vae(_path(fc.get("vae") or "", base, "vae", "frozen.vae"))
+  names = ["text_encoder"] + (["text_encoder_2"] if fc.get("text_encoder_2") or (
+      base and os.path.isdir(os.path.join(base, "text_encoder_2"))) else [])
+  encoders = [convert.load_text_encoder(_path(fc.get(n) or "", base, n, f"frozen.{n}"),
+                                        **({"with_projection": True} if n == "text_encoder_2" else {}))
+              for n in names]
+  tokenizer_paths = [_path(config.data.get(t) or "", base, t, f"data.{t}")
+                     for t in ("tokenizer", "tokenizer_2")[:len(names)]]
+  return FrozenParts(pretrained, base, vae, names, encoders, tokenizer_paths)
+
+
+def place_frozen(frozen: Any, config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> task_lib.Frozen:
+  """Frozen params put on `mesh`: replicated, or FSDP-split as config.mesh.fsdp_min_size says."""
+  fsdp_min = int(config.mesh.get("fsdp_min_size", parallel.FSDP_MIN_SIZE))
+  shardings = pipelines.param_shardings(frozen, mesh, fsdp_min)
+  return task_lib.Frozen(jax.device_put(frozen, shardings), shardings)
+
+
 @task_lib.register("ldm")
 class LatentDiffusion(DiffusionTask):
   """config sections: data (captions), pretrained, frozen, model (UNetConfig; from scratch), lora, diffusion,
@@ -48,21 +85,11 @@ class LatentDiffusion(DiffusionTask):
 
   def __init__(self, config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
     input_pipeline.check_config(config.data)
-    pretrained = os.path.expanduser(config.get("pretrained") or "")
-    fc = config.get("frozen") or {}
-    base = pretrained or os.path.expanduser(fc.get("from_pipeline") or "")
-    for field, folder in (("pretrained", pretrained), ("frozen.from_pipeline", base)):
-      if folder and not os.path.isfile(os.path.join(folder, "model_index.json")):
-        raise FileNotFoundError(f"config.{field}: {folder} is not a diffusers pipeline folder (no model_index.json)")
+    parts = load_frozen_parts(config)
+    pretrained, names, encoders = parts.pretrained, parts.names, parts.encoders
     self.pretrained = pretrained
-    self.vae, vae_params = convert.load_vae(_path(fc.get("vae") or "", base, "vae", "frozen.vae"))
-    names = ["text_encoder"] + (["text_encoder_2"] if fc.get("text_encoder_2") or (
-        base and os.path.isdir(os.path.join(base, "text_encoder_2"))) else [])
-    encoders = [convert.load_text_encoder(_path(fc.get(n) or "", base, n, f"frozen.{n}"),
-                                          **({"with_projection": True} if n == "text_encoder_2" else {}))
-                for n in names]
-    self.tokenizer_paths = [_path(config.data.get(t) or "", base, t, f"data.{t}")
-                            for t in ("tokenizer", "tokenizer_2")[:len(names)]]
+    self.vae, vae_params = parts.vae
+    self.tokenizer_paths = parts.tokenizer_paths
 
     self.lora = None
     if int(config.get("lora", {}).get("rank", 0) or 0) > 0:
@@ -105,12 +132,10 @@ class LatentDiffusion(DiffusionTask):
       self.latent_shape = self.sd.latent_shape(size, size)
     else:
       self.image_shape = self.latent_shape = None  # from the cache
-    fsdp_min = int(config.mesh.get("fsdp_min_size", parallel.FSDP_MIN_SIZE))
     frozen = {"vae": vae_params, "text": tuple(e[1] for e in encoders)}
     if self.lora is not None:
       frozen["unet"] = base_unet
-    shardings = pipelines.param_shardings(frozen, mesh, fsdp_min)
-    self._frozen = task_lib.Frozen(jax.device_put(frozen, shardings), shardings)
+    self._frozen = place_frozen(frozen, config, mesh)
     self._pretrained_unet = base_unet if self.lora is None else None
 
   # --- params ---------------------------------------------------------------------------------------
