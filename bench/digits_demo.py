@@ -108,7 +108,8 @@ def use_vae(args) -> None:
   numbers.update({f"recon_{k}": v for k, v in scores.items()})
   numbers.update({f"real_{k}": v for k, v in real_scores.items()})
   report(args, "vae", numbers)
-  save_grid(os.path.join(args.grids, "digits_vae.png"), [images[spread(len(images))], recon[spread(len(images))]])
+  g = spread(len(images))
+  save_grid(os.path.join(args.grids, "digits_vae.png"), [images[g], recon[g]])
 
 
 # --- stage 2: the text-conditioned U-Net ---
@@ -221,7 +222,8 @@ def use_img2img(args, sampler: Sampler) -> None:
   numbers = {"images": len(images), "strength": args.strength}
   numbers.update(scores)
   report(args, "img2img", numbers)
-  save_grid(os.path.join(args.grids, "digits_img2img.png"), [images[spread(len(images))], out[spread(len(images))]])
+  g = spread(len(images))
+  save_grid(os.path.join(args.grids, "digits_img2img.png"), [images[g], out[g]])
 
 
 def use_inpaint(args, sampler: Sampler) -> None:
@@ -239,7 +241,8 @@ def use_inpaint(args, sampler: Sampler) -> None:
   numbers["baseline_half_erased_digit_accuracy"] = judge_lib.score(blanked, attrs)["digit"]
   numbers["baseline_half_erased_masked_psnr_db"] = psnr(blanked, images, mask)
   report(args, "inpaint", numbers)
-  save_grid(os.path.join(args.grids, "digits_inpaint.png"), [images[spread(len(images))], blanked[spread(len(images))], out[spread(len(images))]])
+  g = spread(len(images))
+  save_grid(os.path.join(args.grids, "digits_inpaint.png"), [images[g], blanked[g], out[g]])
 
 
 def use_cas(args, sampler: Sampler) -> None:
