@@ -110,14 +110,7 @@ def check_upscaler(unet: UNet, vae: AutoencoderKL, text_encoder: CLIPTextModel, 
 # --- loading ----------------------------------------------------------------------------------------------
 
 def _read_index(folder: str) -> dict:
-  path = os.path.join(folder, "model_index.json")
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"{folder}: not a diffusers pipeline folder (no model_index.json)")
-  try:
-    with open(path) as f:
-      index = json.load(f)
-  except ValueError as e:
-    raise ValueError(f"{path}: not valid JSON ({e})") from None
+  index = dconv.read_model_index(folder)
   if not isinstance(index, dict) or index.get("_class_name") != PIPELINE_CLASS:
     name = index.get("_class_name") if isinstance(index, dict) else None
     raise ValueError(f"{folder}: a {name!r} folder, not a {PIPELINE_CLASS!r} one (use sdjax.convert.load_pipeline "

@@ -106,16 +106,27 @@ def read_state_dict(path: str, *, allow_pickle: bool = False) -> dict[str, np.nd
   return safetensors_io.load(path)
 
 
-def _read_config(folder: str, kind: str = "diffusers component") -> dict[str, Any]:
-  """`folder`/config.json as a dict; a missing, unreadable or non-object file is one error naming it."""
-  path = os.path.join(folder, "config.json")
+def _read_json(folder: str, name: str, kind: str) -> Any:
+  """`folder`/`name` parsed; a missing or unreadable file is one error naming it ("not a <kind> folder")."""
+  path = os.path.join(folder, name)
   if not os.path.isfile(path):
-    raise FileNotFoundError(f"{folder}: not a {kind} folder (no config.json)")
+    raise FileNotFoundError(f"{folder}: not a {kind} folder (no {name})")
   try:
     with open(path) as f:
-      d = json.load(f)
+      return json.load(f)
   except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, an int too long to convert
     raise ValueError(f"{path}: not valid JSON ({e})") from None
+
+
+def read_model_index(folder: str) -> Any:
+  """A diffusers pipeline folder's parsed model_index.json (callers check its shape)."""
+  return _read_json(folder, "model_index.json", "diffusers pipeline")
+
+
+def _read_config(folder: str, kind: str = "diffusers component") -> dict[str, Any]:
+  """`folder`/config.json as a dict; a missing, unreadable or non-object file is one error naming it."""
+  d = _read_json(folder, "config.json", kind)
+  path = os.path.join(folder, "config.json")
   if not isinstance(d, dict):
     raise ValueError(f"{path}: expected a JSON object of config fields, got {type(d).__name__} {d!r:.60}")
   return d
@@ -249,8 +260,7 @@ def load_pipeline(path: str, *, variant: str | None = None, allow_pickle: bool =
   index_path = os.path.join(path, "model_index.json")
   if not os.path.isfile(index_path):
     raise FileNotFoundError(f"{path}: not a diffusers pipeline folder (no model_index.json) and not a file")
-  with open(index_path) as f:
-    index = json.load(f)
+  index = read_model_index(path)
   models, tokenizers, skipped, scheduler_config = {}, {}, [], None
   for name, spec in index.items():
     if name.startswith("_") or not isinstance(spec, (list, tuple)) or len(spec) != 2:

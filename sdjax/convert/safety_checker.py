@@ -101,14 +101,8 @@ def load_safety_checker(path: str, *, variant: str | None = None, allow_pickle: 
   """The safety checker of the diffusers pipeline folder `path`, or None when it has none (model_index.json has no
   `safety_checker` entry, or `[null, null]`, as SDXL pipelines and `save_pipeline`'s output). A named checker whose
   folder or feature extractor is missing is an error (diffusers refuses a checker without a feature extractor)."""
+  index = diffusers.read_model_index(path)
   index_path = os.path.join(path, "model_index.json")
-  if not os.path.isfile(index_path):
-    raise FileNotFoundError(f"{path}: not a diffusers pipeline folder (no model_index.json)")
-  try:
-    with open(index_path) as f:
-      index = json.load(f)
-  except ValueError as e:
-    raise ValueError(f"{index_path}: not valid JSON ({e})") from None
   spec = index.get("safety_checker") if isinstance(index, dict) else None
   if not isinstance(spec, (list, tuple)) or len(spec) != 2 or spec[1] is None:
     return None
