@@ -1,4 +1,5 @@
 """Test setup: 8 fake CPU devices (set before jax is imported) and an isolated TFDS data dir."""
+import contextlib
 import json
 import os
 import shutil
@@ -31,18 +32,49 @@ def finished_checkpoints(workdir):
   return sorted(int(n) for n in os.listdir(d) if n.isdigit()) if os.path.isdir(d) else []
 
 
-@pytest.fixture
-def compilation_cache(tmp_path):
-  """A persistent XLA cache for this test only: the resumed run reuses the first run's compiled step."""
+@contextlib.contextmanager
+def persistent_compilation_cache(directory):
+  """A persistent XLA cache in `directory` while the block runs: a resumed run reuses the first run's compiled
+  step."""
   from jax.experimental.compilation_cache import compilation_cache as cc
   saved = jax.config.jax_compilation_cache_dir, jax.config.jax_persistent_cache_min_compile_time_secs
-  jax.config.update("jax_compilation_cache_dir", str(tmp_path / "xla_cache"))
+  jax.config.update("jax_compilation_cache_dir", str(directory))
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
   cc.reset_cache()
-  yield
-  jax.config.update("jax_compilation_cache_dir", saved[0])
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", saved[1])
-  cc.reset_cache()
+  try:
+    yield
+  finally:
+    jax.config.update("jax_compilation_cache_dir", saved[0])
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", saved[1])
+    cc.reset_cache()
+
+
+@pytest.fixture
+def compilation_cache(tmp_path):
+  """A persistent XLA cache for this test only (`persistent_compilation_cache`)."""
+  with persistent_compilation_cache(tmp_path / "xla_cache"):
+    yield
+
+
+def with_overrides(config, **overrides):
+  """A locked copy of `config` with dotted keys replaced: with_overrides(c, **{"train.num_steps": 4})."""
+  c = config.unlock()
+  for key, value in overrides.items():
+    node = c
+    *parents, leaf = key.split(".")
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return c.lock()
+
+
+@pytest.fixture(scope="module")
+def tiny_sd1(tmp_path_factory):
+  """A random tiny SD 1.x pipeline folder (sdjax.convert.random) on the fixture tokenizer, once per module."""
+  from sdjax.convert.random import write_random_pipeline
+  folder = str(tmp_path_factory.mktemp("pipelines") / "tiny_sd1")
+  write_random_pipeline(folder, "sd1", tokenizer=os.path.join(ROOT, "tests", "fixtures", "models", "tokenizer"))
+  return folder
 
 
 # --- tiny Stable Diffusion pipelines (tools/make_single_file_fixtures.py) ---

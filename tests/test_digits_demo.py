@@ -10,24 +10,16 @@ import sys
 import numpy as np
 import pytest
 
+from conftest import persistent_compilation_cache, with_overrides
 from configs import ldm_digits, vae_digits
 from sdjax import convert, jobs
-from sdjax.convert.random import write_random_pipeline
 from sdjax.train import run
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TOKENIZER = os.path.join(ROOT, "tests", "fixtures", "models", "tokenizer")
 
 
 def _config(module, variant, **overrides):
-  c = module.get_config(variant).unlock()
-  for key, value in overrides.items():
-    node = c
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return c.lock()
+  return with_overrides(module.get_config(variant), **overrides)
 
 
 def _steps(workdir):
@@ -43,27 +35,15 @@ def _train_and_resume(module, workdir, **overrides):
 
 
 @pytest.fixture(scope="module")
-def chain(tmp_path_factory):
+def chain(tmp_path_factory, tiny_sd1):
   """The VAE run for 2 steps, the U-Net run to step 2 and resumed to 4; a persistent XLA cache lets the resumed
-  run reuse the first run's compiled step (as tests/conftest.py's compilation_cache, for the module)."""
-  import jax
-  from jax.experimental.compilation_cache import compilation_cache as cc
+  run reuse the first run's compiled step."""
   tmp = tmp_path_factory.mktemp("digits_demo")
-  saved = jax.config.jax_compilation_cache_dir, jax.config.jax_persistent_cache_min_compile_time_secs
-  jax.config.update("jax_compilation_cache_dir", str(tmp / "xla_cache"))
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
-  cc.reset_cache()
-  try:
-    yield _make_chain(tmp)
-  finally:
-    jax.config.update("jax_compilation_cache_dir", saved[0])
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", saved[1])
-    cc.reset_cache()
+  with persistent_compilation_cache(tmp / "xla_cache"):
+    return _make_chain(tmp, tiny_sd1)
 
 
-def _make_chain(tmp):
-  pipe = str(tmp / "tiny_sd1")
-  write_random_pipeline(pipe, "sd1", tokenizer=TOKENIZER)
+def _make_chain(tmp, pipe):
   vae_run, ldm_run = str(tmp / "vae"), str(tmp / "ldm")
   run(_config(vae_digits, "tiny", **{"train.num_steps": 2, "train.checkpoint_every": 2}), vae_run)
   _train_and_resume(ldm_digits, ldm_run, **{"train.log_every": 1, "frozen.from_pipeline": pipe,

@@ -8,32 +8,16 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import losses
+from conftest import losses, with_overrides
 from configs import ldm_shapes, sd_finetune
 from sdjax import checkpoint, convert, lora, runs
-from sdjax.convert.random import write_random_pipeline
 from sdjax.train import run
 from sdjax.train.trainer import Trainer
 
-TOKENIZER = os.path.join(os.path.dirname(__file__), "fixtures", "models", "tokenizer")
-
-
-@pytest.fixture(scope="module")
-def tiny_sd1(tmp_path_factory):
-  folder = str(tmp_path_factory.mktemp("pipelines") / "tiny_sd1")
-  write_random_pipeline(folder, "sd1", tokenizer=TOKENIZER)
-  return folder
 
 
 def _config(module, variant, **overrides):
-  c = module.get_config(variant).unlock()
-  for key, value in overrides.items():
-    node = c
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return c.lock()
+  return with_overrides(module.get_config(variant), **overrides)
 
 
 def _restore(config, workdir):

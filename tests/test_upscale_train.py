@@ -10,36 +10,19 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import losses
+from conftest import losses, with_overrides
 from configs import upscale_digits
 from sdjax import runs, schedules
 from sdjax import upscale as upscale_lib
-from sdjax.convert.random import write_random_pipeline
 from sdjax.models import vae as vae_lib
 from sdjax.train import run
 from sdjax.train.tasks import upscale
 from sdjax.train.trainer import Trainer
 
-TOKENIZER = os.path.join(os.path.dirname(__file__), "fixtures", "models", "tokenizer")
-
-
-@pytest.fixture(scope="module")
-def tiny_sd1(tmp_path_factory):
-  folder = str(tmp_path_factory.mktemp("pipelines") / "tiny_sd1")
-  write_random_pipeline(folder, "sd1", tokenizer=TOKENIZER)
-  return folder
 
 
 def _config(tiny_sd1, **overrides):
-  c = upscale_digits.get_config("tiny").unlock()
-  c.frozen.from_pipeline = tiny_sd1
-  for key, value in overrides.items():
-    node = c
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return c.lock()
+  return with_overrides(upscale_digits.get_config("tiny"), **{"frozen.from_pipeline": tiny_sd1, **overrides})
 
 
 def test_upscale_trains_resumes_and_exports_a_diffusers_upscale_pipeline(tmp_path, tiny_sd1, compilation_cache):
