@@ -112,3 +112,15 @@ def test_files_written_by_the_safetensors_library_load_bit_exactly(tmp_path):
   theirs = load_file(ours)
   for name, a in tensors.items():  # (some library versions give a 0-d tensor back as shape (1,): bytes only)
     assert theirs[name].dtype == a.dtype and theirs[name].tobytes() == a.tobytes(), name
+
+
+def test_a_corrupt_model_index_is_named_by_every_pipeline_loader(tmp_path):
+  """load_pipeline, the safety checker loader and sdjax.upscale.load share one model_index.json reader: invalid
+  JSON (here: bytes that are not UTF-8) is one ValueError naming the file, never a JSONDecodeError traceback."""
+  from sdjax import upscale
+  from sdjax.convert import diffusers as dconv
+  from sdjax.convert import safety_checker
+  (tmp_path / "model_index.json").write_bytes(b"\xff\xfe{not json")
+  for load in (dconv.load_pipeline, safety_checker.load_safety_checker, upscale.load):
+    with pytest.raises(ValueError, match=r"model_index.json: not valid JSON"):
+      load(str(tmp_path))
