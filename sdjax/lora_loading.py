@@ -27,6 +27,9 @@ Formats (key layout, per layer):
                    text encoders `lora_te_` (SD 1.x/2.x), `lora_te1_` / `lora_te2_` (SDXL). Modules must
                    use diffusers' U-Net names (as kohya's sd-scripts writes for SD 1.x/2.x); SDXL files in
                    the original LDM naming (`lora_unet_input_blocks_...`) are refused with the keys named.
+                   The published LCM-LoRAs (latent-consistency/lcm-lora-sdv1-5, lcm-lora-sdxl) are such files:
+                   float16, rank 64, alpha 8, on every attention, feed-forward, resnet and resampler conv and
+                   Linear of the U-Net (tests/test_lcm_lora.py checks one against diffusers).
 Linear layers and convolutions (LoCon: down [r, in, kh, kw], up [out, r, 1, 1]) are fused; LoHa/LoKr/DoRA
 and other keys raise ValueError naming them, as do keys that match no layer of the params and factors whose
 shapes do not fit. Module names come from sdjax.convert.tree.torch_key, the same mapping the weight converter uses.
