@@ -29,7 +29,9 @@ ARGS = ["--config", "configs/default.py:tiny", "--config.optim.schedule=constant
         "--config.train.checkpoint_every=3", "--config.model.block_out_channels=(8,)",
         "--config.model.down_block_types=('DownBlock2D',)", "--config.model.up_block_types=('UpBlock2D',)",
         "--config.model.mid_block_attention=False"]
-MULTIHOST_ENV = ("SDJAX_COORDINATOR_ADDRESS", "SDJAX_NUM_PROCESSES", "SDJAX_PROCESS_ID")
+# Not inherited by the children. The XLA cache too: two processes compiling one program at once would write the
+# same cache file at the same time (jax writes it in place).
+MULTIHOST_ENV = ("SDJAX_COORDINATOR_ADDRESS", "SDJAX_NUM_PROCESSES", "SDJAX_PROCESS_ID", "JAX_COMPILATION_CACHE_DIR")
 
 
 def free_port() -> int:
