@@ -8,6 +8,10 @@ job, one PNG per image with its generation metadata; re-run the same command to 
 Images get diffusers' SDXL invisible watermark (sdjax.watermark; RGB, at least 256 px) unless --no_watermark.
   python sample.py --model path/to/sd15 --prompt "a red bicycle" --num_per_prompt 4 --outdir out/bikes
   python sample.py --model sd15.safetensors --tokenizer path/to/tokenizer --prompts prompts.jsonl --outdir out/p
+SDXL base + refiner (the ensemble of expert denoisers: the base runs the first --high_noise_frac of every txt2img
+schedule, the refiner the rest):
+  python sample.py --model path/to/sdxl-base --refiner sd_xl_refiner_1.0.safetensors --high_noise_frac 0.8 \
+      --prompt "a lion" --sampler euler --steps 40 --outdir out/lion
 
 Multi-host text-to-image jobs: run the same command on every host (with --coordinator_address,
 --num_processes and --process_id, or their $SDJAX_... variables, as train.py); the hosts split each batch and
@@ -52,7 +56,7 @@ flags.DEFINE_string("model", None, "A diffusers pipeline folder or a single-file
 flags.DEFINE_string("tokenizer", None, "CLIP tokenizer folder (single-file checkpoints carry none).")
 flags.DEFINE_string("tokenizer_2", None, "SDXL's second tokenizer folder (default: --tokenizer; SDXL's own "
                     "second tokenizer pads with '!', so pass it for diffusers-identical prompts).")
-flags.DEFINE_enum("model_type", None, ["sd1", "sd2", "sd2_v", "sdxl"], "A single file's model type "
+flags.DEFINE_enum("model_type", None, ["sd1", "sd2", "sd2_v", "sdxl", "sdxl_refiner"], "A single file's model type "
                   "(default: detected from its keys; sd2_v must be named).")
 flags.DEFINE_multi_string("prompt", [], "A prompt (repeatable).")
 flags.DEFINE_string("prompts", None, "A prompts file: .txt (one a line, # comments) or .jsonl (objects with "
@@ -66,6 +70,11 @@ flags.DEFINE_integer("width", None, "Image width (default: as height).")
 flags.DEFINE_string("init_image", None, "img2img: the starting image for every prompt.")
 flags.DEFINE_string("mask", None, "Inpainting: mask image (white = repaint), with --init_image.")
 flags.DEFINE_float("strength", None, "img2img/inpainting strength in (0, 1] (default 0.8 img2img, 1.0 inpainting).")
+flags.DEFINE_string("refiner", None, "An SDXL refiner (diffusers folder or single file, e.g. sd_xl_refiner_1.0"
+                    ".safetensors) for an SDXL --model: every txt2img image is rendered by the base up to "
+                    "--high_noise_frac of its schedule (denoising_end), then by the refiner (denoising_start).")
+flags.DEFINE_float("high_noise_frac", 0.8, "With --refiner: the fraction of the schedule the base model runs, in "
+                   "(0, 1).")
 flags.DEFINE_bool("grid", False, "Also write grid.png, one row per prompt.")
 flags.DEFINE_integer("fsdp", 1, "Shard the params over this many devices (mesh data x fsdp).")
 flags.DEFINE_bool("overwrite", False, "Continue in an outdir whose job.json differs (changed images are re-rendered).")
@@ -75,7 +84,8 @@ FLAGS = flags.FLAGS
 
 TEXT_ONLY = ("model", "tokenizer", "tokenizer_2", "model_type", "prompt", "prompts", "negative_prompt",
              "num_per_prompt", "rescale", "height", "width", "init_image", "mask", "strength", "grid", "fsdp",
-             "overwrite", "max_images", "c2pa_key", "c2pa_cert", "c2pa_prompt", "no_safety_checker", "lora", "preset")
+             "overwrite", "max_images", "c2pa_key", "c2pa_cert", "c2pa_prompt", "no_safety_checker", "lora", "preset",
+             "refiner", "high_noise_frac")
 # How text-to-image job errors name a setting given here: by its flag (a prompts-file field by its line).
 FLAG_OF = {"prompts": "--prompts", "model": "--model", "tokenizer": "--tokenizer", "tokenizer_2": "--tokenizer_2",
            "seed": "--seed", "outdir": "--outdir", "overwrite": "--overwrite", "negative_prompt": "--negative_prompt",
@@ -83,7 +93,7 @@ FLAG_OF = {"prompts": "--prompts", "model": "--model", "tokenizer": "--tokenizer
            "width": "--width", "num_images": "--num_per_prompt", "sampler": "--sampler", "init_image": "--init_image",
            "mask": "--mask", "strength": "--strength", "batch_size": "--batch_size", "num": "--num",
            "c2pa_key": "--c2pa_key", "c2pa_cert": "--c2pa_cert", "c2pa_prompt": "--c2pa_prompt", "lora": "--lora",
-           "preset": "--preset"}
+           "preset": "--preset", "refiner": "--refiner", "high_noise_frac": "--high_noise_frac"}
 
 
 def check_flags():
@@ -139,7 +149,9 @@ def text_job():
       guidance_rescale=FLAGS.rescale, sampler=FLAGS.sampler or (preset.sampler if preset else None),
       height=FLAGS.height or FLAGS.width, width=FLAGS.width or FLAGS.height, init_image=FLAGS.init_image,
       mask=FLAGS.mask, strength=FLAGS.strength)
-  for name in ("init_image", "mask", "tokenizer", "tokenizer_2"):
+  if FLAGS["high_noise_frac"].present and not FLAGS.refiner:
+    raise jobs.JobError("--high_noise_frac applies with --refiner")
+  for name in ("init_image", "mask", "tokenizer", "tokenizer_2", "refiner"):
     path = getattr(FLAGS, name)
     if path and not os.path.exists(path):
       raise jobs.JobError(f"--{name}: {path} does not exist")
@@ -160,6 +172,8 @@ def text_job():
       model.sd = dataclasses.replace(model.sd, schedule=presets.schedule_for(FLAGS.preset, model.sd.schedule))
     except ValueError as e:
       raise jobs.JobError(f"--preset {FLAGS.preset}: {e}") from None
+  if FLAGS.refiner:
+    model = jobs.load_refiner(model, FLAGS.refiner, high_noise_frac=FLAGS.high_noise_frac, names=FLAG_OF)
   job = jobs.Job(outdir, tuple(raw), defaults, batch_size=8 if FLAGS.batch_size is None else FLAGS.batch_size,
                  fsdp=FLAGS.fsdp, grid=FLAGS.grid, overwrite=FLAGS.overwrite, max_images=FLAGS.max_images,
                  watermark=not FLAGS.no_watermark, c2pa=signer, preset=FLAGS.preset, names=FLAG_OF)

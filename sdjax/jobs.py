@@ -35,9 +35,10 @@ from sdjax.prompts import (FIELDS, SEED_MAX, Defaults, JobError, Spec, check_out
                            name_of, read_prompts, resolve)
 
 # job.json fields that change the images (a re-run that changes one of them is refused).
-IMAGE_FIELDS = ("model_hash", "seed", "watermark", "c2pa", "safety_checker", "preset")
-# What a job.json written before a field existed meant by its absence (no watermark, no C2PA, no safety check).
-OLD_DEFAULTS = {"watermark": False, "c2pa": False, "safety_checker": False}
+IMAGE_FIELDS = ("model_hash", "seed", "watermark", "c2pa", "safety_checker", "preset", "refiner")
+# What a job.json written before a field existed meant by its absence (no watermark, no C2PA, no safety check,
+# no refiner).
+OLD_DEFAULTS = {"watermark": False, "c2pa": False, "safety_checker": False, "refiner": None}
 # Per-image outcomes recorded with the settings (PNG text, index.jsonl) but not compared on re-runs.
 OUTCOMES = ("nsfw_content_detected",)
 
@@ -63,8 +64,29 @@ class Item(NamedTuple):
 
 
 @dataclasses.dataclass(eq=False)
+class Refiner:
+  """An SDXL refiner attached to a base Model (`load_refiner`): every txt2img image of the job is rendered by the
+  ensemble of expert denoisers (`pipelines.ensemble`), the base for the first `high_noise_frac` of the schedule."""
+  sd: pipelines.StableDiffusion
+  params: Any
+  tokenizers: list
+  model_id: str
+  high_noise_frac: float = 0.8
+
+  @functools.cached_property
+  def hash(self) -> str:
+    from sdjax.convert import params_hash
+    return params_hash(self.params["unet"])
+
+  def info(self) -> dict:
+    """What job.json and every image's metadata record of it."""
+    return {"refiner": self.model_id, "refiner_hash": self.hash, "high_noise_frac": self.high_noise_frac}
+
+
+@dataclasses.dataclass(eq=False)
 class Model:
-  """A loaded text-to-image model with what a job needs to know about it."""
+  """A loaded text-to-image model with what a job needs to know about it (`refiner`: an SDXL refiner for its
+  txt2img images, `load_refiner`)."""
   sd: pipelines.StableDiffusion
   params: Any
   tokenizers: list
@@ -73,6 +95,7 @@ class Model:
   default_sampler: str | None
   _hash: str | None = None
   compiled: dict = dataclasses.field(default_factory=dict)  # (group, batch size, mesh) -> executable
+  refiner: Refiner | None = None
 
   @property
   def hash(self) -> str:
@@ -114,7 +137,7 @@ def load_model(path: str, *, tokenizer: str | None = None, tokenizer_2: str | No
                      f"{path}: a single-file checkpoint carries no safety checker: generated images are not "
                      "checked for NSFW content"))
   sd, params = pipelines.from_components(pipe.models, pipe.schedule, model_type=pipe.model_type,
-                                         safety_checker=checker)
+                                         safety_checker=checker, **pipe.pipeline_config)
   lora_hash = None
   if loras:
     from sdjax import lora_loading
@@ -125,9 +148,11 @@ def load_model(path: str, *, tokenizer: str | None = None, tokenizer_2: str | No
       raise JobError(f"{name_of(names, 'lora')}: {e}") from None
     echo("fused LoRAs: " + ", ".join(f"{p} x{s:g}" for p, s in loras))
     lora_hash = params_hash({k: v for k, v in params.items() if k in ("unet", "text_encoders")})
-  kinds = ("tokenizer", "tokenizer_2")[:len(sd.text_encoders)]
+  kinds, folders = ("tokenizer", "tokenizer_2")[:len(sd.text_encoders)], (tokenizer, tokenizer_2 or tokenizer)
+  if sd.requires_aesthetics_score:  # the SDXL refiner: text_encoder_2 alone
+    kinds, folders = ("tokenizer_2",), (tokenizer_2 or tokenizer,)
   toks = [pipe.tokenizers.get(n) for n in kinds]
-  for i, folder in enumerate((tokenizer, tokenizer_2 or tokenizer)[:len(kinds)]):
+  for i, folder in enumerate(folders[:len(kinds)]):
     if folder:
       toks[i] = clip.load_tokenizer(folder)
   if any(t is None for t in toks):
@@ -138,6 +163,40 @@ def load_model(path: str, *, tokenizer: str | None = None, tokenizer_2: str | No
   except ValueError:
     sampler = None
   return Model(sd, params, toks, os.path.abspath(path), size * sd.downscale if size else None, sampler, lora_hash)
+
+
+def load_refiner(base: Model, path: str, *, high_noise_frac: float = 0.8, tokenizer: str | None = None,
+                 names: Mapping[str, str] | None = None, echo: Callable[[str], None] = print) -> Model:
+  """`base` with the SDXL refiner at `path` (a diffusers folder or sd_xl_refiner-style single file) attached: the
+  job's txt2img images become base + refiner ensembles (`pipelines.ensemble`, denoising_end / denoising_start =
+  `high_noise_frac`). The refiner's tokenizer: its folder's, else `tokenizer`, else the base's last (SDXL's
+  OpenCLIP tokenizer, which the refiner shares). The two VAEs must downscale alike (the base's latents are the
+  refiner's)."""
+  from sdjax import samplers
+  flag = name_of(names, "refiner")
+  try:
+    samplers.check_fraction("high_noise_frac", high_noise_frac)
+  except ValueError as e:
+    raise JobError(f"{name_of(names, 'high_noise_frac')}: {e}") from None
+  quiet, where = (lambda _: None), {**(names or {}), "model": flag}
+  if tokenizer is None and os.path.isfile(path):  # a single file carries none: the base's OpenCLIP tokenizer
+    import tempfile
+    with tempfile.TemporaryDirectory() as tmp:
+      base.tokenizers[-1].save_pretrained(tmp)
+      ref = load_model(path, tokenizer=tmp, names=where, safety_checker=False, echo=quiet)
+  else:
+    ref = load_model(path, tokenizer=tokenizer, names=where, safety_checker=False, echo=quiet)
+  if not ref.sd.requires_aesthetics_score:
+    raise JobError(f"{flag}: {path} is not an SDXL refiner (its U-Net takes no aesthetic score)")
+  if not base.sd.sdxl or base.sd.requires_aesthetics_score:
+    raise JobError(f"{flag} needs an SDXL base model ({base.model_id} is not one)")
+  if (ref.sd.downscale, ref.sd.vae.config.latent_channels) != (base.sd.downscale, base.sd.vae.config.latent_channels):
+    raise JobError(f"{flag}: the refiner's VAE (downscale {ref.sd.downscale}, {ref.sd.vae.config.latent_channels} "
+                   f"latent channels) does not match the base's ({base.sd.downscale}, "
+                   f"{base.sd.vae.config.latent_channels}): the refiner continues from the base's latents")
+  echo(f"refiner: {ref.model_id} for the last {1 - high_noise_frac:.0%} of each txt2img schedule")
+  return dataclasses.replace(base, refiner=Refiner(ref.sd, ref.params, ref.tokenizers, ref.model_id,
+                                                   float(high_noise_frac)), compiled={})
 
 
 def load_workdir(workdir: str) -> Model:
@@ -208,6 +267,8 @@ def record(item: Item, model: Model, truncated: bool = False, watermarked: bool 
        "strength": s.strength, "model": model.model_id, "model_hash": model.hash, "sdjax_version": sdjax_version(),
        "watermark": watermark.label(s.height, s.width, watermarked)}
   r.update({k: getattr(s, k) for k in ("init_image", "mask") if getattr(s, k)})
+  if model.refiner is not None and s.mode == "txt2img":
+    r.update(model.refiner.info())
   if truncated:
     r["truncated"] = True
   return r
@@ -281,28 +342,59 @@ def batch_inputs(model: Model, group: tuple, batch: Sequence[Item]) -> tuple:
   ids = pipelines.tokenize(model.tokenizers, sd.text_encoders, [s.prompt for s in specs])
   neg = pipelines.tokenize(model.tokenizers, sd.text_encoders, [s.negative_prompt for s in specs]) \
       if cfg and not embedded else None
+  time_ids, negative_time_ids = _time_ids(sd, h, w, len(batch))
   prompt = pipelines.Prompt(
       ids, neg, np.asarray([s.guidance_scale for s in specs], np.float32) if cfg or embedded else None,
       np.asarray([s.guidance_rescale for s in specs], np.float32) if cfg and rescale else None,
-      np.stack([pipelines.micro_conditioning(h, w)] * len(batch)) if sd.sdxl else None,
-      np.asarray([not s.negative_prompt for s in specs]) if sd.sdxl and cfg else None)
+      time_ids, np.asarray([not s.negative_prompt for s in specs]) if sd.sdxl and cfg else None,
+      negative_time_ids if cfg else None)
+  if model.refiner is not None and mode == "txt2img":  # (base prompt, refiner prompt): pipelines.ensemble
+    prompt = (prompt, _refiner_prompt(model.refiner, specs, h, w, cfg, rescale))
   seeds = np.asarray([it.seed for it in batch], np.int32)
   image = np.stack([load_image(s.init_image, h, w) for s in specs]) if mode != "txt2img" else None
   mask = np.stack([load_image(s.mask, h, w, mask=True) for s in specs]) if mode == "inpaint" else None
   return prompt, seeds, image, mask
 
 
-def render_fn(sd: pipelines.StableDiffusion, group: tuple, mesh) -> Callable:
+def _time_ids(sd: pipelines.StableDiffusion, h: int, w: int, n: int) -> tuple:
+  """SDXL time ids [n, 6] for an h x w image (negative: the same, None), or a refiner's [n, 5] with diffusers'
+  default aesthetic scores 6 and 2.5; (None, None) for other models."""
+  if not sd.sdxl:
+    return None, None
+  if not sd.requires_aesthetics_score:
+    return np.stack([pipelines.micro_conditioning(h, w)] * n), None
+  return (np.stack([pipelines.micro_conditioning(h, w, aesthetic_score=6.0)] * n),
+          np.stack([pipelines.micro_conditioning(h, w, aesthetic_score=2.5)] * n))
+
+
+def _refiner_prompt(refiner: Refiner, specs: Sequence[Spec], h: int, w: int, cfg: bool, rescale: bool):
+  """The refiner's Prompt for a txt2img batch: its own tokenizer and aesthetic-score time ids (the refiner does
+  not zero empty negative prompts: it encodes "", as diffusers' refiner)."""
+  sd = refiner.sd
+  ids = pipelines.tokenize(refiner.tokenizers, sd.text_encoders, [s.prompt for s in specs])
+  neg = pipelines.tokenize(refiner.tokenizers, sd.text_encoders, [s.negative_prompt for s in specs]) if cfg else None
+  time_ids, negative_time_ids = _time_ids(sd, h, w, len(specs))
+  return pipelines.Prompt(
+      ids, neg, np.asarray([s.guidance_scale for s in specs], np.float32) if cfg else None,
+      np.asarray([s.guidance_rescale for s in specs], np.float32) if cfg and rescale else None,
+      time_ids, None, negative_time_ids if cfg else None)
+
+
+def render_fn(sd: pipelines.StableDiffusion, group: tuple, mesh, refiner: Refiner | None = None) -> Callable:
   """jit (params, prompt, seeds, image, mask) -> (uint8 images [B, H, W, C], has_nsfw_concept [B] bool), batch
   sharded over `mesh`. With a safety checker (sd.safety_checker) flagged images are black; without, no flag is
-  set."""
+  set. With a `refiner`, txt2img renders `pipelines.ensemble` (params["refiner"]: its params; prompt: the
+  (base, refiner) Prompt pair of `batch_inputs`)."""
   mode, h, w, steps, sampler, _, _, strength = group
   checked = sd.safety_checker is not None
 
   def fn(params, prompt, seeds, image, mask):
     keys = jax.vmap(jax.random.key)(seeds)
     kw = {"sampler": sampler, "num_steps": steps, "safety_check": checked}
-    if mode == "txt2img":
+    if mode == "txt2img" and refiner is not None:
+      x = pipelines.ensemble(sd, params, refiner.sd, params["refiner"], prompt[0], prompt[1], keys, height=h,
+                             width=w, high_noise_frac=refiner.high_noise_frac, **kw)
+    elif mode == "txt2img":
       x = pipelines.txt2img(sd, params, prompt, keys, height=h, width=w, **kw)
     elif mode == "img2img":
       x = pipelines.img2img(sd, params, prompt, keys, image, strength=strength, **kw)
@@ -331,7 +423,7 @@ def compiled_for(model: Model, params: Any, group: tuple, args: tuple, mesh,
     return model.compiled[key], 0.0
   t = time.perf_counter()
   with jax.set_mesh(mesh):  # traced under the mesh: Pallas attention kernels run per shard (shard_map)
-    compiled = render_fn(model.sd, group, mesh).lower(params, *args).compile()
+    compiled = render_fn(model.sd, group, mesh, model.refiner).lower(params, *args).compile()
   per_device = memory.compiled_bytes(compiled)
   if per_device is not None:
     budget, devices = _budget(mesh)
@@ -409,6 +501,7 @@ def run(job: Job, model: Model, *, devices: Sequence[jax.Device] | None = None, 
   """Render `job`'s missing images into job.outdir; returns (and writes) the summary."""
   t_start = time.perf_counter()
   specs = resolve(job.raw_prompts, job.defaults, model, names=job.names)
+  check_refiner(model, specs)
   check_settings({"batch_size": job.batch_size}, job.names)
   check_outdir(job.outdir, job.names)
   work = items(specs, job.defaults.seed)
@@ -428,6 +521,7 @@ def run(job: Job, model: Model, *, devices: Sequence[jax.Device] | None = None, 
   info = {"sdjax_version": sdjax_version(), "model": model.model_id, "model_hash": model.hash,
           "seed": job.defaults.seed, "watermark": job.watermark, "c2pa": job.c2pa is not None,
           "safety_checker": model.sd.safety_checker is not None, "preset": job.preset,
+          "refiner": model.refiner.info() if model.refiner is not None else None,
           "prompts": [dataclasses.asdict(s) for s in specs],
           "execution": {"batch_size": batch_size, "devices": len(devices), "fsdp": job.fsdp}}
   records = {it.name: record(it, model, it.spec.prompt in cut or it.spec.negative_prompt in cut, job.watermark)
@@ -438,7 +532,8 @@ def run(job: Job, model: Model, *, devices: Sequence[jax.Device] | None = None, 
   skipped = len(work) - len(todo)
   todo = todo if job.max_images is None else todo[:max(0, job.max_images)]
   groups = _groups(todo)
-  params = put(model.params, pipelines.param_shardings(model.params, mesh)) if todo else None
+  all_params = model.params if model.refiner is None else {**model.params, "refiner": model.refiner.params}
+  params = put(all_params, pipelines.param_shardings(all_params, mesh)) if todo else None
 
   stats = {"compile_s": 0.0, "render_s": 0.0, "rendered": 0, "nsfw": 0}
   with preemption.OnSigterm(raise_=Interrupted), tqdm(
@@ -469,6 +564,26 @@ def run(job: Job, model: Model, *, devices: Sequence[jax.Device] | None = None, 
     summary["wall_s"] = time.perf_counter() - t_start
     _write_json(os.path.join(job.outdir, "summary.json"), summary)
   return summary
+
+
+def check_refiner(model: Model, specs: Sequence[Spec]) -> None:
+  """Refuse, before anything is rendered, prompts an SDXL refiner cannot render: txt2img with a refiner as the model
+  (it needs an init_image), or a refiner job's txt2img prompt whose sampler cannot split the schedule or whose
+  steps leave no step to the base or the refiner at the job's high_noise_frac."""
+  from sdjax import samplers
+  for p, s in enumerate(specs):
+    where = f"prompt {p} ({s.prompt[:40]!r})"
+    if model.sd.requires_aesthetics_score and s.mode == "txt2img":
+      raise JobError(f"{where}: {model.model_id} is an SDXL refiner: its prompts need an init_image (img2img); "
+                     "to refine txt2img images give it as the refiner of an SDXL base model")
+    if model.refiner is None or s.mode != "txt2img":
+      continue
+    frac = model.refiner.high_noise_frac
+    try:
+      samplers.step_tables(model.sd.schedule, s.sampler, s.steps, denoising_end=frac)
+      samplers.step_tables(model.refiner.sd.schedule, s.sampler, s.steps, denoising_start=frac)
+    except ValueError as e:
+      raise JobError(f"{where}: with a refiner at high_noise_frac {frac}: {e}") from None
 
 
 def _prepare_outdir(job: Job, info: dict, work: list[Item], records: dict, lead: bool) -> np.ndarray:

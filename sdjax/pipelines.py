@@ -22,6 +22,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sdjax import ip_adapter as ip_adapter_lib
+from sdjax import control as control_lib
 from sdjax import parallel, samplers
 from sdjax.eval import clip_score
 from sdjax.guidance import classifier_free_guidance
@@ -103,6 +105,9 @@ class StableDiffusion:
   force_zeros_for_empty_prompt: SDXL's rule — an image with no negative prompt gets zero negative
   embeddings instead of the encoded empty string. safety_checker / feature_extractor: the optional NSFW
   checker and its input preprocessing (both or neither; `run_safety_checker`).
+  requires_aesthetics_score: an SDXL refiner (diffusers' `requires_aesthetics_score`): its U-Net takes 5 time ids,
+  (original size, crop top-left, aesthetic score), not 6 (`micro_conditioning`); it renders from an image or a base
+  model's latents only (img2img / `ensemble`), with text_encoder_2 alone (`encode_prompt`).
   """
   unet: UNet
   vae: AutoencoderKL
@@ -111,6 +116,7 @@ class StableDiffusion:
   force_zeros_for_empty_prompt: bool = False
   safety_checker: safety_lib.StableDiffusionSafetyChecker | None = None
   feature_extractor: safety_lib.FeatureExtractorConfig | None = None
+  requires_aesthetics_score: bool = False
 
   def __post_init__(self):
     if (self.safety_checker is None) != (self.feature_extractor is None):
@@ -120,6 +126,11 @@ class StableDiffusion:
   @property
   def sdxl(self) -> bool:
     return self.unet.config.addition_embed_type == "text_time"
+
+  @property
+  def num_time_ids(self) -> int | None:
+    """SDXL micro-conditioning ids per image: 6 (base), 5 (refiner: aesthetic score); None without."""
+    return (5 if self.requires_aesthetics_score else 6) if self.sdxl else None
 
   @property
   def embedded_guidance(self) -> bool:
@@ -144,17 +155,25 @@ class StableDiffusion:
 
 
 def from_components(models: dict[str, tuple], schedule: Schedule, *, model_type: str = "",
-                    safety_checker: tuple | None = None) -> tuple[StableDiffusion, dict[str, Any]]:
+                    safety_checker: tuple | None = None, force_zeros_for_empty_prompt: bool | None = None,
+                    requires_aesthetics_score: bool | None = None) -> tuple[StableDiffusion, dict[str, Any]]:
   """(StableDiffusion, params) from `{"unet": (module, params), "vae": ..., "text_encoder"[, "_2"]: ...}`
   (the `models` of `sdjax.convert.load_pipeline`). `safety_checker`: None, or the (module, params,
   feature_extractor) of `sdjax.convert.safety_checker.load_safety_checker`; its params go under
-  `params["safety_checker"]`."""
+  `params["safety_checker"]`. force_zeros_for_empty_prompt / requires_aesthetics_score: the pipeline config's
+  (`Pipeline.pipeline_config`); None: diffusers' defaults for `model_type` (SDXL base: zeros for empty prompts;
+  "sdxl_refiner": aesthetic scores, no zeros)."""
   names = [n for n in ("text_encoder", "text_encoder_2") if n in models]
   checker, checker_params, feature_extractor = safety_checker if safety_checker is not None else (None, None, None)
+  refiner = model_type == "sdxl_refiner"
+  if force_zeros_for_empty_prompt is None:
+    force_zeros_for_empty_prompt = model_type == "sdxl" or len(names) == 2
   sd = StableDiffusion(unet=models["unet"][0], vae=models["vae"][0],
                        text_encoders=tuple(models[n][0] for n in names), schedule=schedule,
-                       force_zeros_for_empty_prompt=model_type == "sdxl" or len(names) == 2,
-                       safety_checker=checker, feature_extractor=feature_extractor)
+                       force_zeros_for_empty_prompt=bool(force_zeros_for_empty_prompt),
+                       safety_checker=checker, feature_extractor=feature_extractor,
+                       requires_aesthetics_score=bool(refiner if requires_aesthetics_score is None
+                                                      else requires_aesthetics_score))
   params = {"unet": models["unet"][1], "vae": models["vae"][1],
             "text_encoders": tuple(models[n][1] for n in names)}
   if checker is not None:
@@ -174,8 +193,13 @@ class Prompt(NamedTuple):
 
   ids: token ids [B, L] per text encoder. negative_ids: the same for the negative prompts, or None for no
   classifier-free guidance (one U-Net call per step). guidance_scale: [B]. guidance_rescale: [B] or None
-  (no rescale). time_ids: SDXL micro-conditioning [B, 6] = (original h, w, crop top, left, target h, w).
+  (no rescale). time_ids: SDXL micro-conditioning [B, 6] = (original h, w, crop top, left, target h, w), or for a
+  refiner [B, 5] = (original h, w, crop top, left, aesthetic score) (`micro_conditioning`).
   zero_negative: SDXL [B] bool, rows whose negative embeddings are zeros (no negative prompt given).
+  negative_time_ids: the unconditional branch's time ids [B, n] (a refiner's negative aesthetic score, diffusers'
+  negative_original_size / crop); None: the same as time_ids.
+  ip_adapter: IP-Adapter image prompts (`sdjax.ip_adapter.IPAdapterInput`: image embeddings, optional negative
+  ones, scales, per adapter), with the adapters' params under params["ip_adapter"]; None: none.
   """
   ids: tuple[jax.Array, ...]
   negative_ids: tuple[jax.Array, ...] | None = None
@@ -183,16 +207,19 @@ class Prompt(NamedTuple):
   guidance_rescale: jax.Array | None = None
   time_ids: jax.Array | None = None
   zero_negative: jax.Array | None = None
+  negative_time_ids: jax.Array | None = None
+  ip_adapter: ip_adapter_lib.IPAdapterInput | None = None
 
 
-def encode_prompt(encoders: Sequence[CLIPTextModel], params: Sequence[Any], ids: Sequence[jax.Array]
-                  ) -> dict[str, jax.Array]:
+def encode_prompt(encoders: Sequence[CLIPTextModel], params: Sequence[Any], ids: Sequence[jax.Array], *,
+                  sdxl: bool | None = None) -> dict[str, jax.Array]:
   """Prompt embeddings as diffusers' pipelines make them: one encoder (SD 1.x/2.x): the last hidden state
-  [B, L, C] as "context"; two (SDXL's `encode_prompt`): both encoders' penultimate hidden states
-  concatenated along features, and the second encoder's pooled (projected) output [B, C2] as "pooled"."""
+  [B, L, C] as "context"; SDXL (`sdxl`; None: two encoders), as its `encode_prompt`: the encoders' penultimate
+  hidden states concatenated along features, and the last encoder's pooled (projected) output [B, C2] as "pooled"
+  (the refiner, text_encoder_2 alone: its penultimate hidden state and pooled output)."""
   if len(encoders) != len(ids) or len(encoders) != len(params):
     raise ValueError(f"{len(encoders)} text encoder(s) but {len(params)} param set(s) and {len(ids)} id arrays")
-  if len(encoders) == 1:
+  if not (len(encoders) == 2 if sdxl is None else sdxl):
     last, _ = encoders[0].apply({"params": params[0]}, ids[0])
     return {"context": last.astype(jnp.float32)}
   states, pooled = [], None
@@ -204,32 +231,53 @@ def encode_prompt(encoders: Sequence[CLIPTextModel], params: Sequence[Any], ids:
 
 def conditioning(sd: StableDiffusion, params: Any, prompt: Prompt) -> tuple[dict, dict | None]:
   """(cond, uncond) U-Net conditioning pytrees for `prompt`; uncond is None without guidance."""
-  cond = encode_prompt(sd.text_encoders, params["text_encoders"], prompt.ids)
+  cond = encode_prompt(sd.text_encoders, params["text_encoders"], prompt.ids, sdxl=sd.sdxl)
   uncond = None
   if prompt.negative_ids is not None:
-    uncond = encode_prompt(sd.text_encoders, params["text_encoders"], prompt.negative_ids)
+    uncond = encode_prompt(sd.text_encoders, params["text_encoders"], prompt.negative_ids, sdxl=sd.sdxl)
     if sd.force_zeros_for_empty_prompt and prompt.zero_negative is not None:
       keep = ~prompt.zero_negative
       uncond = jax.tree.map(lambda u: u * keep.reshape((-1,) + (1,) * (u.ndim - 1)), uncond)
   if sd.sdxl:
-    if prompt.time_ids is None:
-      raise ValueError("an SDXL U-Net needs Prompt.time_ids [B, 6] (micro-conditioning)")
+    n = sd.num_time_ids
+    what = "an SDXL refiner U-Net" if sd.requires_aesthetics_score else "an SDXL U-Net"
+    ids = ", aesthetic score" if sd.requires_aesthetics_score else ", target size"
+    for name in ("time_ids", "negative_time_ids"):
+      v = getattr(prompt, name)
+      if (v is None and name == "time_ids") or (v is not None and v.shape[-1:] != (n,)):
+        got = "none" if v is None else f"shape {tuple(v.shape)}"
+        raise ValueError(f"{what} needs Prompt.{name} [B, {n}] (micro-conditioning: original size, crop "
+                         f"top-left{ids}; pipelines.micro_conditioning), got {got}")
     cond["time_ids"] = prompt.time_ids.astype(jnp.float32)
     if uncond is not None:
-      uncond["time_ids"] = cond["time_ids"]
+      neg = prompt.negative_time_ids
+      uncond["time_ids"] = cond["time_ids"] if neg is None else neg.astype(jnp.float32)
+  if prompt.ip_adapter is not None:
+    if "ip_adapter" not in params:
+      raise ValueError('Prompt.ip_adapter given, but params has no "ip_adapter" entry (a tuple of '
+                       'sdjax.ip_adapter.load results, one per adapter)')
+    cond["ip_adapter"], ip_uncond = ip_adapter_lib.conditioning(params["ip_adapter"], prompt.ip_adapter)
+    if uncond is not None:
+      uncond["ip_adapter"] = ip_uncond
   return cond, uncond
 
 
 def unet_fn(sd: StableDiffusion, params: Any):
   """model(x, t, cond) for `classifier_free_guidance`: the U-Net on latents x [B, h, w, c] (with the
-  inpainting U-Net's extra channels `cond["extra"]` appended) and text conditioning `cond`."""
+  inpainting U-Net's extra channels `cond["extra"]` appended) and text conditioning `cond` (with IP-Adapter
+  tokens `cond["ip_adapter"]`: params["ip_adapter"]'s projections join the U-Net's params) and ControlNet residuals
+  `cond["down_residuals"]` / `cond["mid_residual"]` (`sdjax.control`) added to its skips and mid block."""
 
   def model(x, t, cond):
     if "extra" in cond:
       x = jnp.concatenate([x, cond["extra"].astype(x.dtype)], axis=-1)
     added = {"text_embeds": cond["pooled"], "time_ids": cond["time_ids"]} if sd.sdxl else None
-    return sd.unet.apply({"params": params["unet"]}, x, t, cond["context"], added_cond=added,
-                         timestep_cond=cond.get("timestep_cond"))
+    ip = cond.get("ip_adapter")
+    unet_params = params["unet"] if ip is None else ip_adapter_lib.merge_unet_params(params["unet"],
+                                                                                      params["ip_adapter"])
+    return sd.unet.apply({"params": unet_params}, x, t, cond["context"], added_cond=added,
+                         timestep_cond=cond.get("timestep_cond"), ip_adapter=ip,
+                         down_residuals=cond.get("down_residuals"), mid_residual=cond.get("mid_residual"))
 
   return model
 
@@ -298,7 +346,8 @@ def _finish(sd: StableDiffusion, params: Any, latents: jax.Array, safety_check: 
 def denoise(sd: StableDiffusion, params: Any, prompt: Prompt, keys: jax.Array, latent_shape: Sequence[int], *,
             sampler: str, num_steps: int, noise: jax.Array | None = None, init_latents: jax.Array | None = None,
             strength: float = 1.0, inpaint_mask: jax.Array | None = None, extra: jax.Array | None = None,
-            step_noise: jax.Array | None = None, **options: Any) -> jax.Array:
+            step_noise: jax.Array | None = None, control: Sequence[control_lib.ControlInput] | None = None,
+            controlnets: Sequence[Any] = (), guess_mode: bool = False, **options: Any) -> jax.Array:
   """The guided sampling loop in latent space; returns diffusion-space latents [B, h, w, c].
 
   An LCM-distilled U-Net (`sd.embedded_guidance`) runs as diffusers' LatentConsistencyModelPipeline: one U-Net
@@ -309,11 +358,19 @@ def denoise(sd: StableDiffusion, params: Any, prompt: Prompt, keys: jax.Array, l
   scheduler drew).
   init_latents/strength: img2img; inpaint_mask (1 = generate, latent resolution): mask blending for an
   ordinary U-Net; extra: the inpainting U-Net's mask + masked-image latent channels.
+  control / controlnets / guess_mode (static: controlnets, guess_mode): ControlNet guidance (`sdjax.control`):
+  one `control.ControlInput` (control image at the output size, scale, guidance start / end, per image) per
+  `sdjax.models.controlnet.ControlNet` module, their params the tuple params["controlnets"]; txt2img, img2img and
+  inpaint pass them here.
   """
   b = keys.shape[0]
   noise = image_noise(keys, latent_shape) if noise is None else noise
   if noise.shape != (b,) + tuple(latent_shape):
     raise ValueError(f"noise has shape {noise.shape}, expected {(b,) + tuple(latent_shape)}")
+  if control is not None:
+    control_lib.check(sd, params, controlnets, control, latent_shape, b)
+  elif controlnets:
+    raise ValueError("controlnets given without control inputs (control=, one control.ControlInput each)")
   guidance = None
   if sd.embedded_guidance:
     scale = jnp.ones((b,), jnp.float32) if prompt.guidance_scale is None else prompt.guidance_scale
@@ -327,14 +384,29 @@ def denoise(sd: StableDiffusion, params: Any, prompt: Prompt, keys: jax.Array, l
     if uncond is not None:
       uncond["extra"] = extra
   model = unet_fn(sd, params)
-  if uncond is None:
-    model_fn = lambda x, t: model(x, t, cond)
-  else:
+
+  def guide(model, cond, uncond):
+    if uncond is None:
+      return lambda x, t: model(x, t, cond)
     per_row = lambda v: v.astype(jnp.float32).reshape((-1, 1, 1, 1))
     rescale = 0.0 if prompt.guidance_rescale is None else per_row(prompt.guidance_rescale)
-    model_fn = classifier_free_guidance(model, cond, uncond, per_row(prompt.guidance_scale), rescale)
+    return classifier_free_guidance(model, cond, uncond, per_row(prompt.guidance_scale), rescale)
+
+  if control is None:
+    model_fn = guide(model, cond, uncond)
+  else:
+    schedule, n = samplers.with_custom_steps(sd.schedule, num_steps, options.get("timesteps"), options.get("sigmas"))
+    tables, length = samplers.step_tables(schedule, sampler, n, strength,
+                                          denoising_start=options.get("denoising_start"),
+                                          denoising_end=options.get("denoising_end"))
+    model_fn = control_lib.controlled_model_fn(
+        guide, model, cond, uncond, controlnets=tuple(controlnets), params=params["controlnets"],
+        control=tuple(control), guess_mode=guess_mode, timesteps=tables["timesteps"][:length], sdxl=sd.sdxl)
   if step_noise is None and samplers.get(sampler).stochastic:
-    step_noise = _step_noise(keys, latent_shape, samplers.scan_length(sd.schedule, sampler, num_steps, strength))
+    length = samplers.scan_length(sd.schedule, sampler, num_steps, strength,
+                                  denoising_start=options.get("denoising_start"),
+                                  denoising_end=options.get("denoising_end"))
+    step_noise = _step_noise(keys, latent_shape, length)
   return samplers.sample(model_fn, noise, schedule=sd.schedule, sampler=sampler, num_steps=num_steps,
                          step_noise=step_noise, init_image=init_latents, strength=strength,
                          inpaint_mask=inpaint_mask, **options)
@@ -350,35 +422,104 @@ def _check_batch(prompt: Prompt, keys: jax.Array, *arrays: jax.Array | None) -> 
   return b
 
 
+OUTPUTS = ("images", "latents")
+
+
+def _output(sd: StableDiffusion, params: Any, latents: jax.Array, safety_check: bool, output: str):
+  """txt2img / img2img's result: decoded images (`_finish`), or with output="latents" the sampler's final x."""
+  if output not in OUTPUTS:
+    raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
+  if output == "latents":
+    if safety_check:
+      raise ValueError("safety_check needs images: it does not apply to output='latents'")
+    return latents
+  return _finish(sd, params, latents, safety_check)
+
+
+def _refiner_error(sd: StableDiffusion) -> None:
+  if sd.requires_aesthetics_score:
+    raise ValueError("this is an SDXL refiner (requires_aesthetics_score: 5 time ids with an aesthetic score): it "
+                     "renders from an image or a base model's latents: use img2img(..., image=...) or "
+                     "img2img(..., latents=..., denoising_start=...), or pipelines.ensemble(base, ..., refiner, ...)")
+
+
 def txt2img(sd: StableDiffusion, params: Any, prompt: Prompt, keys: jax.Array, *, height: int, width: int,
             sampler: str, num_steps: int, noise: jax.Array | None = None, safety_check: bool = False,
+            denoising_end: float | None = None, output: str = "images",
             **options: Any) -> jax.Array | tuple[jax.Array, jax.Array]:
   """Images [B, height, width, C] in [-1, 1] for `prompt`, image i from keys[i].
 
   safety_check (static under jit): run `sd.safety_checker` on the images and return `(images, has_nsfw_concept
   [B] bool)`, flagged images black (-1), as `run_safety_checker`.
+  denoising_end (a fraction in (0, 1), static): stop at diffusers' timestep cutoff (`samplers.step_tables`), as
+  the base model of the SDXL ensemble of expert denoisers; output="latents" then returns the sampler's x
+  [B, h, w, c] as it is (what `img2img(..., latents=..., denoising_start=...)` continues from) instead of images.
+  An SDXL refiner (`sd.requires_aesthetics_score`) is refused: it starts from an image or latents.
   """
   _check_batch(prompt, keys, noise)
   if sd.inpainting:
     raise ValueError("this is an inpainting U-Net (9 input channels): use inpaint()")
+  _refiner_error(sd)
   latents = denoise(sd, params, prompt, keys, sd.latent_shape(height, width), sampler=sampler,
-                    num_steps=num_steps, noise=noise, **options)
-  return _finish(sd, params, latents, safety_check)
+                    num_steps=num_steps, noise=noise, denoising_end=denoising_end, **options)
+  return _output(sd, params, latents, safety_check, output)
 
 
-def img2img(sd: StableDiffusion, params: Any, prompt: Prompt, keys: jax.Array, image: jax.Array, *,
-            strength: float, sampler: str, num_steps: int, noise: jax.Array | None = None, safety_check: bool = False,
+def img2img(sd: StableDiffusion, params: Any, prompt: Prompt, keys: jax.Array, image: jax.Array | None = None, *,
+            strength: float | None = None, sampler: str, num_steps: int, noise: jax.Array | None = None,
+            safety_check: bool = False, latents: jax.Array | None = None, denoising_start: float | None = None,
+            denoising_end: float | None = None, output: str = "images",
             **options: Any) -> jax.Array | tuple[jax.Array, jax.Array]:
   """`image` [B, H, W, C] in [-1, 1] re-rendered from `strength` (0, 1] of the way to noise: the first
   num_steps - int(num_steps * strength) steps are skipped, as in diffusers' img2img pipelines. safety_check:
-  as txt2img's."""
-  _check_batch(prompt, keys, image, noise)
+  as txt2img's.
+
+  `latents` [B, h, w, c] instead of `image`: diffusion-space latents (diffusers' 4-channel `image`), not encoded.
+  denoising_start (a fraction in (0, 1), static; diffusers' SDXL img2img): strength is ignored, only the steps with
+  timestep below the cutoff run, and `latents` (a base model's `txt2img(..., denoising_end=, output="latents")`)
+  are taken as the sampler's x as they are, with no noise added: the refiner of the ensemble of expert denoisers.
+  denoising_end / output: as txt2img's (a middle expert)."""
+  _check_batch(prompt, keys, image, noise, latents)
   if sd.inpainting:
     raise ValueError("this is an inpainting U-Net (9 input channels): use inpaint()")
-  init = encode_image(sd, params, image, keys, salt=2)
+  if (image is None) == (latents is None):
+    raise ValueError("img2img takes an image or latents (one of the two)")
+  if denoising_start is not None and latents is None:
+    raise ValueError("denoising_start continues from latents (a base model's txt2img(..., denoising_end=..., "
+                     "output='latents')): pass latents=, not an image")
+  if strength is None and denoising_start is None:
+    raise ValueError("img2img needs strength (or denoising_start with latents)")
+  init = encode_image(sd, params, image, keys, salt=2) if latents is None else latents.astype(jnp.float32)
   latents = denoise(sd, params, prompt, keys, init.shape[1:], sampler=sampler, num_steps=num_steps, noise=noise,
-                    init_latents=init, strength=strength, **options)
-  return _finish(sd, params, latents, safety_check)
+                    init_latents=init, strength=1.0 if denoising_start is not None else strength,
+                    denoising_start=denoising_start, denoising_end=denoising_end, **options)
+  return _output(sd, params, latents, safety_check, output)
+
+
+def ensemble(base: StableDiffusion, base_params: Any, refiner: StableDiffusion, refiner_params: Any, prompt: Prompt,
+             refiner_prompt: Prompt, keys: jax.Array, *, height: int, width: int, sampler: str, num_steps: int,
+             high_noise_frac: float = 0.8, noise: jax.Array | None = None, safety_check: bool = False,
+             **options: Any) -> jax.Array | tuple[jax.Array, jax.Array]:
+  """The SDXL ensemble of expert denoisers (diffusers' base + refiner recipe): `base` runs txt2img for the first
+  `high_noise_frac` of the schedule (denoising_end), `refiner` continues from its latents (img2img with
+  denoising_start = high_noise_frac) with the same sampler and num_steps, and its VAE decodes: images
+  [B, H', W', C] in [-1, 1], H' = h * the refiner's VAE downscale for the base's latent height h (the same
+  height when both VAEs downscale alike).
+
+  `prompt` is the base's Prompt and `refiner_prompt` the refiner's (its own tokenizer and 5 time ids:
+  `micro_conditioning(..., aesthetic_score=6.0)`, negative 2.5). The refiner's stochastic step noise comes from
+  keys folded with 1 (the base's from keys). safety_check: the base's checker when it has one, else the refiner's.
+  """
+  latents = txt2img(base, base_params, prompt, keys, height=height, width=width, sampler=sampler,
+                    num_steps=num_steps, noise=noise, denoising_end=high_noise_frac, output="latents", **options)
+  refiner_keys = jax.vmap(lambda k: jax.random.fold_in(k, 1))(keys)
+  latents = img2img(refiner, refiner_params, refiner_prompt, refiner_keys, latents=latents, sampler=sampler,
+                    num_steps=num_steps, denoising_start=high_noise_frac, output="latents", **options)
+  images = decode(refiner, refiner_params, latents)
+  if not safety_check:
+    return images
+  checker, checker_params = (base, base_params) if base.safety_checker is not None else (refiner, refiner_params)
+  return run_safety_checker(checker, checker_params, images)
 
 
 def inpaint(sd: StableDiffusion, params: Any, prompt: Prompt, keys: jax.Array, image: jax.Array, mask: jax.Array,
@@ -432,10 +573,14 @@ def tokenize(tokenizers: Sequence[Any], encoders: Sequence[CLIPTextModel], promp
 
 
 def micro_conditioning(height: int, width: int, original_size: tuple[int, int] | None = None,
-                       crop_top_left: tuple[int, int] = (0, 0)) -> np.ndarray:
-  """SDXL's add_time_ids [6]: original size (default: the target), crop top-left, target size."""
+                       crop_top_left: tuple[int, int] = (0, 0), aesthetic_score: float | None = None) -> np.ndarray:
+  """SDXL's add_time_ids [6]: original size (default: the target), crop top-left, target size; with
+  `aesthetic_score` (an SDXL refiner, `StableDiffusion.requires_aesthetics_score`) [5]: original size, crop
+  top-left, aesthetic score (diffusers' defaults: 6.0 for the prompt, 2.5 for the negative branch, whose row is
+  made the same way from negative_original_size / negative_crops_coords_top_left: `Prompt.negative_time_ids`)."""
   oh, ow = original_size or (height, width)
-  return np.asarray([oh, ow, crop_top_left[0], crop_top_left[1], height, width], np.float32)
+  last = [height, width] if aesthetic_score is None else [aesthetic_score]
+  return np.asarray([oh, ow, crop_top_left[0], crop_top_left[1], *last], np.float32)
 
 
 def param_shardings(params: Any, mesh: jax.sharding.Mesh, fsdp_min_size: int = parallel.FSDP_MIN_SIZE) -> Any:

@@ -18,20 +18,22 @@ from flax import linen as nn
 
 from sdjax import schedules
 from sdjax.convert import safetensors_io, single_file, tree
-from sdjax.models import clip, unet, vae
+from sdjax.models import clip, controlnet, unet, vae
 
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth")
 
 
 class Kind(NamedTuple):
   """How to build one kind of component: config class, module class, example init args, weights file name,
-  a state-dict normaliser, and the diffusers/transformers class names it serves."""
+  a state-dict normaliser, and the diffusers/transformers class names it serves; `to_torch` maps the keys of
+  `tree.from_flax` to the saved layout (the inverse of `normalize` where that renames keys)."""
   config_cls: Any
   module_cls: Any
   init_args: Callable
   weights_name: str
   normalize: Callable[[dict], dict]
   class_names: tuple[str, ...]
+  to_torch: Callable[[dict], dict] = dict
 
 
 KINDS = {
@@ -41,6 +43,9 @@ KINDS = {
                 vae.normalize_state_dict, ("AutoencoderKL",)),
     "text_encoder": Kind(clip.CLIPTextConfig, clip.CLIPTextModel, clip.init_args, "model",
                          clip.normalize_state_dict, ("CLIPTextModel", "CLIPTextModelWithProjection")),
+    "controlnet": Kind(controlnet.ControlNetConfig, controlnet.ControlNet, controlnet.init_args,
+                       "diffusion_pytorch_model", controlnet.normalize_state_dict, ("ControlNetModel",),
+                       controlnet.denormalize_state_dict),
 }
 KIND_OF_CLASS = {name: kind for kind, k in KINDS.items() for name in k.class_names}
 TOKENIZER_CLASSES = ("CLIPTokenizer", "CLIPTokenizerFast")
@@ -147,6 +152,8 @@ def config_from_dict(kind: str, d: Mapping[str, Any], **overrides):
   if not isinstance(d, Mapping):
     raise ValueError(f"{kind} config: expected a JSON object of config fields, got {type(d).__name__} {d!r:.60}")
   config = KINDS[kind].config_cls.from_diffusers_config(dict(d))
+  if overrides and kind == "controlnet":  # its sdjax-only fields (dtype, remat, ...) are those of its U-Net part
+    return dataclasses.replace(config, unet=dataclasses.replace(config.unet, **overrides))
   return dataclasses.replace(config, **overrides) if overrides else config
 
 
@@ -161,7 +168,7 @@ def load_component(folder: str, kind: str | None = None, *, variant: str | None 
                    allow_pickle: bool = False, **overrides) -> tuple:
   """(module, params) from a diffusers component folder (config.json + safetensors weights).
 
-  `kind` ("unet", "vae", "text_encoder") is read from the config's class name when None; `overrides`
+  `kind` ("unet", "vae", "text_encoder", "controlnet") is read from the config's class name when None; `overrides`
   set sdjax-only config fields such as dtype="bfloat16" or remat=True.
   """
   d = _read_config(folder)
@@ -191,6 +198,24 @@ def load_vae(path: str, **kwargs) -> tuple:
   return load_component(path, "vae", **kwargs)
 
 
+def load_controlnet(path: str, *, config: Any = None, **kwargs) -> tuple:
+  """(ControlNet, params) from a diffusers `ControlNetModel` folder (config.json + diffusion_pytorch_model
+  safetensors), or from a file in the original layout (lllyasviel's control_*.safetensors: `input_hint_block`,
+  `zero_convs`, ...; `sdjax.convert.controlnet_single_file`), whose `config` (a diffusers ControlNetModel config
+  dict or folder; None: SD 1.5 / 2.1's by the text width) the file does not hold.
+  `ControlNet.apply({"params": p}, x, t, context, cond_image, ...)` -> (down residuals, mid residual).
+  Write one with `save_component(folder, "controlnet", module.config, params)`."""
+  if os.path.isfile(path):
+    from sdjax.convert import controlnet_single_file  # noqa: PLC0415
+    state = read_state_dict(path, allow_pickle=kwargs.pop("allow_pickle", False))
+    config = controlnet_single_file.resolve_config(config, state, **kwargs)
+    converted, _ = controlnet_single_file.to_diffusers(state, config)
+    return load_state_dict("controlnet", config, converted, what=path)
+  if config is not None:
+    raise ValueError(f"{path}: config= is for single files; a diffusers folder has its config.json")
+  return load_component(path, "controlnet", **kwargs)
+
+
 def load_text_encoder(path: str, **kwargs) -> tuple:
   """(CLIPTextModel, params) from a transformers `CLIPTextModel[WithProjection]` folder; apply returns
   `(last_hidden_state, pooled_output)`."""
@@ -203,13 +228,17 @@ def load_text_encoder(path: str, **kwargs) -> tuple:
 class Pipeline:
   """Every component of a Stable Diffusion checkpoint. `models[name] = (module, params)` for unet, vae,
   text_encoder[_2]; `tokenizers[name]` (None where the source has none, e.g. a single file);
-  `scheduler_config` is the diffusers scheduler dict (`schedules.from_diffusers_config` reads it)."""
+  `scheduler_config` is the diffusers scheduler dict (`schedules.from_diffusers_config` reads it).
+  `model_type`: "sd1", "sd2", "sdxl" or "sdxl_refiner" (text_encoder_2 only, 5 time ids with an aesthetic score).
+  `pipeline_config`: the model_index.json settings sdjax uses (`force_zeros_for_empty_prompt`,
+  `requires_aesthetics_score`) where the folder sets them (pipelines.from_components takes them)."""
   models: dict[str, tuple]
   tokenizers: dict[str, Any]
   scheduler_config: dict[str, Any]
   model_type: str
   source: str
   skipped: list[str] = dataclasses.field(default_factory=list)
+  pipeline_config: dict[str, Any] = dataclasses.field(default_factory=dict)
 
   @property
   def schedule(self):
@@ -222,9 +251,23 @@ class Pipeline:
 
 def _guess_model_type(models) -> str:
   if models["unet"][0].config.addition_embed_type == "text_time":
-    return "sdxl"
+    return "sdxl" if time_ids_of(models) == 6 else "sdxl_refiner"
   # SD 2.x uses OpenCLIP ViT-H (gelu); SD 1.x OpenAI CLIP ViT-L (quick_gelu).
   return "sd2" if models["text_encoder"][0].config.hidden_act == "gelu" else "sd1"
+
+
+def time_ids_of(models: Mapping[str, tuple]) -> int | None:
+  """How many SDXL time ids the U-Net's added embedding takes beside the last text encoder's pooled output (6:
+  base, 5: refiner), or None (no text_time embedding, or a width that fits neither)."""
+  ucfg = models["unet"][0].config
+  if ucfg.addition_embed_type != "text_time":
+    return None
+  enc = [models[n][0].config for n in ("text_encoder", "text_encoder_2") if n in models][-1]
+  pooled = enc.projection_dim if enc.with_projection else enc.hidden_size
+  for n in (6, 5):
+    if pooled + n * ucfg.addition_time_embed_dim == ucfg.projection_class_embeddings_input_dim:
+      return n
+  return None
 
 
 def check_compatible(models: Mapping[str, tuple], where: str) -> None:
@@ -241,12 +284,11 @@ def check_compatible(models: Mapping[str, tuple], where: str) -> None:
                 if ucfg.in_channels == latent + 3 else "")
     raise ValueError(f"{where}: the U-Net takes {ucfg.in_channels} channels, the VAE has {latent} latent "
                      f"channels (expected {latent}, or {2 * latent + 1} for inpainting){upscaler}")
-  if ucfg.addition_embed_type == "text_time":
+  if ucfg.addition_embed_type == "text_time" and time_ids_of(models) is None:
     pooled = encoders[-1].projection_dim if encoders[-1].with_projection else encoders[-1].hidden_size
-    if pooled + 6 * ucfg.addition_time_embed_dim != ucfg.projection_class_embeddings_input_dim:
-      raise ValueError(f"{where}: the U-Net's projection_class_embeddings_input_dim "
-                       f"{ucfg.projection_class_embeddings_input_dim} != pooled text width {pooled} + "
-                       f"6 * addition_time_embed_dim {ucfg.addition_time_embed_dim}")
+    raise ValueError(f"{where}: the U-Net's projection_class_embeddings_input_dim "
+                     f"{ucfg.projection_class_embeddings_input_dim} != pooled text width {pooled} + "
+                     f"6 (SDXL) or 5 (SDXL refiner) * addition_time_embed_dim {ucfg.addition_time_embed_dim}")
 
 
 def load_pipeline(path: str, *, variant: str | None = None, allow_pickle: bool = False, **overrides) -> Pipeline:
@@ -282,23 +324,33 @@ def load_pipeline(path: str, *, variant: str | None = None, allow_pickle: bool =
         scheduler_config = {"_class_name": cls_name, **json.load(f)}
     else:
       skipped.append(f"{name} ({cls_name})")
-  for required in ("unet", "vae", "text_encoder"):
+  # The SDXL refiner has text_encoder_2 only (text_encoder null or absent in model_index.json).
+  for required in ("unet", "vae", "text_encoder" if "text_encoder_2" not in models else "text_encoder_2"):
     if required not in models:
       raise ValueError(f"{path}: model_index.json has no loadable {required!r} component")
   if scheduler_config is None:
     raise ValueError(f"{path}: model_index.json has no scheduler")
   check_compatible(models, path)
-  return Pipeline(models, tokenizers, scheduler_config, _guess_model_type(models), path,
-                  skipped)
+  settings = {k: index[k] for k in ("force_zeros_for_empty_prompt", "requires_aesthetics_score") if k in index}
+  for key, value in settings.items():
+    if not isinstance(value, bool):
+      raise ValueError(f"{index_path}: {key} must be true or false, got {value!r:.60}")
+  model_type = _guess_model_type(models)
+  aesthetic = settings.get("requires_aesthetics_score")
+  if aesthetic is not None and aesthetic != (model_type == "sdxl_refiner"):
+    n = time_ids_of(models)
+    raise ValueError(f"{index_path}: requires_aesthetics_score is {str(aesthetic).lower()} but the U-Net takes "
+                     f"{n if n else 'no'} time ids (5 with an aesthetic score: the SDXL refiner; 6: SDXL)")
+  return Pipeline(models, tokenizers, scheduler_config, model_type, path, skipped, settings)
 
 
 def load_single_file(path: str, model_type: str | None = None, *, configs: Mapping[str, dict] | None = None,
                      allow_pickle: bool = False, **overrides) -> Pipeline:
-  """A single-file SD 1.x / 2.x / SDXL checkpoint with the original LDM key names.
+  """A single-file SD 1.x / 2.x / SDXL (or SDXL refiner) checkpoint with the original LDM key names.
 
-  model_type: "sd1", "sd2" (epsilon, 512 px), "sd2_v" (v-prediction, 768 px) or "sdxl"; detected from the
-  keys when None (SD 2.x then means "sd2": pass "sd2_v" for the 768 px v-prediction model, which the keys
-  cannot tell apart). configs: {"unet", "vae", "text_encoder"[, "text_encoder_2"], "scheduler"} diffusers
+  model_type: "sd1", "sd2" (epsilon, 512 px), "sd2_v" (v-prediction, 768 px), "sdxl" or "sdxl_refiner";
+  detected from the keys when None (SD 2.x then means "sd2": pass "sd2_v" for the 768 px v-prediction model, which
+  the keys cannot tell apart). configs: {"unet", "vae", "text_encoder"[, "text_encoder_2"], "scheduler"} diffusers
   config dicts to use instead of the reference release's (`single_file.default_configs`). The file
   carries no tokenizer: `tokenizers` is empty (load one with `sdjax.models.clip.load_tokenizer`).
   """
@@ -309,7 +361,8 @@ def load_single_file(path: str, model_type: str | None = None, *, configs: Mappi
     raise ValueError(f"{path}: the keys are those of a {detected} checkpoint, not {model_type}")
   configs = {**single_file.default_configs(model_type), **(configs or {})}
   converted = single_file.ldm_to_diffusers(state, model_type, unet_config=configs["unet"],
-                                           vae_config=configs["vae"], text_encoder_config=configs["text_encoder"])
+                                           vae_config=configs["vae"],
+                                           text_encoder_config=configs.get("text_encoder"))
   models = {}
   for name, sd in converted.components.items():
     kind = "text_encoder" if name.startswith("text_encoder") else name
@@ -328,7 +381,7 @@ def save_component(folder: str, kind: str, config, params, *, dtype: Any = None)
   """Write a diffusers/transformers component folder (config.json + safetensors) that diffusers'
   `from_pretrained` loads. `dtype` (e.g. np.float16) casts the weights; default: as they are (float32)."""
   os.makedirs(folder, exist_ok=True)
-  state = tree.from_flax(params, dtype)
+  state = KINDS[kind].to_torch(tree.from_flax(params, dtype))
   with open(os.path.join(folder, "config.json"), "w") as f:
     json.dump(config.to_diffusers_config(), f, indent=2, sort_keys=True)
   safetensors_io.save(os.path.join(folder, KINDS[kind].weights_name + ".safetensors"), state,

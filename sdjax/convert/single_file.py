@@ -1,4 +1,5 @@
-"""Original-LDM single-file checkpoints (SD 1.x, SD 2.x, SDXL) -> diffusers-layout state dicts, in numpy.
+"""Original-LDM single-file checkpoints (SD 1.x, SD 2.x, SDXL, the SDXL refiner) -> diffusers-layout state dicts,
+in numpy.
 
 Users bring one `.safetensors` file with the CompVis / Stability (LDM, SGM) key names:
   model.diffusion_model.*                      the U-Net (openaimodel `input_blocks`, `middle_block`, ...)
@@ -7,6 +8,7 @@ Users bring one `.safetensors` file with the CompVis / Stability (LDM, SGM) key 
   cond_stage_model.model.*                     SD 2.x: OpenCLIP ViT-H text tower
   conditioner.embedders.0.transformer.*        SDXL: CLIP ViT-L (as in SD 1.x)
   conditioner.embedders.1.model.*              SDXL: OpenCLIP ViT-bigG text tower with `text_projection`
+  conditioner.embedders.0.model.*              the SDXL refiner: that OpenCLIP ViT-bigG tower alone (text_encoder_2)
 `ldm_to_diffusers` renames (and, where the layouts differ, splits or transposes) those arrays into the
 state dicts diffusers' `UNet2DConditionModel` / `AutoencoderKL` and transformers' `CLIPTextModel` /
 `CLIPTextModelWithProjection` checkpoints hold (text keys start `text_model.`), which sdjax's loaders read.
@@ -31,11 +33,11 @@ import numpy as np
 
 from sdjax.models.validate import MAX_LAYERS, MAX_LEVELS
 
-MODEL_TYPES = ("sd1", "sd2", "sdxl")
+MODEL_TYPES = ("sd1", "sd2", "sdxl", "sdxl_refiner")
 # Names accepted for `model_type`: the key layouts above plus the default-config names (`sd2_v` is SD 2.x
 # with v-prediction: same weights layout as `sd2`).
-_LAYOUT = {"sd1": "sd1", "sd2": "sd2", "sd2_v": "sd2", "sdxl": "sdxl"}
-DEFAULT_CONFIGS = ("sd1", "sd2", "sd2_v", "sdxl")
+_LAYOUT = {"sd1": "sd1", "sd2": "sd2", "sd2_v": "sd2", "sdxl": "sdxl", "sdxl_refiner": "sdxl_refiner"}
+DEFAULT_CONFIGS = ("sd1", "sd2", "sd2_v", "sdxl", "sdxl_refiner")
 
 UNET = "model.diffusion_model."
 VAE = "first_stage_model."
@@ -80,7 +82,7 @@ class UnmappedKeysError(ValueError):
 # --- detection ---------------------------------------------------------------------------------------
 
 def detect_model_type(keys: Iterable[str]) -> str:
-  """The key layout, "sd1", "sd2" or "sdxl", of an LDM/SGM state dict (its keys or the dict itself).
+  """The key layout, "sd1", "sd2", "sdxl" or "sdxl_refiner", of an LDM/SGM state dict (its keys or the dict itself).
 
   The weights do not say whether an SD 2.x model predicts epsilon (2.x-base, 512 px) or v (768 px): both
   give "sd2"; pick `default_configs("sd2")` or `default_configs("sd2_v")` accordingly.
@@ -90,9 +92,8 @@ def detect_model_type(keys: Iterable[str]) -> str:
     return any(k.startswith(prefix) for k in keys)
   if has(OPENCLIP_SDXL) and has(CLIP_SDXL):
     kind = "sdxl"
-  elif has(OPENCLIP_SDXL_REFINER):
-    raise ValueError("checkpoint looks like the SDXL refiner (conditioner.embedders.0.model.*), which sdjax "
-                     f"does not convert; supported: {', '.join(MODEL_TYPES)}")
+  elif has(OPENCLIP_SDXL_REFINER) and not has(CLIP_SDXL):  # diffusers' "xl_refiner"
+    kind = "sdxl_refiner"
   elif has(OPENCLIP_SD2):
     kind = "sd2"
   elif has(CLIP_SD1):
@@ -104,7 +105,8 @@ def detect_model_type(keys: Iterable[str]) -> str:
     raise ValueError(
         "unrecognised single-file checkpoint: expected LDM/SGM Stable Diffusion keys, i.e. "
         f"'{UNET}*' and a text encoder under '{CLIP_SD1}*' (SD 1.x), '{OPENCLIP_SD2}*' (SD 2.x) or "
-        f"'{CLIP_SDXL}*' + '{OPENCLIP_SDXL}*' (SDXL); found key prefixes {prefixes[:20]}")
+        f"'{CLIP_SDXL}*' + '{OPENCLIP_SDXL}*' (SDXL) or '{OPENCLIP_SDXL_REFINER}*' (the SDXL refiner); found key "
+        f"prefixes {prefixes[:20]}")
   return kind
 
 
@@ -381,7 +383,7 @@ def ldm_to_diffusers(state_dict: Mapping[str, np.ndarray], model_type: str | Non
 
   Args:
     state_dict: checkpoint key -> array (e.g. `safetensors.numpy.load_file(path)`).
-    model_type: "sd1", "sd2" (or "sd2_v") or "sdxl"; detected from the keys when None.
+    model_type: "sd1", "sd2" (or "sd2_v"), "sdxl" or "sdxl_refiner"; detected from the keys when None.
     unet_config, vae_config: the diffusers `config.json` dicts of the U-Net and VAE (block types,
       `layers_per_block`, ...), e.g. `default_configs(model_type)["unet"]`.
     text_encoder_config: SD 2.x only: the transformers CLIPTextConfig dict, whose `num_hidden_layers`
@@ -392,7 +394,8 @@ def ldm_to_diffusers(state_dict: Mapping[str, np.ndarray], model_type: str | Non
 
   Returns:
     `Converted(components, ignored)`: components "unet", "vae", "text_encoder" and, for SDXL,
-    "text_encoder_2" (CLIPTextModelWithProjection), each a {diffusers key: array} dict; `ignored` lists
+    "text_encoder_2" (CLIPTextModelWithProjection; the refiner: "unet", "vae", "text_encoder_2" with every
+    OpenCLIP block kept), each a {diffusers key: array} dict; `ignored` lists
     the checkpoint keys that are not model weights. Arrays keep their dtype; they are views where possible.
 
   Raises:
@@ -425,6 +428,10 @@ def ldm_to_diffusers(state_dict: Mapping[str, np.ndarray], model_type: str | Non
                        f"blocks ({OPENCLIP_SD2}transformer.resblocks.*); expected 1..{blocks}")
     rules.update(openclip_rules(OPENCLIP_SD2, "text_encoder", blocks, keep, projection=False))
     roots["text_encoder"] = OPENCLIP_SD2
+  elif layout == "sdxl_refiner":
+    blocks = _count_blocks(keys, OPENCLIP_SDXL_REFINER)
+    rules.update(openclip_rules(OPENCLIP_SDXL_REFINER, "text_encoder_2", blocks, blocks, projection=True))
+    roots["text_encoder_2"] = OPENCLIP_SDXL_REFINER
   else:
     rules.update(hf_clip_rules(CLIP_SDXL, "text_encoder"))
     blocks = _count_blocks(keys, OPENCLIP_SDXL)
@@ -470,12 +477,15 @@ def ldm_to_diffusers(state_dict: Mapping[str, np.ndarray], model_type: str | Non
 
 def default_configs(model_type: str) -> dict[str, dict[str, Any]]:
   """The diffusers/transformers configs of the reference release of `model_type`, for loading a single
-  file without a diffusers folder: {"unet", "vae", "text_encoder"[, "text_encoder_2"], "scheduler"}.
+  file without a diffusers folder: {"unet", "vae", "text_encoder"[, "text_encoder_2"], "scheduler"} (the refiner:
+  no "text_encoder").
 
-    sd1    runwayml/stable-diffusion-v1-5            (epsilon, 512 px)
-    sd2    stabilityai/stable-diffusion-2-1-base     (epsilon, 512 px)
-    sd2_v  stabilityai/stable-diffusion-2-1          (v-prediction, 768 px)
-    sdxl   stabilityai/stable-diffusion-xl-base-1.0  (epsilon, 1024 px)
+    sd1           runwayml/stable-diffusion-v1-5               (epsilon, 512 px)
+    sd2           stabilityai/stable-diffusion-2-1-base        (epsilon, 512 px)
+    sd2_v         stabilityai/stable-diffusion-2-1             (v-prediction, 768 px)
+    sdxl          stabilityai/stable-diffusion-xl-base-1.0     (epsilon, 1024 px)
+    sdxl_refiner  stabilityai/stable-diffusion-xl-refiner-1.0  (epsilon, 1024 px; U-Net as diffusers'
+                  `create_unet_diffusers_config_from_ldm` makes it from sd_xl_refiner.yaml)
   """
   if model_type not in DEFAULT_CONFIGS:
     raise ValueError(f"default_configs: model_type={model_type!r}; expected one of {', '.join(DEFAULT_CONFIGS)}")

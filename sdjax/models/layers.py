@@ -149,7 +149,13 @@ class Upsample2D(nn.Module):
 
 
 class Attention(nn.Module):
-  """Multi-head attention with diffusers' names: to_q, to_k, to_v (no bias), to_out_0."""
+  """Multi-head attention with diffusers' names: to_q, to_k, to_v (no bias), to_out_0.
+
+  ip: IP-Adapter's decoupled cross-attention (diffusers' `IPAdapterAttnProcessor2_0`), a sequence of
+  (tokens [B, N_i, D_i], scale) pairs, one per adapter i; scale is a scalar or [B] (per row). Each adapter adds
+  scale * attention(q, to_k_ip_i(tokens), to_v_ip_i(tokens)) to the attention output before to_out_0; its
+  projections to_k_ip_i / to_v_ip_i (no bias; diffusers' `to_k_ip.i`) exist only in a module called with `ip`.
+  """
   heads: int
   head_dim: int
   out_features: int
@@ -157,7 +163,7 @@ class Attention(nn.Module):
   implementation: str | None = None  # sdjax.models.attention implementation; None = automatic
 
   @nn.compact
-  def __call__(self, x, context=None):
+  def __call__(self, x, context=None, ip=None):
     context = x if context is None else context
     inner = self.heads * self.head_dim
     q = dense(inner, use_bias=False, dtype=self.dtype, name="to_q")(x)
@@ -165,7 +171,16 @@ class Attention(nn.Module):
     v = dense(inner, use_bias=False, dtype=self.dtype, name="to_v")(context)
     split = lambda a: a.reshape(a.shape[0], a.shape[1], self.heads, self.head_dim)
     out = dot_product_attention(split(q), split(k), split(v), implementation=self.implementation)
-    out = remat_lib.name_attention_output(out.reshape(out.shape[0], out.shape[1], inner))
+    out = out.reshape(out.shape[0], out.shape[1], inner)
+    for i, (tokens, scale) in enumerate(ip or ()):
+      tokens = tokens.astype(self.dtype)
+      k_ip = dense(inner, use_bias=False, dtype=self.dtype, name=f"to_k_ip_{i}")(tokens)
+      v_ip = dense(inner, use_bias=False, dtype=self.dtype, name=f"to_v_ip_{i}")(tokens)
+      o = dot_product_attention(split(q), split(k_ip), split(v_ip), implementation=self.implementation)
+      scale = jnp.asarray(scale, jnp.float32)
+      scale = scale.reshape((-1, 1, 1)) if scale.ndim else scale  # [B] -> per row
+      out = out + (scale * o.reshape(out.shape).astype(jnp.float32)).astype(out.dtype)
+    out = remat_lib.name_attention_output(out)
     return dense(self.out_features, dtype=self.dtype, name="to_out_0")(out)
 
 
@@ -197,7 +212,7 @@ class BasicTransformerBlock(nn.Module):
 
   only_cross_attention (diffusers' flag of the same name, used by the x4 upscaler's U-Net): attn1 attends to
   `context` instead of to x (its to_k / to_v then take the context's width); attn2 is unchanged. It needs
-  cross_attention.
+  cross_attention. ip: IP-Adapter tokens and scales for attn2 (see Attention), None without an adapter.
   """
   dim: int
   heads: int
@@ -208,17 +223,19 @@ class BasicTransformerBlock(nn.Module):
   only_cross_attention: bool = False
 
   @nn.compact
-  def __call__(self, x, context=None):
+  def __call__(self, x, context=None, ip=None):
     attn = lambda name: Attention(self.heads, self.head_dim, self.dim, dtype=self.dtype,
                                   implementation=self.attention_implementation, name=name)
     if self.only_cross_attention and not self.cross_attention:
       raise ValueError("only_cross_attention needs a transformer block with cross-attention")
     if self.cross_attention and context is None:
       raise ValueError("this transformer block has cross-attention and needs a context")
+    if ip is not None and not self.cross_attention:
+      raise ValueError("IP-Adapter tokens need a transformer block with cross-attention (attn2)")
     x = x + attn("attn1")(layer_norm(dtype=self.dtype, name="norm1")(x),
                           context if self.only_cross_attention else None)
     if self.cross_attention:
-      x = x + attn("attn2")(layer_norm(dtype=self.dtype, name="norm2")(x), context)
+      x = x + attn("attn2")(layer_norm(dtype=self.dtype, name="norm2")(x), context, ip)
     x = x + FeedForward(self.dim, dtype=self.dtype, name="ff")(layer_norm(dtype=self.dtype, name="norm3")(x))
     return x
 
@@ -227,7 +244,7 @@ class Transformer2D(nn.Module):
   """GroupNorm -> proj_in -> transformer blocks over H*W tokens -> proj_out, plus the input (residual).
 
   `use_linear_projection` selects dense (SD 2.x) or 1x1 conv (SD 1.x) projections; `only_cross_attention`:
-  see BasicTransformerBlock.
+  see BasicTransformerBlock. ip: IP-Adapter tokens and scales for every block's attn2 (see Attention).
   """
   heads: int
   head_dim: int
@@ -240,7 +257,7 @@ class Transformer2D(nn.Module):
   only_cross_attention: bool = False
 
   @nn.compact
-  def __call__(self, x, context=None):
+  def __call__(self, x, context=None, ip=None):
     b, h, w, c = x.shape
     inner = self.heads * self.head_dim
     y = group_norm(self.groups, 1e-6, dtype=self.dtype, name="norm")(x)
@@ -252,7 +269,7 @@ class Transformer2D(nn.Module):
       y = BasicTransformerBlock(inner, self.heads, self.head_dim, self.cross_attention, dtype=self.dtype,
                                 attention_implementation=self.attention_implementation,
                                 only_cross_attention=self.only_cross_attention,
-                                name=f"transformer_blocks_{i}")(y, context)
+                                name=f"transformer_blocks_{i}")(y, context, ip)
     if self.use_linear_projection:
       y = dense(c, dtype=self.dtype, name="proj_out")(y).reshape(b, h, w, c)
     else:

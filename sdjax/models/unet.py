@@ -215,10 +215,11 @@ def init_args(config: UNetConfig, batch: int = 1, size: int | None = None) -> tu
   labels = None if config.num_class_embeds is None else jnp.zeros((batch,), jnp.int32)
   added = None
   if config.addition_embed_type == "text_time":
-    n_ids = 6
+    # SDXL base: 6 time ids; the refiner: 5 (aesthetic score). The parameter shapes depend only on the total width.
+    n_ids = 6 if config.projection_class_embeddings_input_dim > 6 * config.addition_time_embed_dim else 5
     text = config.projection_class_embeddings_input_dim - n_ids * config.addition_time_embed_dim
     if text <= 0:
-      raise ValueError("UNetConfig.projection_class_embeddings_input_dim is too small for 6 time ids of "
+      raise ValueError("UNetConfig.projection_class_embeddings_input_dim is too small for 5 or 6 time ids of "
                        f"addition_time_embed_dim={config.addition_time_embed_dim}")
     added = {"text_embeds": jnp.zeros((batch, text)), "time_ids": jnp.zeros((batch, n_ids))}
   return x, t, context, labels, added
@@ -263,12 +264,20 @@ class UNet(nn.Module):
   [B, time_cond_proj_dim] for an LCM-distilled U-Net (`time_cond_proj_dim`; `guidance_embedding` of
   guidance_scale - 1). None there is diffusers' `timestep_cond=None` (no cond_proj term: cond_proj has no bias, so
   this is the same as zeros); given to a U-Net without time_cond_proj_dim it is an error.
+  down_residuals / mid_residual: ControlNet outputs (sdjax.models.controlnet), added to the skip connections (a
+  tuple with one [B, h_i, w_i, C_i] per skip, conv_in's first) and to the mid block's output, as diffusers'
+  `down_block_additional_residuals` / `mid_block_additional_residual`; either may be given alone.
+  ip_adapter: IP-Adapter inputs (sdjax.ip_adapter), a sequence of (tokens [B, N_i, cross_attention_dim], scale)
+  pairs, one per adapter i: the projected image tokens every attn2 attends to besides the context (diffusers'
+  `IPAdapterAttnProcessor2_0`, see layers.Attention). scale: a scalar or [B], or a dict from diffusers' attention
+  block names ("down_blocks.1.attentions.0", "mid_block.attentions.0", "up_blocks.1.attentions.2") to one
+  (every attention block named). The params then need attn2/to_k_ip_i and attn2/to_v_ip_i (no bias).
   """
   config: UNetConfig
 
   @nn.compact
   def __call__(self, x, t, context=None, class_labels=None, added_cond=None, train: bool = False,
-               timestep_cond=None):
+               timestep_cond=None, ip_adapter=None, down_residuals=None, mid_residual=None):
     cfg = self.config
     dtype = jnp.dtype(cfg.dtype)
     chans = cfg.block_out_channels
@@ -282,6 +291,8 @@ class UNet(nn.Module):
         raise ValueError(f"UNet expects context of shape [B, L, {cfg.cross_attention_dim}], got {context.shape}")
     if cfg.num_class_embeds is not None and class_labels is None:
       raise ValueError("this UNet is class-conditional (num_class_embeds) and needs class_labels [B]")
+    if ip_adapter is not None:
+      ip_adapter = _check_ip_adapter(ip_adapter, x.shape[0], cfg.cross_attention_dim)
 
     # Time (and class, and SDXL text/size) embedding, [B, 4*C0].
     temb = layers.timestep_embedding(t, chans[0], flip_sin_to_cos=cfg.flip_sin_to_cos,
@@ -313,16 +324,18 @@ class UNet(nn.Module):
     skips = [h]
     for i, kind in enumerate(cfg.down_block_types):
       block = block_cls(cfg, i, kind == "CrossAttnDownBlock2D", "down", name=f"down_blocks_{i}")
-      h, outs = block(h, emb, context, None, None, deterministic)
+      h, outs = block(h, emb, context, None, None, deterministic, ip_adapter)
       skips.extend(outs)
     h, _ = block_cls(cfg, len(chans) - 1, cfg.mid_block_attention, "mid", name="mid_block")(
-        h, emb, context, None, None, deterministic)
+        h, emb, context, None, None, deterministic, ip_adapter)
+    if down_residuals is not None or mid_residual is not None:  # ControlNet (diffusers' *_additional_residual*)
+      skips, h = _add_residuals(skips, h, down_residuals, mid_residual)
     for i, kind in enumerate(cfg.up_block_types):
       n = cfg.layers_per_block + 1
       skips, block_skips = skips[:-n], tuple(skips[-n:][::-1])
       block = block_cls(cfg, len(chans) - 1 - i, kind == "CrossAttnUpBlock2D", "up", name=f"up_blocks_{i}")
       up_size = tuple(skips[-1].shape[1:3]) if skips else None
-      h, _ = block(h, emb, context, block_skips, up_size, deterministic)
+      h, _ = block(h, emb, context, block_skips, up_size, deterministic, ip_adapter)
 
     h = nn.silu(layers.group_norm(cfg.norm_num_groups, cfg.norm_eps, dtype=dtype, name="conv_norm_out")(h))
     h = layers.conv(cfg.out_channels, dtype=dtype, name="conv_out")(h)
@@ -348,13 +361,65 @@ class UNet(nn.Module):
     return layers.TimestepEmbedding(cfg.time_embed_dim, dtype=dtype, name="add_embedding")(add.astype(dtype))
 
 
+def _add_residuals(skips: list, h, down_residuals, mid_residual) -> tuple[list, jax.Array]:
+  """(skips, h) with the ControlNet residuals added; shapes checked against the U-Net's own."""
+  if down_residuals is not None:
+    down_residuals = tuple(down_residuals)
+    if len(down_residuals) != len(skips):
+      raise ValueError(f"down_residuals has {len(down_residuals)} entries, the U-Net has {len(skips)} skip "
+                       "connections")
+    for i, (s, r) in enumerate(zip(skips, down_residuals)):
+      if tuple(r.shape) != tuple(s.shape):
+        raise ValueError(f"down_residuals[{i}] has shape {tuple(r.shape)}, the U-Net's skip {i} is {tuple(s.shape)}")
+    skips = [s + r.astype(s.dtype) for s, r in zip(skips, down_residuals)]
+  if mid_residual is not None:
+    if tuple(mid_residual.shape) != tuple(h.shape):
+      raise ValueError(f"mid_residual has shape {tuple(mid_residual.shape)}, the U-Net's mid block output is "
+                       f"{tuple(h.shape)}")
+    h = h + mid_residual.astype(h.dtype)
+  return skips, h
+
+
+def _check_ip_adapter(ip_adapter, batch: int, width: int | None) -> tuple:
+  """UNet's ip_adapter argument as a tuple of (tokens, scale) pairs, shapes checked."""
+  if width is None:
+    raise ValueError("ip_adapter given, but this UNet has no cross-attention (cross_attention_dim is None)")
+  pairs = tuple(ip_adapter)
+  for i, pair in enumerate(pairs):
+    if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+      raise ValueError(f"ip_adapter[{i}]: expected a (tokens, scale) pair, got {type(pair).__name__}")
+    tokens, scale = pair
+    if tokens.ndim != 3 or tokens.shape[0] != batch or tokens.shape[2] != width:
+      raise ValueError(f"ip_adapter[{i}]: tokens must be [B={batch}, N, {width}] (cross_attention_dim), got "
+                       f"{tuple(tokens.shape)}")
+    for s in (scale.values() if isinstance(scale, dict) else (scale,)):
+      if jnp.ndim(s) not in (0, 1) or (jnp.ndim(s) == 1 and jnp.shape(s)[0] != batch):
+        raise ValueError(f"ip_adapter[{i}]: a scale must be a scalar or [B={batch}], got shape {jnp.shape(s)}")
+  return tuple((tokens, scale) for tokens, scale in pairs)
+
+
+def _ip_for_block(ip_adapter, name: str):
+  """The (tokens, scale) pairs of the attention block diffusers names `name`: dict scales looked up by it."""
+  if ip_adapter is None:
+    return None
+  out = []
+  for i, (tokens, scale) in enumerate(ip_adapter):
+    if isinstance(scale, dict):
+      if name not in scale:
+        raise ValueError(f"ip_adapter[{i}]: the per-block scale has no entry for attention block {name!r} "
+                         f"(it has {sorted(scale)})")
+      scale = scale[name]
+    out.append((tokens, scale))
+  return tuple(out)
+
+
 class UNetBlock(nn.Module):
   """One down, mid or up block of the U-Net (diffusers' DownBlock2D / CrossAttnDownBlock2D /
   UNetMidBlock2DCrossAttn / UpBlock2D / CrossAttnUpBlock2D), with diffusers' submodule names.
 
   `level` indexes block_out_channels. Down blocks return their outputs for the skip connections;
   up blocks take `skips` (in the order they are consumed) and `up_size`, the [H, W] to upsample to
-  (None for the last block, which does not upsample).
+  (None for the last block, which does not upsample). ip_adapter: UNet's, checked (`_check_ip_adapter`).
   """
   config: UNetConfig
   level: int
@@ -362,7 +427,7 @@ class UNetBlock(nn.Module):
   kind: str  # "down" | "mid" | "up"
 
   @nn.compact
-  def __call__(self, h, emb, context, skips, up_size, deterministic: bool):
+  def __call__(self, h, emb, context, skips, up_size, deterministic: bool, ip_adapter=None):
     cfg = self.config
     dtype = jnp.dtype(cfg.dtype)
     c = cfg.block_out_channels[self.level]
@@ -379,10 +444,13 @@ class UNetBlock(nn.Module):
     def attention(j, x):
       if not self.has_attention:
         return x
+      # diffusers' name of this attention block (up block i is at level last - i), for per-block IP-Adapter scales
+      block = {"down": f"down_blocks.{self.level}", "mid": "mid_block", "up": f"up_blocks.{last - self.level}"}
+      ip = _ip_for_block(ip_adapter, f"{block[self.kind]}.attentions.{j}")
       return layers.Transformer2D(heads, c // heads, depth, cfg.norm_num_groups,
                                   cfg.cross_attention_dim is not None, cfg.use_linear_projection,
                                   dtype=dtype, attention_implementation=cfg.attention_implementation,
-                                  only_cross_attention=only_cross, name=f"attentions_{j}")(x, context)
+                                  only_cross_attention=only_cross, name=f"attentions_{j}")(x, context, ip)
 
     outs = []
     if self.kind == "down":

@@ -44,6 +44,10 @@ class Sampler:
   strength_tables: Callable[[Schedule, int, float], dict[str, np.ndarray]] | None = None
   # The schedule options (keys of SCHEDULE_OPTIONS) this sampler implements when they are set on the schedule.
   schedule_options: tuple[str, ...] = ()
+  # Whether `denoising_start` / `denoising_end` (the SDXL base + refiner "ensemble of expert denoisers") apply: the
+  # step tables are diffusers' scheduler timesteps one to one (its order-1 schedulers). Samplers with their own
+  # img2img tables (`strength_tables`) or none (`img2img=False`) never split.
+  denoising_split: bool = True
 
 
 SAMPLERS: dict[str, Sampler] = {}
@@ -140,22 +144,88 @@ def with_custom_steps(schedule: Schedule, num_steps: int | None, timesteps: Sequ
   return schedule, n
 
 
+def timestep_cutoff(schedule: Schedule, fraction: float) -> int:
+  """diffusers' `discrete_timestep_cutoff` for a `denoising_start` / `denoising_end` fraction of the schedule:
+  int(round(T - fraction * T)), T = num_train_timesteps."""
+  T = schedule.num_train_timesteps
+  return int(round(T - fraction * T))
+
+
+def check_fraction(name: str, value: float | None) -> None:
+  """A `denoising_start` / `denoising_end` is None or a number strictly between 0 and 1."""
+  if value is None:
+    return
+  if isinstance(value, bool) or not isinstance(value, (int, float, np.floating)) or not 0.0 < float(value) < 1.0:
+    raise ValueError(f"{name} must be a fraction in (0, 1), got {value!r}")
+
+
+def step_tables(schedule: Schedule, sampler: str, num_steps: int, strength: float = 1.0, *,
+                denoising_start: float | None = None, denoising_end: float | None = None
+                ) -> tuple[dict[str, np.ndarray], int]:
+  """(tables, length): the step tables `sample` runs from (their row 0 is its first step) and how many steps it
+  runs, for a schedule already carrying any custom steps (`with_custom_steps`).
+
+  strength < 1 (img2img): the first num_steps - int(num_steps * strength) steps are dropped (or the sampler's own
+  `strength_tables`). denoising_start (diffusers' SDXL img2img `get_timesteps`): strength is ignored and the steps
+  run are those with timestep < cutoff; denoising_end (diffusers' SDXL pipelines, step 9.1): the run stops before
+  the first step with timestep < cutoff; cutoff = `timestep_cutoff(schedule, fraction)`. A run cut by
+  denoising_end keeps the full tables, so a sampler that treats its last step differently (lower-order final
+  steps, LCM) sees the step it stops at as diffusers' scheduler does: not the last.
+  """
+  s = get(sampler)
+  check_fraction("denoising_start", denoising_start)
+  check_fraction("denoising_end", denoising_end)
+  split = denoising_start is not None or denoising_end is not None
+  if split and not (s.denoising_split and s.img2img and s.strength_tables is None):
+    able = [n for n, v in SAMPLERS.items() if v.denoising_split and v.img2img and v.strength_tables is None]
+    raise ValueError(f"sampler {sampler!r} does not support denoising_start / denoising_end (its diffusers "
+                     f"scheduler does not step one timestep at a time); samplers that do: {', '.join(able)}")
+  if denoising_start is not None and denoising_end is not None and denoising_start >= denoising_end:
+    raise ValueError(f"denoising_start={denoising_start} must be below denoising_end={denoising_end}")
+  if not 0.0 < strength <= 1.0:
+    raise ValueError(f"strength must be in (0, 1], got {strength}")
+  if strength < 1.0 and denoising_start is None:
+    if not s.img2img:
+      raise ValueError(f"sampler {sampler!r} does not support strength < 1")
+    if s.strength_tables is not None:
+      tables = s.strength_tables(schedule, num_steps, strength)
+    else:
+      tables = s.tables(schedule, num_steps)
+      start = num_steps - min(int(num_steps * strength), num_steps)
+      if start >= num_steps:
+        raise ValueError(f"strength={strength} leaves no steps out of {num_steps}")
+      tables = {k: v[start:] for k, v in tables.items()}
+  else:
+    tables = s.tables(schedule, num_steps)
+  timesteps = np.asarray(tables["timesteps"])
+  start, stop = 0, len(timesteps)
+  if denoising_start is not None:
+    start = stop - int(np.sum(timesteps < timestep_cutoff(schedule, denoising_start)))
+  if denoising_end is not None:
+    stop = int(np.sum(timesteps >= timestep_cutoff(schedule, denoising_end)))
+  if start >= stop:
+    raise ValueError(f"denoising_start={denoising_start} / denoising_end={denoising_end} leave no steps of the "
+                     f"{len(timesteps)} timesteps {timesteps.tolist()}")
+  if start:
+    tables = {k: v[start:] for k, v in tables.items()}
+  return tables, stop - start
+
+
 def scan_length(schedule: Schedule, sampler: str, num_steps: int | None = None, strength: float = 1.0, *,
-                timesteps: Sequence[float] | None = None, sigmas: Sequence[float] | None = None) -> int:
+                timesteps: Sequence[float] | None = None, sigmas: Sequence[float] | None = None,
+                denoising_start: float | None = None, denoising_end: float | None = None) -> int:
   """How many steps `sample(...)` runs (the leading axis of its `step_noise`) for these arguments."""
   schedule, num_steps = with_custom_steps(schedule, num_steps, timesteps, sigmas)
-  s = get(sampler)
-  if strength < 1.0 and s.strength_tables is not None:
-    return len(s.strength_tables(schedule, num_steps, strength)["timesteps"])
-  n = len(s.tables(schedule, num_steps)["timesteps"])
-  return n - (num_steps - min(int(num_steps * strength), num_steps) if strength < 1.0 else 0)
+  return step_tables(schedule, sampler, num_steps, strength, denoising_start=denoising_start,
+                     denoising_end=denoising_end)[1]
 
 
 def sample(model_fn: ModelFn, noise: jax.Array, *, schedule: Schedule, sampler: str, num_steps: int | None = None,
            timesteps: Sequence[float] | None = None, sigmas: Sequence[float] | None = None,
            rng: jax.Array | None = None, step_noise: jax.Array | None = None, init_image: jax.Array | None = None,
            strength: float = 1.0, inpaint_mask: jax.Array | None = None,
-           step_hook: Callable[[jax.Array, jax.Array], jax.Array] | None = None, **options: Any) -> jax.Array:
+           step_hook: Callable[[jax.Array, jax.Array], jax.Array] | None = None,
+           denoising_start: float | None = None, denoising_end: float | None = None, **options: Any) -> jax.Array:
   """Run `sampler` for `num_steps` steps from standard-normal `noise` [B, ...].
 
   `model_fn(x, t)` gets t as float32 [B] in training-timestep units and returns the model output for
@@ -174,6 +244,13 @@ def sample(model_fn: ModelFn, noise: jax.Array, *, schedule: Schedule, sampler: 
   Custom steps, as diffusers pipelines take them: `timesteps` [n] or `sigmas` [n + 1] (the last the final sigma)
   replace the schedule's spacing for the samplers whose diffusers class takes them (`SCHEDULE_OPTIONS`
   "custom_timesteps" / "custom_sigmas"); num_steps is then n, and may be left out.
+
+  The ensemble of expert denoisers (diffusers' SDXL `denoising_end` / `denoising_start`, fractions in (0, 1); see
+  `step_tables`): with `denoising_end` the run stops early and returns the sampler's x as it is then (noisy, in the
+  sampler's own parameterisation: sigma-space for euler, VP for ddim), which is what diffusers' pipelines hand
+  over as `output_type="latent"`; with `denoising_start`, `init_image` is such an x and sampling continues from it
+  over the remaining steps, with no noise added and `strength` ignored (the sampler's history starts empty, as a
+  second pipeline's fresh scheduler). Not with inpaint_mask.
   """
   schedule, num_steps = with_custom_steps(schedule, num_steps, timesteps, sigmas)
   s = get(sampler)
@@ -181,29 +258,22 @@ def sample(model_fn: ModelFn, noise: jax.Array, *, schedule: Schedule, sampler: 
   unknown = sorted(set(options) - set(s.options))
   if unknown:
     raise ValueError(f"sampler {sampler!r} does not take option(s) {unknown}; it takes {list(s.options)}")
-  tables = s.tables(schedule, num_steps)
   if rng is None:
     rng = jax.random.key(0)
-  if (strength != 1.0 or inpaint_mask is not None) and init_image is None:
-    raise ValueError("strength < 1 and inpaint_mask need init_image")
+  if (strength != 1.0 or inpaint_mask is not None or denoising_start is not None) and init_image is None:
+    raise ValueError("strength < 1, inpaint_mask and denoising_start need init_image")
   if init_image is not None and init_image.shape != noise.shape:
     raise ValueError(f"init_image {init_image.shape} and noise {noise.shape} must have the same shape")
-  if not 0.0 < strength <= 1.0:
-    raise ValueError(f"strength must be in (0, 1], got {strength}")
-  if strength < 1.0:
-    if not s.img2img:
-      raise ValueError(f"sampler {sampler!r} does not support strength < 1")
-    if s.strength_tables is not None:
-      tables = s.strength_tables(schedule, num_steps, strength)
-    else:
-      start = num_steps - min(int(num_steps * strength), num_steps)
-      if start >= num_steps:
-        raise ValueError(f"strength={strength} leaves no steps out of {num_steps}")
-      tables = {k: v[start:] for k, v in tables.items()}
+  if inpaint_mask is not None and (denoising_start is not None or denoising_end is not None):
+    raise ValueError("denoising_start / denoising_end do not apply to inpainting (inpaint_mask)")
+  # scan steps; a sampler may evaluate the model more than once per step
+  tables, length = step_tables(schedule, sampler, num_steps, strength, denoising_start=denoising_start,
+                               denoising_end=denoising_end)
   carry = s.init(schedule, noise, tables)
-  if strength < 1.0:
+  if denoising_start is not None:
+    carry["x"] = jnp.asarray(init_image, noise.dtype)  # the previous expert's x, as it is
+  elif strength < 1.0:
     carry["x"] = s.noised(schedule, init_image, noise, tables, 0)
-  length = len(tables["timesteps"])  # scan steps; a sampler may evaluate the model more than once per step
   batch = noise.shape[0]
   if inpaint_mask is not None:
     user_hook = step_hook

@@ -98,8 +98,9 @@ def kdpm2_ancestral_step(schedule, model_fn, carry, i, z, tables, options):
   return _step(schedule, model_fn, carry, i, z, tables, ancestral=True)
 
 
+# (no denoising_start / denoising_end: diffusers' KDPM2 schedulers are order 2, their timesteps interleaved)
 samplers.register("kdpm2", samplers.Sampler(kdpm2_tables, init_sigma_scaled, kdpm2_step, samplers.noised_sigma,
-                                            schedule_options=("use_karras_sigmas",)))
+                                            schedule_options=("use_karras_sigmas",), denoising_split=False))
 samplers.register("kdpm2_a", samplers.Sampler(kdpm2_ancestral_tables, init_sigma_scaled, kdpm2_ancestral_step,
                                               samplers.noised_sigma, stochastic=True,
-                                              schedule_options=("use_karras_sigmas",)))
+                                              schedule_options=("use_karras_sigmas",), denoising_split=False))

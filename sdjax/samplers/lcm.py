@@ -131,4 +131,4 @@ samplers.register("lcm", samplers.Sampler(_lcm_tables, _init, lcm_step, samplers
                                           strength_tables=_lcm_tables,
                                           schedule_options=("clip_sample", "custom_timesteps")))
 samplers.register("tcd", samplers.Sampler(_tcd_tables, _init, tcd_step, samplers.noised_vp, ("eta",), stochastic=True,
-                                          schedule_options=("custom_timesteps",)))
+                                          schedule_options=("custom_timesteps",), denoising_split=False))
