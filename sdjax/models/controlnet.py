@@ -177,26 +177,6 @@ class ConditioningEmbedding(nn.Module):
                    bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), layers.BIAS_AXES))(h)
 
 
-def _text_time_embedding(cfg: UNetConfig, added_cond, batch: int, dtype):
-  """SDXL: add_embedding([text_embeds, sinusoidal(time_ids) flattened]), as `UNet._text_time_embedding`."""
-  if not isinstance(added_cond, dict) or not {"text_embeds", "time_ids"} <= set(added_cond):
-    raise ValueError("this ControlNet (addition_embed_type='text_time', SDXL) needs "
-                     "added_cond={'text_embeds': [B, D], 'time_ids': [B, 6]}")
-  text, ids = jnp.asarray(added_cond["text_embeds"]), jnp.asarray(added_cond["time_ids"], jnp.float32)
-  if text.ndim != 2 or ids.ndim != 2 or text.shape[0] != batch or ids.shape[0] != batch:
-    raise ValueError(f"added_cond: text_embeds must be [B, D] and time_ids [B, N] with B={batch}, got "
-                     f"{text.shape} and {ids.shape}")
-  width = text.shape[1] + ids.shape[1] * cfg.addition_time_embed_dim
-  if width != cfg.projection_class_embeddings_input_dim:
-    raise ValueError(f"added_cond: text_embeds {text.shape} and time_ids {ids.shape} give {width} features; "
-                     f"the ControlNet's projection_class_embeddings_input_dim is "
-                     f"{cfg.projection_class_embeddings_input_dim}")
-  time_embeds = layers.timestep_embedding(ids.reshape(-1), cfg.addition_time_embed_dim,
-                                          flip_sin_to_cos=cfg.flip_sin_to_cos, freq_shift=cfg.freq_shift)
-  add = jnp.concatenate([text.astype(jnp.float32), time_embeds.reshape(batch, -1)], axis=-1)
-  return layers.TimestepEmbedding(cfg.time_embed_dim, dtype=dtype, name="add_embedding")(add.astype(dtype))
-
-
 class ControlNet(nn.Module):
   """`apply({"params": p}, x, t, context, cond_image, conditioning_scale=1.0, added_cond=None, guess_mode=False)`
   -> (down_residuals, mid_residual): a tuple of `config.num_down_residuals` arrays [B, h_i, w_i, C_i] (one per
@@ -240,7 +220,7 @@ class ControlNet(nn.Module):
     temb = layers.timestep_embedding(t, chans[0], flip_sin_to_cos=ucfg.flip_sin_to_cos, freq_shift=ucfg.freq_shift)
     emb = layers.TimestepEmbedding(ucfg.time_embed_dim, dtype=dtype, name="time_embedding")(temb.astype(dtype))
     if ucfg.addition_embed_type == "text_time":
-      emb = emb + _text_time_embedding(ucfg, added_cond, b, dtype)
+      emb = emb + unet_lib.text_time_embedding(ucfg, added_cond, b, dtype, owner="ControlNet")
     context = context.astype(dtype)
     deterministic = not train
     block_cls = remat_lib.wrap(UNetBlock, ucfg.remat, static_argnums=(5, 6))

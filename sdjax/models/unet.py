@@ -313,7 +313,7 @@ class UNet(nn.Module):
                            embedding_init=nn.with_logical_partitioning(
                                nn.initializers.normal(1.0), layers.EMBED_AXES))(class_labels)
     if cfg.addition_embed_type == "text_time":
-      emb = emb + self._text_time_embedding(added_cond, x.shape[0], dtype)
+      emb = emb + text_time_embedding(cfg, added_cond, x.shape[0], dtype)
     if context is not None:
       context = context.astype(dtype)
     deterministic = not train
@@ -341,24 +341,25 @@ class UNet(nn.Module):
     h = layers.conv(cfg.out_channels, dtype=dtype, name="conv_out")(h)
     return h.astype(jnp.float32)
 
-  def _text_time_embedding(self, added_cond, batch, dtype):
-    """SDXL: add_embedding([text_embeds, sinusoidal(time_ids) flattened])."""
-    cfg = self.config
-    if not isinstance(added_cond, dict) or not {"text_embeds", "time_ids"} <= set(added_cond):
-      raise ValueError("this UNet (addition_embed_type='text_time', SDXL) needs "
-                       "added_cond={'text_embeds': [B, D], 'time_ids': [B, 6]}")
-    text, ids = jnp.asarray(added_cond["text_embeds"]), jnp.asarray(added_cond["time_ids"], jnp.float32)
-    if text.ndim != 2 or ids.ndim != 2 or text.shape[0] != batch or ids.shape[0] != batch:
-      raise ValueError(f"added_cond: text_embeds must be [B, D] and time_ids [B, N] with B={batch}, got "
-                       f"{text.shape} and {ids.shape}")
-    width = text.shape[1] + ids.shape[1] * cfg.addition_time_embed_dim
-    if width != cfg.projection_class_embeddings_input_dim:
-      raise ValueError(f"added_cond: text_embeds {text.shape} and time_ids {ids.shape} give {width} features; "
-                       f"projection_class_embeddings_input_dim is {cfg.projection_class_embeddings_input_dim}")
-    time_embeds = layers.timestep_embedding(ids.reshape(-1), cfg.addition_time_embed_dim,
-                                            flip_sin_to_cos=cfg.flip_sin_to_cos, freq_shift=cfg.freq_shift)
-    add = jnp.concatenate([text.astype(jnp.float32), time_embeds.reshape(batch, -1)], axis=-1)
-    return layers.TimestepEmbedding(cfg.time_embed_dim, dtype=dtype, name="add_embedding")(add.astype(dtype))
+
+def text_time_embedding(cfg: UNetConfig, added_cond, batch: int, dtype, owner: str = "UNet") -> jax.Array:
+  """SDXL: add_embedding([text_embeds, sinusoidal(time_ids) flattened]) [B, time_embed_dim], created in the calling
+  module's scope (the U-Net's and the ControlNet's `add_embedding`). `owner` names the caller in errors."""
+  if not isinstance(added_cond, dict) or not {"text_embeds", "time_ids"} <= set(added_cond):
+    raise ValueError(f"this {owner} (addition_embed_type='text_time', SDXL) needs "
+                     "added_cond={'text_embeds': [B, D], 'time_ids': [B, N]} (N = 6, the refiner's 5)")
+  text, ids = jnp.asarray(added_cond["text_embeds"]), jnp.asarray(added_cond["time_ids"], jnp.float32)
+  if text.ndim != 2 or ids.ndim != 2 or text.shape[0] != batch or ids.shape[0] != batch:
+    raise ValueError(f"added_cond: text_embeds must be [B, D] and time_ids [B, N] with B={batch}, got "
+                     f"{text.shape} and {ids.shape}")
+  width = text.shape[1] + ids.shape[1] * cfg.addition_time_embed_dim
+  if width != cfg.projection_class_embeddings_input_dim:
+    raise ValueError(f"added_cond: text_embeds {text.shape} and time_ids {ids.shape} give {width} features; the "
+                     f"{owner}'s projection_class_embeddings_input_dim is {cfg.projection_class_embeddings_input_dim}")
+  time_embeds = layers.timestep_embedding(ids.reshape(-1), cfg.addition_time_embed_dim,
+                                          flip_sin_to_cos=cfg.flip_sin_to_cos, freq_shift=cfg.freq_shift)
+  add = jnp.concatenate([text.astype(jnp.float32), time_embeds.reshape(batch, -1)], axis=-1)
+  return layers.TimestepEmbedding(cfg.time_embed_dim, dtype=dtype, name="add_embedding")(add.astype(dtype))
 
 
 def _add_residuals(skips: list, h, down_residuals, mid_residual) -> tuple[list, jax.Array]:
