@@ -6,6 +6,7 @@ vae_digits.py / ldm_digits.py / upscale_digits.py): every use judged by an indep
   python bench/digits_demo.py text --ldm runs/ldm_digits
   python bench/digits_demo.py txt2img img2img inpaint cas --ldm runs/ldm_digits
   python bench/digits_demo.py upscale --upscaler runs/upscale_digits/upscaler
+  python bench/digits_demo.py controlnet --controlnet runs/controlnet_digits
   python bench/digits_demo.py all ...
 
 Each use prints a table, appends its numbers to --results (JSON lines) and writes a picture grid to --grids.
@@ -31,7 +32,7 @@ from sdjax.data import colored_digits as cd  # noqa: E402
 from sdjax.eval import colored_digits as judge_lib  # noqa: E402
 from sdjax.eval import digits as digits_lib  # noqa: E402
 
-USES = ("vae", "text", "txt2img", "img2img", "inpaint", "upscale", "cas")
+USES = ("vae", "text", "txt2img", "img2img", "inpaint", "upscale", "cas", "controlnet")
 
 
 def to_float(images: np.ndarray) -> np.ndarray:
@@ -299,12 +300,99 @@ def use_upscale(args) -> None:
   save_grid(os.path.join(args.grids, "digits_upscale.png"), [lowres, bicubic[g], out[g], images[g]])
 
 
+def iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+  """Per-image intersection over union [N] of boolean masks [N, H, W] (1 where both are empty)."""
+  inter, union = (a & b).sum(axis=(1, 2)), (a | b).sum(axis=(1, 2))
+  return np.where(union > 0, inter / np.maximum(union, 1), 1.0)
+
+
+def use_controlnet(args) -> None:
+  """A trained ControlNet (configs/controlnet_digits.py) on the real test digits: (a) the control image of a real
+  digit with that image's caption: the judged digit against the control's, and the IoU of the generated
+  foreground (the same silhouette rule, sdjax.data.control_images) with the control silhouette; (b) the same
+  prompts and seeds without the ControlNet; (c) the control image of digit A with a caption naming another digit B
+  (B = A + 1..9 mod 10, at random; the image's colours): which one the judge sees."""
+  from sdjax import control as control_lib, runs
+  from sdjax.data import control_images as ci
+  run = runs.load(args.controlnet, task="controlnet")
+  model = run.model
+  sd, params, tok = model.sd, model.params, model.tokenizers
+  base_params = {k: v for k, v in params.items() if k != "controlnets"}
+  images, attrs = real_test()
+  controls = ci.control_images(images, model.control)
+  silhouette = ci.ControlConfig("silhouette", model.control.threshold, model.control.border)
+  kw = dict(height=32, width=32, sampler=args.sampler, num_steps=args.steps)
+  with_cn = jax.jit(lambda p, prompt, keys, ctl: pipelines.txt2img(sd, p, prompt, keys, controlnets=(model.controlnet,),
+                                                                   control=(ctl,), **kw))
+  without = jax.jit(lambda p, prompt, keys: pipelines.txt2img(sd, p, prompt, keys, **kw))
+
+  def sample(captions, seeds, control=None):
+    out = []
+    for s in range(0, len(captions), args.batch):
+      n = len(captions[s:s + args.batch])
+      idx = np.minimum(np.arange(s, s + args.batch), len(captions) - 1)  # pad the last batch with its last row
+      caps = [captions[i] for i in idx]
+      prompt = pipelines.Prompt(ids=pipelines.tokenize(tok, sd.text_encoders, caps),
+                                negative_ids=pipelines.tokenize(tok, sd.text_encoders, [""] * len(caps)),
+                                guidance_scale=np.full((len(caps),), args.guidance, np.float32))
+      keys = jax.vmap(jax.random.PRNGKey)(jnp.asarray(seeds[idx], jnp.uint32))
+      if control is None:
+        out.append(to_uint8(without(base_params, prompt, keys))[:n])
+      else:
+        ctl = control_lib.control_input(control[idx], scale=args.control_scale)
+        out.append(to_uint8(with_cn(params, prompt, keys, ctl))[:n])
+    return np.concatenate(out)
+
+  digit = np.asarray([a[0] for a in attrs])
+  mask = controls[..., 0] > 0.5
+  fg = lambda x: ci.control_images(x, silhouette)[..., 0] > 0.5
+  seeds = _seeds(len(images), 7)
+  captions = [cd.caption(*a) for a in attrs]
+  t0 = time.perf_counter()
+  controlled = sample(captions, seeds, controls)
+  secs = time.perf_counter() - t0
+  baseline = sample(captions, seeds)
+  rng = np.random.default_rng(2)
+  other = (digit + rng.integers(1, 10, len(digit))) % 10
+  conflict = sample([cd.caption(int(b), f, g) for b, (_, f, g) in zip(other, attrs)], seeds, controls)
+  judged = {k: judge_lib.judge(v)["digit"] for k, v in (("cn", controlled), ("base", baseline), ("conf", conflict))}
+  # For scale: the control silhouette against another real test digit of the same class (the next one, cyclically):
+  # the IoU of "the right digit, not this shape".
+  same = np.empty(len(digit), int)
+  for d in np.unique(digit):
+    idx = np.flatnonzero(digit == d)
+    same[idx] = np.roll(idx, -1)
+  other_real_iou = iou(mask[same], mask)
+  numbers = {"images": len(images), "control": model.control.kind, "step": run.step, "sampler": args.sampler,
+             "steps": args.steps, "guidance": args.guidance, "control_scale": args.control_scale,
+             "controlnet_seconds": secs,
+             "controlnet_digit_matches_control": float((judged["cn"] == digit).mean()),
+             "controlnet_iou_mean": float(iou(fg(controlled), mask).mean()),
+             "controlnet_iou_median": float(np.median(iou(fg(controlled), mask)))}
+  numbers.update({f"controlnet_{k}": v for k, v in judge_lib.score(controlled, attrs).items() if k != "digit"})
+  numbers.update({"baseline_digit_matches_control": float((judged["base"] == digit).mean()),
+                  "baseline_iou_mean": float(iou(fg(baseline), mask).mean()),
+                  "baseline_iou_median": float(np.median(iou(fg(baseline), mask)))})
+  numbers.update({f"baseline_{k}": v for k, v in judge_lib.score(baseline, attrs).items() if k != "digit"})
+  numbers.update({"conflict_judged_control_digit": float((judged["conf"] == digit).mean()),
+                  "conflict_judged_caption_digit": float((judged["conf"] == other).mean()),
+                  "conflict_iou_mean": float(iou(fg(conflict), mask).mean()),
+                  "same_digit_other_real_iou_mean": float(other_real_iou.mean())})
+  report(args, "controlnet", numbers)
+  g = spread(len(images))
+  ctl_rows = to_uint8(controls[g] * 2.0 - 1.0)
+  save_grid(os.path.join(args.grids, "digits_controlnet.png"),
+            [ctl_rows, controlled[g], baseline[g], conflict[g], images[g]])
+
+
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("uses", nargs="+", choices=USES + ("all",))
   p.add_argument("--vae", default="runs/vae_digits/vae")
   p.add_argument("--ldm", default="runs/ldm_digits")
   p.add_argument("--upscaler", default="runs/upscale_digits/upscaler")
+  p.add_argument("--controlnet", default="runs/controlnet_digits", help="a controlnet training run's workdir")
+  p.add_argument("--control_scale", type=float, default=1.0, help="the ControlNet's conditioning scale")
   p.add_argument("--num", type=int, default=500, help="txt2img images per set (seen, held-out)")
   p.add_argument("--cas_num", type=int, default=5000, help="generated training images for CAS")
   p.add_argument("--sampler", default="ddim")
@@ -330,6 +418,8 @@ def main(argv=None) -> int:
       use_text(args)
     elif use == "upscale":
       use_upscale(args)
+    elif use == "controlnet":
+      use_controlnet(args)
     else:
       sampler = sampler or Sampler(args.ldm, args)
       {"txt2img": use_txt2img, "img2img": use_img2img, "inpaint": use_inpaint, "cas": use_cas}[use](args, sampler)

@@ -7,6 +7,9 @@
   vae        an AutoencoderKL: reconstruction + KL, optional patch-GAN (autoencoder.py)
   upscale    text-guided latent super-resolution with Stable Diffusion's x4-upscaler structure, exported as a
              diffusers StableDiffusionUpscalePipeline (upscale.py; subclasses ldm)
+  controlnet a ControlNet next to a frozen Stable Diffusion (U-Net, VAE, text encoder), on control images derived
+             from the training images (silhouettes, edges), exported as a diffusers ControlNetModel (controlnet.py;
+             subclasses ldm)
 
 diffusion.py holds what the two diffusion tasks share. Tasks outside sdjax register themselves when their
 module is imported (e.g. by the config file that names them).
