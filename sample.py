@@ -8,6 +8,11 @@ job, one PNG per image with its generation metadata; re-run the same command to 
 Images get diffusers' SDXL invisible watermark (sdjax.watermark; RGB, at least 256 px) unless --no_watermark.
   python sample.py --model path/to/sd15 --prompt "a red bicycle" --num_per_prompt 4 --outdir out/bikes
   python sample.py --model sd15.safetensors --tokenizer path/to/tokenizer --prompts prompts.jsonl --outdir out/p
+ControlNet (one control image per --controlnet; several: MultiControlNet) and IP-Adapter (an image prompt):
+  python sample.py --model path/to/sd15 --controlnet path/to/sd-controlnet-canny:0.8 --control_image edges.png \
+      --prompt "a bird" --outdir out/bird
+  python sample.py --model path/to/sd15 --ip_adapter ip-adapter_sd15.safetensors:0.6 \
+      --image_encoder path/to/IP-Adapter/models/image_encoder --ip_adapter_image style.png --prompt "a cat"
 SDXL base + refiner (the ensemble of expert denoisers: the base runs the first --high_noise_frac of every txt2img
 schedule, the refiner the rest):
   python sample.py --model path/to/sdxl-base --refiner sd_xl_refiner_1.0.safetensors --high_noise_frac 0.8 \
@@ -61,7 +66,9 @@ flags.DEFINE_enum("model_type", None, ["sd1", "sd2", "sd2_v", "sdxl", "sdxl_refi
 flags.DEFINE_multi_string("prompt", [], "A prompt (repeatable).")
 flags.DEFINE_string("prompts", None, "A prompts file: .txt (one a line, # comments) or .jsonl (objects with "
                     "prompt and optional negative_prompt, seed, guidance_scale, guidance_rescale, steps, height, "
-                    "width, num_images, sampler, init_image, mask, strength).")
+                    "width, num_images, sampler, init_image, mask, strength, control_image, "
+                    "controlnet_conditioning_scale, control_guidance_start, control_guidance_end, "
+                    "ip_adapter_image, ip_adapter_scale, high_noise_frac).")
 flags.DEFINE_string("negative_prompt", "", "Negative prompt for every prompt without its own.")
 flags.DEFINE_integer("num_per_prompt", 1, "Images per prompt.")
 flags.DEFINE_float("rescale", 0.0, "Guidance rescale in [0, 1].")
@@ -75,6 +82,25 @@ flags.DEFINE_string("refiner", None, "An SDXL refiner (diffusers folder or singl
                     "--high_noise_frac of its schedule (denoising_end), then by the refiner (denoising_start).")
 flags.DEFINE_float("high_noise_frac", 0.8, "With --refiner: the fraction of the schedule the base model runs, in "
                    "(0, 1).")
+flags.DEFINE_multi_string("controlnet", [], "PATH[:SCALE]: a ControlNet (diffusers folder, or an original "
+                          "control_*.safetensors single file) guiding every image at conditioning scale SCALE "
+                          "(default 1); repeatable: several are diffusers' MultiControlNet (residuals summed).")
+flags.DEFINE_string("controlnet_config", None, "A diffusers ControlNet config (folder or config.json) for single-file "
+                    "--controlnet files whose architecture is not SD 1.5's / 2.1's default.")
+flags.DEFINE_multi_string("control_image", [], "The control image of every prompt without its own control_image, "
+                          "one per --controlnet in order (resized to the image size, RGB in [0, 1]).")
+flags.DEFINE_float("control_guidance_start", 0.0, "With --controlnet: the fraction of the steps run before the "
+                   "ControlNets start guiding, in [0, 1).")
+flags.DEFINE_float("control_guidance_end", 1.0, "With --controlnet: the fraction of the steps run after which they "
+                   "stop, in (start, 1].")
+flags.DEFINE_bool("guess_mode", False, "With --controlnet: diffusers' guess mode (ControlNets on the conditional "
+                  "branch only, residuals scaled 0.1 ... 1).")
+flags.DEFINE_multi_string("ip_adapter", [], "PATH[:SCALE]: an IP-Adapter file (diffusers' format, e.g. "
+                          "ip-adapter_sd15.safetensors) at SCALE (default 1); repeatable; needs --image_encoder.")
+flags.DEFINE_string("image_encoder", None, "The CLIP vision folder (CLIPVisionModelWithProjection) that embeds the "
+                    "IP-Adapter images, e.g. h94/IP-Adapter's models/image_encoder.")
+flags.DEFINE_multi_string("ip_adapter_image", [], "The image prompt of every prompt without its own "
+                          "ip_adapter_image: one for all --ip_adapter, or one per --ip_adapter in order.")
 flags.DEFINE_bool("grid", False, "Also write grid.png, one row per prompt.")
 flags.DEFINE_integer("fsdp", 1, "Shard the params over this many devices (mesh data x fsdp).")
 flags.DEFINE_bool("overwrite", False, "Continue in an outdir whose job.json differs (changed images are re-rendered).")
@@ -85,7 +111,9 @@ FLAGS = flags.FLAGS
 TEXT_ONLY = ("model", "tokenizer", "tokenizer_2", "model_type", "prompt", "prompts", "negative_prompt",
              "num_per_prompt", "rescale", "height", "width", "init_image", "mask", "strength", "grid", "fsdp",
              "overwrite", "max_images", "c2pa_key", "c2pa_cert", "c2pa_prompt", "no_safety_checker", "lora", "preset",
-             "refiner", "high_noise_frac")
+             "refiner", "high_noise_frac", "controlnet", "controlnet_config", "control_image",
+             "control_guidance_start", "control_guidance_end", "guess_mode", "ip_adapter", "image_encoder",
+             "ip_adapter_image")
 # How text-to-image job errors name a setting given here: by its flag (a prompts-file field by its line).
 FLAG_OF = {"prompts": "--prompts", "model": "--model", "tokenizer": "--tokenizer", "tokenizer_2": "--tokenizer_2",
            "seed": "--seed", "outdir": "--outdir", "overwrite": "--overwrite", "negative_prompt": "--negative_prompt",
@@ -93,7 +121,12 @@ FLAG_OF = {"prompts": "--prompts", "model": "--model", "tokenizer": "--tokenizer
            "width": "--width", "num_images": "--num_per_prompt", "sampler": "--sampler", "init_image": "--init_image",
            "mask": "--mask", "strength": "--strength", "batch_size": "--batch_size", "num": "--num",
            "c2pa_key": "--c2pa_key", "c2pa_cert": "--c2pa_cert", "c2pa_prompt": "--c2pa_prompt", "lora": "--lora",
-           "preset": "--preset", "refiner": "--refiner", "high_noise_frac": "--high_noise_frac"}
+           "preset": "--preset", "refiner": "--refiner", "high_noise_frac": "--high_noise_frac",
+           "controlnet": "--controlnet", "controlnet_config": "--controlnet_config", "control_image": "--control_image",
+           "controlnet_conditioning_scale": "--controlnet", "control_guidance_start": "--control_guidance_start",
+           "control_guidance_end": "--control_guidance_end", "guess_mode": "--guess_mode", "ip_adapter": "--ip_adapter",
+           "image_encoder": "--image_encoder", "ip_adapter_image": "--ip_adapter_image",
+           "ip_adapter_scale": "--ip_adapter"}
 
 
 def check_flags():
@@ -103,7 +136,8 @@ def check_flags():
   prompts.check_settings({"seed": FLAGS.seed, "num": FLAGS.num, "steps": FLAGS.steps, "guidance_scale": FLAGS.guidance,
                           "batch_size": FLAGS.batch_size, "num_images": FLAGS.num_per_prompt,
                           "guidance_rescale": FLAGS.rescale, "height": FLAGS.height, "width": FLAGS.width,
-                          "strength": FLAGS.strength}, FLAG_OF)
+                          "strength": FLAGS.strength, "control_guidance_start": FLAGS.control_guidance_start,
+                          "control_guidance_end": FLAGS.control_guidance_end}, FLAG_OF)
   if FLAGS.outdir:
     prompts.check_outdir(FLAGS.outdir, FLAG_OF)
 
@@ -117,6 +151,24 @@ def sample_classes():
   print(f"wrote {s['num_images']} images to {s['outdir']} (checkpoint step {s['checkpoint_step']}, "
         f"{s['sampler']} {s['steps']} steps, guidance {s['guidance_scale']}); "
         f"compile {s['compile_s']:.1f}s, {s['images_per_s']:.1f} images/s")
+
+
+def scaled_paths(name: str, setting: str) -> list[tuple[str, float]]:
+  """--NAME PATH[:SCALE] flags -> (path, scale) pairs, each path existing and each scale a valid `setting`."""
+  from sdjax import jobs, lora_loading, prompts
+  out = []
+  for spec in FLAGS[name].value:
+    try:
+      path, scale = lora_loading.parse_spec(spec)
+    except ValueError:
+      raise jobs.JobError(f"--{name} {spec!r}: expected PATH or PATH:SCALE with a finite number SCALE") from None
+    msg = prompts.check_value(setting, scale)
+    if msg:
+      raise jobs.JobError(f"--{name} {spec!r}: the scale {msg}")
+    if not os.path.exists(path):
+      raise jobs.JobError(f"--{name}: {path} does not exist")
+    out.append((path, scale))
+  return out
 
 
 def text_job():
@@ -148,10 +200,34 @@ def text_job():
       steps=steps, guidance_scale=guidance,
       guidance_rescale=FLAGS.rescale, sampler=FLAGS.sampler or (preset.sampler if preset else None),
       height=FLAGS.height or FLAGS.width, width=FLAGS.width or FLAGS.height, init_image=FLAGS.init_image,
-      mask=FLAGS.mask, strength=FLAGS.strength)
+      mask=FLAGS.mask, strength=FLAGS.strength, control_image=tuple(FLAGS.control_image) or None,
+      control_guidance_start=FLAGS.control_guidance_start, control_guidance_end=FLAGS.control_guidance_end,
+      ip_adapter_image=tuple(FLAGS.ip_adapter_image) or None)
   if FLAGS["high_noise_frac"].present and not FLAGS.refiner:
     raise jobs.JobError("--high_noise_frac applies with --refiner")
-  for name in ("init_image", "mask", "tokenizer", "tokenizer_2", "refiner"):
+  for name, needs in (("controlnet_config", "controlnet"), ("control_image", "controlnet"),
+                      ("control_guidance_start", "controlnet"), ("control_guidance_end", "controlnet"),
+                      ("guess_mode", "controlnet"), ("image_encoder", "ip_adapter"),
+                      ("ip_adapter_image", "ip_adapter")):
+    if FLAGS[name].present and not FLAGS[needs].value:
+      raise jobs.JobError(f"--{name} applies with --{needs}")
+  if FLAGS.ip_adapter and not FLAGS.image_encoder:
+    raise jobs.JobError("--ip_adapter needs --image_encoder DIR (the CLIP vision model that embeds the IP-Adapter "
+                        "images, CLIPVisionModelWithProjection)")
+  if FLAGS.refiner and (FLAGS.controlnet or FLAGS.ip_adapter):
+    raise jobs.JobError(f"--{'controlnet' if FLAGS.controlnet else 'ip_adapter'} does not combine with --refiner")
+  if FLAGS.control_guidance_start >= FLAGS.control_guidance_end:
+    raise jobs.JobError(f"--control_guidance_start {FLAGS.control_guidance_start} must be below "
+                        f"--control_guidance_end {FLAGS.control_guidance_end}")
+  controlnets = scaled_paths("controlnet", "controlnet_conditioning_scale")
+  ip_adapters = scaled_paths("ip_adapter", "ip_adapter_scale")
+  if FLAGS.control_image and len(FLAGS.control_image) != len(controlnets):
+    raise jobs.JobError(f"--control_image: {len(FLAGS.control_image)} given for {len(controlnets)} --controlnet: "
+                        "give one per ControlNet, in order")
+  if FLAGS.ip_adapter_image and len(FLAGS.ip_adapter_image) not in (1, len(ip_adapters)):
+    raise jobs.JobError(f"--ip_adapter_image: {len(FLAGS.ip_adapter_image)} given for {len(ip_adapters)} "
+                        "--ip_adapter: give one for all, or one per IP-Adapter")
+  for name in ("init_image", "mask", "tokenizer", "tokenizer_2", "refiner", "controlnet_config", "image_encoder"):
     path = getattr(FLAGS, name)
     if path and not os.path.exists(path):
       raise jobs.JobError(f"--{name}: {path} does not exist")
@@ -174,6 +250,11 @@ def text_job():
       raise jobs.JobError(f"--preset {FLAGS.preset}: {e}") from None
   if FLAGS.refiner:
     model = jobs.load_refiner(model, FLAGS.refiner, high_noise_frac=FLAGS.high_noise_frac, names=FLAG_OF)
+  if controlnets:
+    model = jobs.load_controlnets(model, controlnets, config=FLAGS.controlnet_config, guess_mode=FLAGS.guess_mode,
+                                  names=FLAG_OF)
+  if ip_adapters:
+    model = jobs.load_ip_adapters(model, ip_adapters, FLAGS.image_encoder, names=FLAG_OF)
   job = jobs.Job(outdir, tuple(raw), defaults, batch_size=8 if FLAGS.batch_size is None else FLAGS.batch_size,
                  fsdp=FLAGS.fsdp, grid=FLAGS.grid, overwrite=FLAGS.overwrite, max_images=FLAGS.max_images,
                  watermark=not FLAGS.no_watermark, c2pa=signer, preset=FLAGS.preset, names=FLAG_OF)

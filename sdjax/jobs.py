@@ -5,12 +5,15 @@ diffusers' SDXL invisible watermark (sdjax.watermark, applied on the host) unles
 Image j of prompt p has an integer seed (the prompt's own `seed` + j, else one derived from (job seed, p,
 j)) and its key is `jax.random.key(seed)`, so an image depends on neither the batch size, the device count
 nor the other images of its batch. Work is grouped by the static arguments of the jitted pipeline (mode,
-size, steps, sampler, guidance on/off, rescale on/off, strength): one compile per group, fixed-size
-batches sharded over the mesh. A re-run of the same job renders only the images whose PNG is missing.
+size, steps, sampler, guidance on/off, rescale on/off, strength, a refiner's high_noise_frac): one compile per
+group, fixed-size batches sharded over the mesh. A re-run of the same job renders only the images whose PNG is
+missing. A model may carry ControlNets (`load_controlnets`: per-image control images, scales and guidance windows
+are inputs of the program) and IP-Adapters (`load_ip_adapters`: image prompts embedded once per image by the CLIP
+vision encoder before rendering).
 
-(~500 lines, above the ~450 of the style guide on purpose: it is one job's life read top to bottom, its model,
+(~700 lines, above the ~450 of the style guide on purpose: it is one job's life read top to bottom, its model,
 its seeds, its output folder's records, its compile groups and their memory check; prompt parsing is already
-split out into sdjax.prompts.)
+split out into sdjax.prompts, ControlNet and IP-Adapter inputs into sdjax.job_adapters.)
 """
 from __future__ import annotations
 
@@ -30,15 +33,21 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from sdjax import io, memory, parallel, pipelines, preemption, provenance, watermark
+# ControlNets and IP-Adapters in jobs, part of the jobs' API (jobs.load_controlnets, jobs.Control, ...).
+from sdjax.job_adapters import (Control, IPAdapters, adapter_fields, control_inputs, encode_ip_images,  # noqa: F401
+                                file_hash, image_hashes, ip_input, load_control_image, load_controlnets,
+                                load_ip_adapters, open_image)
 # The prompts' API, part of the jobs' (jobs.read_prompts, jobs.Defaults, jobs.JobError, ...).
 from sdjax.prompts import (FIELDS, SEED_MAX, Defaults, JobError, Spec, check_outdir, check_settings,  # noqa: F401
                            name_of, read_prompts, resolve)
 
 # job.json fields that change the images (a re-run that changes one of them is refused).
-IMAGE_FIELDS = ("model_hash", "seed", "watermark", "c2pa", "safety_checker", "preset", "refiner")
+IMAGE_FIELDS = ("model_hash", "seed", "watermark", "c2pa", "safety_checker", "preset", "refiner", "controlnet",
+                "ip_adapter")
 # What a job.json written before a field existed meant by its absence (no watermark, no C2PA, no safety check,
-# no refiner).
-OLD_DEFAULTS = {"watermark": False, "c2pa": False, "safety_checker": False, "refiner": None}
+# no refiner, no ControlNet, no IP-Adapter).
+OLD_DEFAULTS = {"watermark": False, "c2pa": False, "safety_checker": False, "refiner": None, "controlnet": None,
+                "ip_adapter": None}
 # Per-image outcomes recorded with the settings (PNG text, index.jsonl) but not compared on re-runs.
 OUTCOMES = ("nsfw_content_detected",)
 
@@ -86,7 +95,8 @@ class Refiner:
 @dataclasses.dataclass(eq=False)
 class Model:
   """A loaded text-to-image model with what a job needs to know about it (`refiner`: an SDXL refiner for its
-  txt2img images, `load_refiner`)."""
+  txt2img images, `load_refiner`; `control`: ControlNets, `load_controlnets`; `ip_adapters`: IP-Adapters,
+  `load_ip_adapters`)."""
   sd: pipelines.StableDiffusion
   params: Any
   tokenizers: list
@@ -96,6 +106,8 @@ class Model:
   _hash: str | None = None
   compiled: dict = dataclasses.field(default_factory=dict)  # (group, batch size, mesh) -> executable
   refiner: Refiner | None = None
+  control: Control | None = None
+  ip_adapters: IPAdapters | None = None
 
   @property
   def hash(self) -> str:
@@ -256,10 +268,12 @@ def truncated_texts(model: Model, texts: Sequence[str]) -> list[bool]:
   return out
 
 
-def record(item: Item, model: Model, truncated: bool = False, watermarked: bool = True) -> dict:
+def record(item: Item, model: Model, truncated: bool = False, watermarked: bool = True,
+           hashes: Mapping[str, str] | None = None) -> dict:
   """The generation metadata of one image (PNG tEXt chunks and its index.jsonl line); `truncated`: its
   prompt or negative prompt was cut to the text encoder's token length; `watermark`: sdjax.watermark.LABEL
-  when the job watermarks its images (`watermarked`) and the image is large enough to carry it, else "none"."""
+  when the job watermarks its images (`watermarked`) and the image is large enough to carry it, else "none".
+  With ControlNets / IP-Adapters: `adapter_fields` (`hashes`: `image_hashes` of the job's prompts)."""
   s = item.spec
   r = {"file": item.name, "prompt": s.prompt, "negative_prompt": s.negative_prompt, "seed": item.seed,
        "sampler": s.sampler, "steps": s.steps, "guidance_scale": s.guidance_scale,
@@ -268,7 +282,8 @@ def record(item: Item, model: Model, truncated: bool = False, watermarked: bool 
        "watermark": watermark.label(s.height, s.width, watermarked)}
   r.update({k: getattr(s, k) for k in ("init_image", "mask") if getattr(s, k)})
   if model.refiner is not None and s.mode == "txt2img":
-    r.update(model.refiner.info())
+    r.update(model.refiner.info(), high_noise_frac=s.high_noise_frac)
+  r.update(adapter_fields(s, model, image_hashes([s]) if hashes is None else hashes))
   if truncated:
     r["truncated"] = True
   return r
@@ -324,10 +339,7 @@ def make_grid(outdir: str, specs: Sequence[Spec]) -> np.ndarray | None:
 
 def load_image(path: str, height: int, width: int, mask: bool = False) -> np.ndarray:
   """[H, W, 3] in [-1, 1] (an image) or [H, W, 1] in {0, 1} (a mask, white = repaint), resized."""
-  try:
-    img = Image.open(path).convert("L" if mask else "RGB")
-  except OSError as e:
-    raise JobError(f"cannot read image {path}: {e}") from None
+  img = open_image(path, "L" if mask else "RGB")
   if img.size != (width, height):
     img = img.resize((width, height), Image.NEAREST if mask else Image.LANCZOS)
   a = np.asarray(img, np.float32) / 255.0
@@ -335,8 +347,10 @@ def load_image(path: str, height: int, width: int, mask: bool = False) -> np.nda
 
 
 def batch_inputs(model: Model, group: tuple, batch: Sequence[Item]) -> tuple:
-  """Host arrays (prompt, seeds [B], image [B, H, W, 3] | None, mask [B, H, W, 1] | None) for a batch."""
-  mode, h, w, _, _, cfg, rescale, _ = group
+  """Host arrays (prompt, seeds [B], image [B, H, W, 3] | None, mask [B, H, W, 1] | None) for a batch; the prompt
+  carries the IP-Adapter inputs (their images embedded beforehand, `encode_ip_images`). The ControlNets' inputs:
+  `control_inputs`."""
+  mode, h, w, _, _, cfg, rescale, _, _ = group
   sd, specs = model.sd, [it.spec for it in batch]
   embedded = sd.embedded_guidance  # an LCM U-Net: the scale is an input at any value, no negative branch
   ids = pipelines.tokenize(model.tokenizers, sd.text_encoders, [s.prompt for s in specs])
@@ -348,6 +362,9 @@ def batch_inputs(model: Model, group: tuple, batch: Sequence[Item]) -> tuple:
       np.asarray([s.guidance_rescale for s in specs], np.float32) if cfg and rescale else None,
       time_ids, np.asarray([not s.negative_prompt for s in specs]) if sd.sdxl and cfg else None,
       negative_time_ids if cfg else None)
+  if model.ip_adapters is not None:
+    hashes = encode_ip_images(model, specs)  # (only hashes the images `run` embedded up front)
+    prompt = prompt._replace(ip_adapter=ip_input(model, specs, hashes))
   if model.refiner is not None and mode == "txt2img":  # (base prompt, refiner prompt): pipelines.ensemble
     prompt = (prompt, _refiner_prompt(model.refiner, specs, h, w, cfg, rescale))
   seeds = np.asarray([it.seed for it in batch], np.int32)
@@ -380,20 +397,25 @@ def _refiner_prompt(refiner: Refiner, specs: Sequence[Spec], h: int, w: int, cfg
       time_ids, None, negative_time_ids if cfg else None)
 
 
-def render_fn(sd: pipelines.StableDiffusion, group: tuple, mesh, refiner: Refiner | None = None) -> Callable:
-  """jit (params, prompt, seeds, image, mask) -> (uint8 images [B, H, W, C], has_nsfw_concept [B] bool), batch
-  sharded over `mesh`. With a safety checker (sd.safety_checker) flagged images are black; without, no flag is
-  set. With a `refiner`, txt2img renders `pipelines.ensemble` (params["refiner"]: its params; prompt: the
-  (base, refiner) Prompt pair of `batch_inputs`)."""
-  mode, h, w, steps, sampler, _, _, strength = group
+def render_fn(sd: pipelines.StableDiffusion, group: tuple, mesh, refiner: Refiner | None = None,
+              control: Control | None = None) -> Callable:
+  """jit (params, prompt, seeds, image, mask, control) -> (uint8 images [B, H, W, C], has_nsfw_concept [B] bool),
+  batch sharded over `mesh`. With a safety checker (sd.safety_checker) flagged images are black; without, no flag
+  is set. With a `refiner`, txt2img renders `pipelines.ensemble` at the group's high_noise_frac (params["refiner"]:
+  its params; prompt: the (base, refiner) Prompt pair of `batch_inputs`). With `control` (ControlNets), every mode
+  gets the control inputs (`control_inputs`; params["controlnets"]: their params); IP-Adapters travel in the prompt
+  (params["ip_adapter"])."""
+  mode, h, w, steps, sampler, _, _, strength, high_noise_frac = group
   checked = sd.safety_checker is not None
 
-  def fn(params, prompt, seeds, image, mask):
+  def fn(params, prompt, seeds, image, mask, ctl):
     keys = jax.vmap(jax.random.key)(seeds)
     kw = {"sampler": sampler, "num_steps": steps, "safety_check": checked}
+    if control is not None:
+      kw.update(control=ctl, controlnets=control.modules, guess_mode=control.guess_mode)
     if mode == "txt2img" and refiner is not None:
       x = pipelines.ensemble(sd, params, refiner.sd, params["refiner"], prompt[0], prompt[1], keys, height=h,
-                             width=w, high_noise_frac=refiner.high_noise_frac, **kw)
+                             width=w, high_noise_frac=high_noise_frac, **kw)
     elif mode == "txt2img":
       x = pipelines.txt2img(sd, params, prompt, keys, height=h, width=w, **kw)
     elif mode == "img2img":
@@ -423,7 +445,7 @@ def compiled_for(model: Model, params: Any, group: tuple, args: tuple, mesh,
     return model.compiled[key], 0.0
   t = time.perf_counter()
   with jax.set_mesh(mesh):  # traced under the mesh: Pallas attention kernels run per shard (shard_map)
-    compiled = render_fn(model.sd, group, mesh, model.refiner).lower(params, *args).compile()
+    compiled = render_fn(model.sd, group, mesh, model.refiner, model.control).lower(params, *args).compile()
   per_device = memory.compiled_bytes(compiled)
   if per_device is not None:
     budget, devices = _budget(mesh)
@@ -502,6 +524,7 @@ def run(job: Job, model: Model, *, devices: Sequence[jax.Device] | None = None, 
   t_start = time.perf_counter()
   specs = resolve(job.raw_prompts, job.defaults, model, names=job.names)
   check_refiner(model, specs)
+  hashes = image_hashes(specs)
   check_settings({"batch_size": job.batch_size}, job.names)
   check_outdir(job.outdir, job.names)
   work = items(specs, job.defaults.seed)
@@ -522,17 +545,26 @@ def run(job: Job, model: Model, *, devices: Sequence[jax.Device] | None = None, 
           "seed": job.defaults.seed, "watermark": job.watermark, "c2pa": job.c2pa is not None,
           "safety_checker": model.sd.safety_checker is not None, "preset": job.preset,
           "refiner": model.refiner.info() if model.refiner is not None else None,
-          "prompts": [dataclasses.asdict(s) for s in specs],
+          "controlnet": model.control.info() if model.control is not None else None,
+          "ip_adapter": model.ip_adapters.info() if model.ip_adapters is not None else None,
+          "prompts": [_prompt_info(s, hashes) for s in specs],
           "execution": {"batch_size": batch_size, "devices": len(devices), "fsdp": job.fsdp}}
-  records = {it.name: record(it, model, it.spec.prompt in cut or it.spec.negative_prompt in cut, job.watermark)
-             for it in work}
+  records = {it.name: record(it, model, it.spec.prompt in cut or it.spec.negative_prompt in cut, job.watermark,
+                            hashes) for it in work}
   check_memory(model, _groups(work), batch_size, mesh, job.names)
   done = _prepare_outdir(job, info, work, records, lead)
   todo = [it for it, d in zip(work, done) if not d]
   skipped = len(work) - len(todo)
   todo = todo if job.max_images is None else todo[:max(0, job.max_images)]
   groups = _groups(todo)
-  all_params = model.params if model.refiner is None else {**model.params, "refiner": model.refiner.params}
+  all_params = dict(model.params)
+  if model.refiner is not None:
+    all_params["refiner"] = model.refiner.params
+  if model.control is not None:
+    all_params["controlnets"] = model.control.params
+  if model.ip_adapters is not None:
+    all_params["ip_adapter"] = model.ip_adapters.params
+    encode_ip_images(model, [it.spec for it in todo])
   params = put(all_params, pipelines.param_shardings(all_params, mesh)) if todo else None
 
   stats = {"compile_s": 0.0, "render_s": 0.0, "rendered": 0, "nsfw": 0}
@@ -569,7 +601,7 @@ def run(job: Job, model: Model, *, devices: Sequence[jax.Device] | None = None, 
 def check_refiner(model: Model, specs: Sequence[Spec]) -> None:
   """Refuse, before anything is rendered, prompts an SDXL refiner cannot render: txt2img with a refiner as the model
   (it needs an init_image), or a refiner job's txt2img prompt whose sampler cannot split the schedule or whose
-  steps leave no step to the base or the refiner at the job's high_noise_frac."""
+  steps leave no step to the base or the refiner at its high_noise_frac."""
   from sdjax import samplers
   for p, s in enumerate(specs):
     where = f"prompt {p} ({s.prompt[:40]!r})"
@@ -578,7 +610,7 @@ def check_refiner(model: Model, specs: Sequence[Spec]) -> None:
                      "to refine txt2img images give it as the refiner of an SDXL base model")
     if model.refiner is None or s.mode != "txt2img":
       continue
-    frac = model.refiner.high_noise_frac
+    frac = s.high_noise_frac
     try:
       samplers.step_tables(model.sd.schedule, s.sampler, s.steps, denoising_end=frac)
       samplers.step_tables(model.refiner.sd.schedule, s.sampler, s.steps, denoising_start=frac)
@@ -609,6 +641,20 @@ def _prepare_outdir(job: Job, info: dict, work: list[Item], records: dict, lead:
   return done
 
 
+def _prompt_info(spec: Spec, hashes: Mapping[str, str]) -> dict:
+  """A prompt as job.json records it: its Spec (JSON types; the ControlNet, IP-Adapter and refiner fields only when
+  set, so a job without them reads as before they existed) with the hashes of its control / IP-Adapter images."""
+  d = json.loads(json.dumps(dataclasses.asdict(spec)))
+  for key in ("control_image", "controlnet_conditioning_scale", "control_guidance_start", "control_guidance_end",
+              "ip_adapter_image", "ip_adapter_scale", "high_noise_frac"):
+    if d.get(key) is None:
+      d.pop(key, None)
+  for key in ("control_image", "ip_adapter_image"):
+    if d.get(key):
+      d[f"{key}_hash"] = [hashes[p] for p in d[key]]
+  return d
+
+
 def _png_text(rec: dict) -> dict:
   return {k: str(v) for k, v in rec.items() if k != "file"}
 
@@ -630,7 +676,8 @@ def _render_batch(model, params, group, batch, size, mesh, outdir, records, stat
                   watermarked=True, c2pa=None):
   """Render one batch (padded to `size` by repeating its last row); process 0 watermarks the images (when
   `watermarked`, see `record`) and writes PNGs and index lines."""
-  host = batch_inputs(model, group, list(batch) + [batch[-1]] * (size - len(batch)))
+  rows = list(batch) + [batch[-1]] * (size - len(batch))
+  host = (*batch_inputs(model, group, rows), control_inputs(model, group, rows))
   sharding = parallel.batch_sharding(mesh)
   args = put(host, jax.tree.map(lambda _: sharding, host))
   fn, compile_s = compiled_for(model, params, group, args, mesh, names)

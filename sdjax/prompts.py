@@ -23,14 +23,23 @@ if TYPE_CHECKING:
 SEED_MAX = 2**31 - 1
 FIELDS = {"prompt": str, "negative_prompt": str, "seed": int, "guidance_scale": float, "guidance_rescale": float,
           "steps": int, "height": int, "width": int, "num_images": int, "sampler": str, "init_image": str,
-          "mask": str, "strength": float}
+          "mask": str, "strength": float, "control_image": str, "controlnet_conditioning_scale": float,
+          "control_guidance_start": float, "control_guidance_end": float, "ip_adapter_image": str,
+          "ip_adapter_scale": float, "high_noise_frac": float}
+# Fields that also take a list (one value per ControlNet / IP-Adapter of the job); a single value applies to all
+# (control_image: only with one ControlNet).
+LIST_FIELDS = ("control_image", "controlnet_conditioning_scale", "ip_adapter_image", "ip_adapter_scale")
+# Image paths: relative ones in a prompts file are relative to it.
+PATH_FIELDS = ("init_image", "mask", "control_image", "ip_adapter_image")
 
 
 # Ranges of the numeric settings, shared by prompts-file fields, job defaults and sample.py's flags:
 # (low, high, low inclusive); None: unbounded. Floats must also be finite.
 RANGES = {"seed": (0, SEED_MAX, True), "steps": (1, 10_000, True), "num_images": (1, 1000, True),
           "guidance_scale": (0, None, True), "guidance_rescale": (0, 1, True), "strength": (0, 1, False),
-          "height": (1, None, True), "width": (1, None, True), "batch_size": (1, None, True), "num": (1, None, True)}
+          "height": (1, None, True), "width": (1, None, True), "batch_size": (1, None, True), "num": (1, None, True),
+          "controlnet_conditioning_scale": (0, None, True), "control_guidance_start": (0, 1, True),
+          "control_guidance_end": (0, 1, True), "ip_adapter_scale": (0, None, True), "high_noise_frac": (0, 1, False)}
 
 
 class JobError(ValueError):
@@ -41,6 +50,10 @@ def check_value(name: str, value) -> str | None:
   """Why `value` is no valid `name` (a FIELDS or RANGES setting), or None when it is (None: not given)."""
   if value is None:
     return None
+  if name in LIST_FIELDS and isinstance(value, (list, tuple)):
+    if not value:
+      return "must not be an empty list"
+    return next((f"[{i}] {m}" for i, m in ((i, check_value(name, v)) for i, v in enumerate(value)) if m), None)
   kind = FIELDS.get(name, int if name in RANGES else None)
   if kind is float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value):
@@ -100,6 +113,17 @@ class Defaults:
   init_image: str | None = None
   mask: str | None = None
   strength: float | None = None  # None: 0.8 for img2img (diffusers' default), 1.0 for inpainting
+  # ControlNet (a job with ControlNets, sdjax.jobs.load_controlnets): control images, one per ControlNet; scales
+  # (None: the ControlNets' own, `Model.control.scales`); the guidance window as fractions of the steps run.
+  control_image: str | tuple[str, ...] | None = None
+  controlnet_conditioning_scale: float | tuple[float, ...] | None = None
+  control_guidance_start: float = 0.0
+  control_guidance_end: float = 1.0
+  # IP-Adapter (sdjax.jobs.load_ip_adapters): the image prompt (one path for all adapters, or one per adapter);
+  # scales (None: the adapters' own).
+  ip_adapter_image: str | tuple[str, ...] | None = None
+  ip_adapter_scale: float | tuple[float, ...] | None = None
+  high_noise_frac: float | None = None  # with an SDXL refiner; None: the refiner's (Model.refiner.high_noise_frac)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,6 +142,14 @@ class Spec:
   init_image: str | None
   mask: str | None
   strength: float
+  # Set only when the job has ControlNets / IP-Adapters / a refiner (txt2img), else None (job.json stays as before).
+  control_image: tuple[str, ...] | None = None
+  controlnet_conditioning_scale: tuple[float, ...] | None = None
+  control_guidance_start: float | None = None
+  control_guidance_end: float | None = None
+  ip_adapter_image: tuple[str, ...] | None = None
+  ip_adapter_scale: tuple[float, ...] | None = None
+  high_noise_frac: float | None = None
 
   @property
   def mode(self) -> str:
@@ -125,9 +157,10 @@ class Spec:
 
   @property
   def group(self) -> tuple:
-    """The static arguments of its jitted function (classifier-free guidance only for a scale > 1)."""
+    """The static arguments of its jitted function (classifier-free guidance only for a scale > 1; a refiner's
+    high_noise_frac)."""
     return (self.mode, self.height, self.width, self.steps, self.sampler, self.guidance_scale > 1.0,
-            self.guidance_rescale > 0.0, self.strength)
+            self.guidance_rescale > 0.0, self.strength, self.high_noise_frac)
 
 
 def read_prompts(path: str, *, names: Mapping[str, str] | None = None) -> list[tuple[dict, str]]:
@@ -162,14 +195,20 @@ def _parse_line(line: str, where: str, base: str) -> dict:
     kind = FIELDS.get(key)
     if kind is None:
       raise JobError(f"{where}: unknown field {key!r}; expected one of {sorted(FIELDS)}")
-    ok = isinstance(value, (int, float)) if kind is float else isinstance(value, kind)
-    if not ok or isinstance(value, bool) or (kind is float and not np.isfinite(value)):
-      raise JobError(f"{where}: field {key!r} must be {'a number' if kind is float else kind.__name__}, got {value!r}")
+    values = value if key in LIST_FIELDS and isinstance(value, list) and value else [value]
+    for v in values:
+      ok = isinstance(v, (int, float)) if kind is float else isinstance(v, kind)
+      if not ok or isinstance(v, bool) or (kind is float and not np.isfinite(v)):
+        what = "a number" if kind is float else kind.__name__
+        if key in LIST_FIELDS:
+          what += f" or a non-empty list of {'numbers' if kind is float else kind.__name__ + 's'}"
+        raise JobError(f"{where}: field {key!r} must be {what}, got {value!r}")
   if not obj.get("prompt"):
     raise JobError(f"{where}: field 'prompt' is required (a non-empty string)")
-  for key in ("init_image", "mask"):  # relative to the prompts file
-    if key in obj and not os.path.isabs(obj[key]):
-      obj[key] = os.path.join(base, obj[key])
+  for key in PATH_FIELDS:  # relative to the prompts file
+    if key in obj:
+      rel = lambda p: p if os.path.isabs(p) else os.path.join(base, p)
+      obj[key] = [rel(p) for p in obj[key]] if isinstance(obj[key], list) else rel(obj[key])
   return obj
 
 
@@ -213,15 +252,20 @@ def _resolve_one(raw: dict, where: str, d: Defaults, model: Model, names: Mappin
   init, mask = get("init_image"), get("mask")
   if mask and not init:
     fail("mask", "a mask needs an init_image (the image to repaint)")
-  for name, path in (("init_image", init), ("mask", mask)):
-    if not path:
-      continue
-    if not os.path.isfile(path):
+  def check_image(name, path):
+    if not os.path.exists(path):
       fail(name, f"image file {path} does not exist")
+    if not os.path.isfile(path):  # a FIFO, a device (a link to /dev/zero), a folder: never read it
+      fail(name, f"{path} is not a regular file (an image file)")
     try:
-      Image.open(path).verify()
+      with Image.open(path) as img:
+        img.verify()
     except Exception as e:  # PIL raises many kinds for a file that is not an image
       fail(name, f"cannot read image {path}: {e}")
+
+  for name, path in (("init_image", init), ("mask", mask)):
+    if path:
+      check_image(name, path)
   strength = get("strength")
   strength = float((0.8 if init and not mask else 1.0) if strength is None else strength)
   if not 0 < strength <= 1:
@@ -235,6 +279,80 @@ def _resolve_one(raw: dict, where: str, d: Defaults, model: Model, names: Mappin
   msg = check_steps(sampler, int(get("steps")), model.sd.schedule)
   if msg:
     fail("steps", msg)
+  extra = _resolve_adapters(raw, get, fail, check_image, model, names, init is None)
   return Spec(raw["prompt"], get("negative_prompt") or "", seed, float(get("guidance_scale")),
               float(get("guidance_rescale")), int(get("steps")), size["height"], size["width"],
-              int(get("num_images")), sampler, init, mask, strength)
+              int(get("num_images")), sampler, init, mask, strength, **extra)
+
+
+def _per_net(value, n: int, what: str, fail, name: str) -> tuple | None:
+  """A single value or list as a tuple of `n` (a single value repeated), or None for None."""
+  if value is None:
+    return None
+  values = tuple(value) if isinstance(value, (list, tuple)) else (value,)
+  if len(values) == 1:
+    values *= n
+  if len(values) != n:
+    fail(name, f"{len(values)} value(s) for the job's {n} {what}(s): give one, or one per {what}")
+  return values
+
+
+def _resolve_adapters(raw: dict, get, fail, check_image, model: Model, names, txt2img: bool) -> dict:
+  """A line's ControlNet, IP-Adapter and refiner settings (Spec's last fields); fields the job has no use for are
+  refused."""
+  out = {}
+  for name in ("controlnet_conditioning_scale", "control_guidance_start", "control_guidance_end", "ip_adapter_scale",
+               "high_noise_frac"):
+    msg = check_value(name, get(name))
+    if msg:
+      fail(name, msg)
+  control = getattr(model, "control", None)
+  if control is None:
+    for name in ("control_image", "controlnet_conditioning_scale", "control_guidance_start", "control_guidance_end"):
+      if name in raw:
+        fail(name, f"the job has no ControlNet (pass {name_of(names, 'controlnet')} PATH)")
+  else:
+    n = len(control.paths)
+    images = get("control_image")
+    if images is None:
+      fail("control_image", f"the job has {n} ControlNet(s): every prompt needs a control image, one per ControlNet "
+                            f"(a prompts-file field or {name_of(names, 'control_image')})")
+    images = tuple(images) if isinstance(images, (list, tuple)) else (images,)
+    if len(images) != n:
+      fail("control_image", f"{len(images)} control image(s) for the job's {n} ControlNet(s): give one each")
+    for path in images:
+      check_image("control_image", path)
+    scales = _per_net(get("controlnet_conditioning_scale"), n, "ControlNet", fail, "controlnet_conditioning_scale")
+    start, end = float(get("control_guidance_start")), float(get("control_guidance_end"))
+    if not start < end:
+      fail("control_guidance_end", f"control_guidance_start {start} must be below control_guidance_end {end}")
+    out.update(control_image=images, controlnet_conditioning_scale=tuple(
+        float(s) for s in (control.scales if scales is None else scales)), control_guidance_start=start,
+        control_guidance_end=end)
+  adapters = getattr(model, "ip_adapters", None)
+  if adapters is None:
+    for name in ("ip_adapter_image", "ip_adapter_scale"):
+      if name in raw:
+        fail(name, f"the job has no IP-Adapter (pass {name_of(names, 'ip_adapter')} PATH)")
+  else:
+    n = len(adapters.paths)
+    images = _per_net(get("ip_adapter_image"), n, "IP-Adapter", fail, "ip_adapter_image")
+    if images is None:
+      fail("ip_adapter_image", f"the job has {n} IP-Adapter(s): every prompt needs an ip_adapter_image (a "
+                               f"prompts-file field or {name_of(names, 'ip_adapter_image')})")
+    for path in images:
+      check_image("ip_adapter_image", path)
+    scales = _per_net(get("ip_adapter_scale"), n, "IP-Adapter", fail, "ip_adapter_scale")
+    out.update(ip_adapter_image=images,
+               ip_adapter_scale=tuple(float(s) for s in (adapters.scales if scales is None else scales)))
+  refiner = getattr(model, "refiner", None)
+  if refiner is None:
+    if "high_noise_frac" in raw:
+      fail("high_noise_frac", f"the job has no refiner (pass {name_of(names, 'refiner')} PATH)")
+  elif txt2img:
+    frac = get("high_noise_frac")
+    frac = float(refiner.high_noise_frac if frac is None else frac)
+    if not 0 < frac < 1:
+      fail("high_noise_frac", f"must be in (0, 1), got {frac}")
+    out["high_noise_frac"] = frac
+  return out
