@@ -1,5 +1,5 @@
 """Test setup: 8 fake CPU devices (set before jax is imported), an isolated TFDS data dir, and one persistent XLA
-cache for the session."""
+cache for the CLI subprocesses."""
 import atexit
 import contextlib
 import json
@@ -11,16 +11,6 @@ import tempfile
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("SDJAX_DATA_DIR", os.path.join(tempfile.gettempdir(), f"sdjax-test-data-{os.getuid()}"))
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-# One persistent XLA cache for the whole session, also inherited by the train.py / sample.py subprocesses the tests
-# start (jax reads these variables at import): a program compiled by one test or process is loaded, not compiled
-# again, by the next (a cached tiny train.py starts in ~17 s instead of ~60 s here). A cached executable is the
-# same executable, so results are unchanged; an unreadable entry (a process killed while writing it) is a jax
-# warning and a recompile. `persistent_compilation_cache` below still gives a test a cache of its own.
-if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
-  _XLA_CACHE = tempfile.mkdtemp(prefix="sdjax-test-xla-")
-  atexit.register(shutil.rmtree, _XLA_CACHE, ignore_errors=True)
-  os.environ["JAX_COMPILATION_CACHE_DIR"] = _XLA_CACHE
-  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
@@ -30,6 +20,17 @@ import jax  # noqa: E402
 import pytest  # noqa: E402
 
 assert jax.device_count() == 8, "tests expect 8 fake CPU devices; XLA_FLAGS was set too late"
+# One persistent XLA cache for the train.py / sample.py subprocesses the tests start, set after jax is imported:
+# jax reads these variables when it is imported, so they reach the children only. A child loads what an earlier
+# child compiled instead of compiling it again (a cached tiny train.py starts in ~17 s instead of ~60 s here); a
+# cached executable is the same executable, so results are unchanged, and an unreadable entry (a child killed while
+# writing it) is a jax warning and a recompile. In this process writing every compile to disk costs more than the
+# few repeats save (tests/test_models.py: +3% CPU), so tests that repeat compiles use `persistent_compilation_cache`.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  _XLA_CACHE = tempfile.mkdtemp(prefix="sdjax-test-xla-")
+  atexit.register(shutil.rmtree, _XLA_CACHE, ignore_errors=True)
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = _XLA_CACHE
+  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 
 
 def losses(workdir):
