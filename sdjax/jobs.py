@@ -308,9 +308,10 @@ def check_job(outdir: str, job: dict, names: Mapping[str, str] | None = None) ->
     return
   with open(path) as f:
     old = json.load(f)
-  for key in IMAGE_FIELDS:
-    if old.get(key, OLD_DEFAULTS.get(key)) != job[key]:
-      _changed(names, outdir, key, old.get(key, OLD_DEFAULTS.get(key)), job[key])
+  for key in IMAGE_FIELDS:  # a field missing on either side means what its absence always meant (OLD_DEFAULTS)
+    before, now = old.get(key, OLD_DEFAULTS.get(key)), job.get(key, OLD_DEFAULTS.get(key))
+    if before != now:
+      _changed(names, outdir, key, before, now)
   for p, (a, b) in enumerate(zip(old.get("prompts", []), job["prompts"])):  # appended prompts are fine
     for key in sorted(set(a) | set(b)):
       if a.get(key) != b.get(key):

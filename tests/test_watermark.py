@@ -130,7 +130,7 @@ def fake_renderer(monkeypatch):
   attention over 16k latent tokens is too slow for a test, and the watermark is applied after it anyway."""
   def compiled_for(model, params, group, args, mesh, names=None):
     _, h, w = group[:3]
-    return (lambda params, prompt, seeds, image, mask: (np.stack(
+    return (lambda params, prompt, seeds, image, mask, control: (np.stack(
         [smooth_image(int(s), h, w) for s in np.asarray(seeds)]), np.zeros(len(seeds), bool))), 0.0
   monkeypatch.setattr(jobs, "compiled_for", compiled_for)
 
