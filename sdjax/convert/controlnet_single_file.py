@@ -76,26 +76,12 @@ def to_diffusers(state_dict: Mapping[str, np.ndarray], config: controlnet_lib.Co
   keys = list(state_dict)
   prefix = PREFIX if any(k.startswith(PREFIX) for k in keys) else ""
   rules = controlnet_rules(config, prefix)
-  out, ignored, unmapped, source = {}, [], [], {}
-  for key in keys:
-    if prefix and not key.startswith(prefix):
-      ignored.append(key)  # the rest of a whole-model file
-      continue
-    rule_key = single_file._match(key, rules)
-    if rule_key is None:
-      (ignored if "." not in key else unmapped).append(key)
-      continue
-    _, target, handler = rules[rule_key]
-    mapped = handler(key[len(rule_key):], np.asarray(state_dict[key]))
-    if mapped is None:
-      unmapped.append(key)
-      continue
-    for suffix, array in mapped:
-      name = target + suffix
-      if name in source:
-        raise ValueError(f"checkpoint keys {source[name]!r} and {key!r} both map to {name!r}")
-      source[name] = key
-      out[name] = array
+  own = [k for k in keys if k.startswith(prefix)]
+  mapped, ignored, unmapped = single_file.apply_rules(state_dict, own, rules)
+  out = {}  # the encoder's rules name the "unet" component, the ControlNet's own ones "controlnet": one state dict
+  for part in mapped.values():
+    out.update(part)
+  ignored += [k for k in keys if not k.startswith(prefix)]  # the rest of a whole-model file
   if unmapped:
     raise single_file.UnmappedKeysError(sorted(unmapped), "controlnet")
   if not out:

@@ -375,6 +375,41 @@ def _match(key: str, rules: Mapping[str, Rule]) -> str | None:
 
 # --- conversion --------------------------------------------------------------------------------------
 
+def apply_rules(state_dict: Mapping[str, np.ndarray], keys: Iterable[str], rules: Mapping[str, Rule]
+                ) -> tuple[dict[str, dict[str, np.ndarray]], list[str], list[str]]:
+  """Map `keys` of `state_dict` by `rules`: ({component: {diffusers key: array}}, ignored keys, unmapped keys).
+
+  Ignored: keys of an IGNORE rule, and keys that match no rule and have no dot (buffers of the top-level
+  LatentDiffusion module: betas, alphas_cumprod, posterior_* ..., the noise schedule, which comes from the
+  scheduler config instead). Unmapped: other keys that match no rule, or whose handler refuses them. Two keys
+  that map to one component key raise ValueError naming both."""
+  components: dict[str, dict[str, np.ndarray]] = {}
+  source: dict[tuple[str, str], str] = {}
+  ignored, unmapped = [], []
+  for key in keys:
+    rule_key = _match(key, rules)
+    if rule_key is None:
+      (ignored if "." not in key else unmapped).append(key)
+      continue
+    rule = rules[rule_key]
+    if rule is IGNORE:
+      ignored.append(key)
+      continue
+    component, target, handler = rule
+    out = handler(key[len(rule_key):], np.asarray(state_dict[key]))
+    if out is None:
+      unmapped.append(key)
+      continue
+    for suffix, array in out:
+      name = target + suffix
+      if (component, name) in source:
+        raise ValueError(f"checkpoint keys {source[component, name]!r} and {key!r} both map to "
+                         f"{component} key {name!r}")
+      source[component, name] = key
+      components.setdefault(component, {})[name] = array
+  return components, ignored, unmapped
+
+
 def ldm_to_diffusers(state_dict: Mapping[str, np.ndarray], model_type: str | None = None, *,
                      unet_config: Mapping[str, Any], vae_config: Mapping[str, Any],
                      text_encoder_config: Mapping[str, Any] | None = None,
@@ -439,32 +474,8 @@ def ldm_to_diffusers(state_dict: Mapping[str, np.ndarray], model_type: str | Non
     roots["text_encoder"] = CLIP_SDXL
     roots["text_encoder_2"] = OPENCLIP_SDXL
 
-  components: dict[str, dict[str, np.ndarray]] = {name: {} for name in roots}
-  source: dict[tuple[str, str], str] = {}
-  ignored, unmapped = [], []
-  for key in keys:
-    rule_key = _match(key, rules)
-    if rule_key is None:
-      # Keys without a dot are buffers of the top-level LatentDiffusion module (betas, alphas_cumprod,
-      # posterior_* ...): the noise schedule, which comes from the scheduler config instead.
-      (ignored if "." not in key else unmapped).append(key)
-      continue
-    rule = rules[rule_key]
-    if rule is IGNORE:
-      ignored.append(key)
-      continue
-    component, target, handler = rule
-    out = handler(key[len(rule_key):], np.asarray(state_dict[key]))
-    if out is None:
-      unmapped.append(key)
-      continue
-    for suffix, array in out:
-      name = target + suffix
-      if (component, name) in source:
-        raise ValueError(f"checkpoint keys {source[component, name]!r} and {key!r} both map to "
-                         f"{component} key {name!r}")
-      source[component, name] = key
-      components[component][name] = array
+  mapped, ignored, unmapped = apply_rules(state_dict, keys, rules)
+  components = {name: mapped.get(name, {}) for name in roots}
   if unmapped:
     raise UnmappedKeysError(sorted(unmapped), model_type)
   for name, root in roots.items():
